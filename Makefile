@@ -1,0 +1,52 @@
+# Every target does its own set-up on a fresh machine: a virtual environment in $(VENV), torch
+# from $(TORCH_SPEC) (override for a CUDA build, e.g. make test TORCH_SPEC="torch==2.13.0"
+# with your own index), then this package in editable mode with its dev tools.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.groupnorm-installed
+
+.PHONY: setup test lint format demo reproduce data bench fuzz figures clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check "$(TRITON_SPEC)" \
+		|| echo "note: $(TRITON_SPEC) did not install; Triton interpreter tests will be skipped"
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package when it is missing and apt-get can install it.
+data:
+	@if [ -f "$(DATA_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(DATA_DIR)/train-images-idx3-ubyte" ]; then \
+		echo "Fashion-MNIST found in $(DATA_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	else \
+		echo "Fashion-MNIST is missing from $(DATA_DIR): install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) or pass DATA_DIR=..."; exit 1; \
+	fi
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
+
+format: setup
+	$(PY) -m ruff format src tests benchmarks scripts
+	$(PY) -m ruff check --fix src tests benchmarks scripts
+
+test: setup lint
+	$(PY) -m pytest -q --doctest-modules tests src/groupnorm
+
+demo: setup
+	$(PY) -m groupnorm demo
+
+figures: setup
+	$(PY) scripts/draw_figure2.py docs/figure2.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -1,0 +1,225 @@
+"""Argument checks shared by the functional API, the modules and the tools.
+
+Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong
+value) with a message that says what to change. Nothing here touches tensor data, so the checks
+cost microseconds and are safe to run under ``torch.compile`` tracing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+#: Modes of the one core, with the short names people also use for them.
+MODES = ("batch", "layer", "instance", "group")
+_MODE_ALIASES = {
+    "batch": "batch",
+    "bn": "batch",
+    "layer": "layer",
+    "ln": "layer",
+    "instance": "instance",
+    "in": "instance",
+    "group": "group",
+    "gn": "group",
+}
+
+#: Activations that can be fused after the affine step ("" means none).
+ACTIVATIONS = ("silu", "gelu", "relu")
+_ACTIVATION_ALIASES = {
+    None: "",
+    "": "",
+    "none": "",
+    "identity": "",
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "relu": "relu",
+}
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of ``n`` in increasing order."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _format_choices(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def check_mode(mode: object) -> str:
+    """Return the canonical mode name for ``mode`` or raise a ValueError listing the choices."""
+    if not isinstance(mode, str) or mode.lower() not in _MODE_ALIASES:
+        raise ValueError(
+            f"unknown normalization mode {mode!r}; choose one of "
+            f"'batch' ('bn'), 'layer' ('ln'), 'instance' ('in') or 'group' ('gn')"
+        )
+    return _MODE_ALIASES[mode.lower()]
+
+
+def check_activation(activation: object) -> str:
+    """Return the canonical activation name ('' for none) or raise a ValueError."""
+    key = activation.lower() if isinstance(activation, str) else activation
+    if key not in _ACTIVATION_ALIASES:
+        raise ValueError(
+            f"unknown activation {activation!r}; choose one of None, 'silu', 'gelu', 'relu'"
+        )
+    return _ACTIVATION_ALIASES[key]
+
+
+def check_input(x: object, name: str = "input") -> torch.Tensor:
+    """The input must be a floating-point tensor of shape (N, C, *)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; normalization needs float16, bfloat16, float32 or "
+            f"float64 input (convert it first, e.g. {name}.float())"
+        )
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must have shape (N, C, *) with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)}; add a batch dimension with {name}.unsqueeze(0) if this is one sample"
+        )
+    return x
+
+
+def check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (typically 1e-5), got {eps}")
+    return eps
+
+
+def _check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def resolve_num_groups(
+    num_channels: int, num_groups: int | None = None, group_size: int | None = None
+) -> int:
+    """Turn ``num_groups`` or ``group_size`` (exactly one of them) into a valid group count."""
+    if (num_groups is None) == (group_size is None):
+        which = "both" if num_groups is not None else "neither"
+        raise ValueError(
+            f"pass exactly one of num_groups or group_size (got {which}); e.g. num_groups=32 or "
+            f"group_size=16 for {num_channels} channels"
+        )
+    valid = _format_choices(divisors(num_channels)) if num_channels > 0 else "none"
+    if group_size is not None:
+        group_size = _check_int(group_size, "group_size")
+        if group_size <= 0 or group_size > num_channels or num_channels % group_size:
+            raise ValueError(
+                f"group_size ({group_size}) must be a positive divisor of num_channels "
+                f"({num_channels}); choose group_size from {valid}"
+            )
+        return num_channels // group_size
+    num_groups = _check_int(num_groups, "num_groups")
+    if num_groups <= 0:
+        raise ValueError(
+            f"num_groups must be positive, got {num_groups}; choose num_groups from {valid}"
+        )
+    if num_groups > num_channels:
+        raise ValueError(
+            f"num_groups ({num_groups}) cannot exceed num_channels ({num_channels}); "
+            f"choose num_groups from {valid}"
+        )
+    if num_channels % num_groups:
+        raise ValueError(
+            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
+            f"pass group_size=... or choose num_groups from {valid}"
+        )
+    return num_groups
+
+
+def check_param(
+    t: torch.Tensor | None, name: str, num_channels: int, x: torch.Tensor
+) -> torch.Tensor | None:
+    """A per-channel weight, bias or statistic: shape (C,), a float dtype the kernels accept,
+    on the input's device. float32 is accepted with float16/bfloat16 input (mixed precision)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != (num_channels,):
+        raise ValueError(
+            f"{name} must have shape ({num_channels},) to match the input's {num_channels} "
+            f"channels, got shape {tuple(t.shape)}"
+        )
+    allowed = {x.dtype, torch.float32} if x.dtype in LOW_PRECISION else {x.dtype}
+    if t.dtype not in allowed:
+        names = " or ".join(sorted(str(d) for d in allowed))
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but the input is {x.dtype}; {name} must be {names} "
+            f"(use .to({x.dtype}) on one of them)"
+        )
+    if t.device != x.device:
+        raise ValueError(
+            f"{name} is on {t.device} but the input is on {x.device}; move both to one device"
+        )
+    return t
+
+
+def check_stat(
+    t: torch.Tensor | None, name: str, num_channels: int, x: torch.Tensor
+) -> torch.Tensor | None:
+    """A running statistic: shape (C,), any float dtype, the input's device."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != (num_channels,):
+        raise ValueError(
+            f"{name} must have shape ({num_channels},) to match the input's {num_channels} "
+            f"channels, got shape {tuple(t.shape)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(
+            f"{name} is on {t.device} but the input is on {x.device}; move both to one device"
+        )
+    return t
+
+
+def check_residual(residual: object, x: torch.Tensor) -> torch.Tensor | None:
+    if residual is None:
+        return None
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}; "
+            f"broadcasting is not supported, expand it first"
+        )
+    if residual.dtype != x.dtype:
+        raise TypeError(
+            f"residual has dtype {residual.dtype} but the input is {x.dtype}; convert one of them"
+        )
+    if residual.device != x.device:
+        raise ValueError(
+            f"residual is on {residual.device} but the input is on {x.device}; "
+            f"move both to one device"
+        )
+    return residual
+
+
+def check_momentum(momentum: object) -> float | None:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(
+            f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}"
+        )
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] (typically 0.1), got {momentum}")
+    return float(momentum)

@@ -1,0 +1,159 @@
+r"""The one core, in plain torch operations: every mode, layout, rank and dtype.
+
+The input (N, C, \*) is viewed as (N, G, C/G, S) with S the product of the spatial sizes. For a
+contiguous tensor this is a free reshape, and for channels-last too (C has stride 1 and the
+spatial dims flatten onto one stride), so no layout copy is made. Statistics reduce over dims
+(2, 3) for layer/instance/group norm and over (0, 2, 3) when the batch is pooled (batch norm,
+where G = C).
+
+Forward, with :math:`\hat x = (x - \mu)\,r` and :math:`r = 1/\sqrt{\sigma^2 + \epsilon}`:
+:math:`z = \gamma \hat x + \beta`, :math:`y = f(z)`.
+
+Backward, with :math:`g = \gamma \cdot f'(z) \cdot dy` and means taken over each set:
+:math:`dx = r\,(g - \overline{g} - \hat x\,\overline{g \hat x})`,
+:math:`d\gamma = \sum f'(z)\,dy\,\hat x`, :math:`d\beta = \sum f'(z)\,dy` over (N, S).
+When the statistics are given (batch norm at inference) they are constants and
+:math:`dx = r\,g`.
+
+Statistics and arithmetic run in float32 (float64 for float64 input); the output is cast back to
+the input dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in for an input of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def set_view(t: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(N, C, *) -> (N, G, C/G, S). A view whenever strides allow (contiguous, channels-last)."""
+    n, c = t.shape[0], t.shape[1]
+    s = math.prod(t.shape[2:])
+    return t.reshape(n, num_groups, c // num_groups, s)
+
+
+def match_layout(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Give ``out`` the channels-last layout of ``like`` when ``like`` has one."""
+    if like.is_contiguous():
+        return out
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if like.dim() == dim and like.is_contiguous(memory_format=fmt):
+            return out.contiguous(memory_format=fmt)
+    return out
+
+
+def stats_view(stat: torch.Tensor, pool_batch: bool) -> torch.Tensor:
+    """Per-set statistics shaped to broadcast against the (N, G, C/G, S) view."""
+    if pool_batch:
+        return stat.view(1, -1, 1, 1)
+    return stat.view(stat.shape[0], stat.shape[1], 1, 1)
+
+
+def channel_view(p: torch.Tensor, num_groups: int, dtype: torch.dtype) -> torch.Tensor:
+    return p.to(dtype).view(1, num_groups, -1, 1)
+
+
+def apply_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "":
+        return z
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    if activation == "relu":
+        return torch.relu(z)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """f'(z), recomputed from z so that the forward saves nothing extra."""
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+    if activation == "gelu":
+        return 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _normalized(x, mean, rstd, num_groups, pool_batch, acc):
+    v = set_view(x, num_groups).to(acc)
+    return (v - stats_view(mean, pool_batch)) * stats_view(rstd, pool_batch)
+
+
+def _affine(xhat, weight, bias, num_groups):
+    z = xhat
+    if weight is not None:
+        z = z * channel_view(weight, num_groups, xhat.dtype)
+    if bias is not None:
+        z = z + channel_view(bias, num_groups, xhat.dtype)
+    return z
+
+
+def compute_stats(src, given_mean, given_var, num_groups, pool_batch, eps):
+    """Per-set mean and rstd in the accumulation dtype (centred variance, never E[x²]-E[x]²)."""
+    acc = acc_dtype(src.dtype)
+    if given_mean is not None:
+        mean = given_mean.to(acc).clone()
+        rstd = torch.rsqrt(given_var.to(acc) + eps)
+        return mean, rstd
+    v = set_view(src, num_groups).to(acc)
+    dims = (0, 2, 3) if pool_batch else (2, 3)
+    if v.numel() == 0:
+        shape = (v.shape[1],) if pool_batch else (v.shape[0], v.shape[1])
+        nan = torch.full(shape, float("nan"), dtype=acc, device=src.device)
+        return nan, nan.clone()
+    var, mean = torch.var_mean(v, dim=dims, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def forward(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    src = x + residual if residual is not None else x
+    acc = acc_dtype(x.dtype)
+    mean, rstd = compute_stats(src, given_mean, given_var, num_groups, pool_batch, eps)
+    xhat = _normalized(src, mean, rstd, num_groups, pool_batch, acc)
+    y = apply_activation(_affine(xhat, weight, bias, num_groups), activation)
+    y = match_layout(y.to(x.dtype).reshape(x.shape), x)
+    total = src if residual is not None else x.new_empty(0)
+    return y, total, mean, rstd
+
+
+def backward(
+    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
+):
+    need_dx, need_dw, need_db = needs
+    acc = mean.dtype
+    xhat = _normalized(x, mean, rstd, num_groups, pool_batch, acc)
+    dz = set_view(dy, num_groups).to(acc)
+    if activation:
+        dz = dz * activation_grad(_affine(xhat, weight, bias, num_groups), activation)
+    c = x.shape[1]
+    dw = db = dx = None
+    if need_db and bias is not None:
+        db = dz.sum(dim=(0, 3)).reshape(c).to(bias.dtype)
+    if need_dw and weight is not None:
+        dw = (dz * xhat).sum(dim=(0, 3)).reshape(c).to(weight.dtype)
+    if need_dx:
+        g = dz * channel_view(weight, num_groups, acc) if weight is not None else dz
+        r = stats_view(rstd, pool_batch)
+        if stats_given:
+            dx = g * r
+        else:
+            dims = (0, 2, 3) if pool_batch else (2, 3)
+            mean_g = g.mean(dim=dims, keepdim=True)
+            mean_gx = (g * xhat).mean(dim=dims, keepdim=True)
+            dx = (g - mean_g - xhat * mean_gx) * r
+        dx = match_layout(dx.to(x.dtype).reshape(x.shape), x)
+    return dx, dw, db

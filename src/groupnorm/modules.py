@@ -1,0 +1,294 @@
+"""Drop-in modules built on :func:`groupnorm.functional.normalize`.
+
+``GroupNorm`` subclasses ``torch.nn.GroupNorm`` and ``BatchNorm`` subclasses torch's
+``_BatchNorm``, so code that checks ``isinstance`` (weight-decay rules, freezing helpers) and
+state_dicts keep working; only ``forward`` is ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _validation as v
+from .functional import normalize, update_running_stats
+
+__all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
+
+
+class GroupNorm(nn.GroupNorm):
+    r"""Group Normalization (Wu & He, ECCV 2018): a drop-in for ``torch.nn.GroupNorm``.
+
+    The C channels are split into ``num_groups`` groups; each sample's group is normalized with
+    its own mean and (biased) variance over the group's channels and all positions, then scaled
+    and shifted per channel:
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    The result never depends on other samples, so it is the same at batch size 1 and 64.
+
+    Args:
+        num_groups: number of groups G, dividing ``num_channels``; ``None`` when ``group_size``
+            is given.
+        num_channels: C, the size of dim 1 of the input.
+        eps: added to the variance. Default 1e-5.
+        affine: learn per-channel ``weight`` (ones) and ``bias`` (zeros). Default True.
+        group_size: channels per group (C/G), an alternative to ``num_groups``.
+
+    Shape:
+        input (N, C, \*) of any rank >= 2 and memory layout; output the same shape, dtype and
+        layout.
+
+    Examples:
+        >>> x = torch.randn(2, 6, 10, 10)
+        >>> gn = GroupNorm(3, 6)
+        >>> gn(x).shape
+        torch.Size([2, 6, 10, 10])
+        >>> GroupNorm(None, 64, group_size=16)
+        GroupNorm(4, 64, eps=1e-05, affine=True, bias=True)
+        >>> # One group is the paper's layer norm over (C, H, W); C groups is instance norm.
+        >>> torch.allclose(GroupNorm(1, 6, affine=False)(x),
+        ...                torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
+        True
+        >>> torch.allclose(GroupNorm(6, 6, affine=False)(x),
+        ...                torch.nn.functional.instance_norm(x), atol=1e-5)
+        True
+        >>> # Loads torch's state_dict as is.
+        >>> _ = gn.load_state_dict(torch.nn.GroupNorm(3, 6).state_dict())
+    """
+
+    _activation = ""
+
+    def __init__(
+        self,
+        num_groups: int | None,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        group_size: int | None = None,
+        bias: bool = True,
+    ) -> None:
+        num_channels = v._check_int(num_channels, "num_channels")
+        if num_channels <= 0:
+            raise ValueError(f"num_channels must be positive, got {num_channels}")
+        groups = v.resolve_num_groups(num_channels, num_groups, group_size)
+        super().__init__(groups, num_channels, v.check_eps(eps), affine, device=device, dtype=dtype)
+        if not bias:  # torch >= 2.5 has this flag; set it the same way on older releases
+            self.register_parameter("bias", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if input.dim() >= 2 and input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.num_channels} channels in dim 1, got "
+                f"input of shape {tuple(input.shape)}"
+            )
+        return normalize(
+            input,
+            "group",
+            num_groups=self.num_groups,
+            weight=self.weight,
+            bias=self.bias,
+            eps=self.eps,
+            activation=self._activation,
+            residual=residual,
+        )
+
+
+class GroupNormAct(GroupNorm):
+    """Group norm followed by an activation, computed as one op.
+
+    The state_dict has the same keys as :class:`GroupNorm` (``weight``, ``bias``). The backward
+    recomputes the activation's input, so only x, mean and rstd are kept for backward (the
+    unfused pair also keeps the normalized output).
+
+    Args:
+        activation: ``"silu"`` (default, as in diffusion UNets), ``"gelu"``, ``"relu"`` or
+            ``None``. The rest as :class:`GroupNorm`.
+
+    >>> m = GroupNormAct(32, 64, activation="silu")
+    >>> m
+    GroupNormAct(32, 64, eps=1e-05, affine=True, bias=True, activation=silu)
+    >>> x = torch.randn(2, 64, 8, 8)
+    >>> ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32))
+    >>> torch.allclose(m(x), ref, atol=1e-5)
+    True
+    """
+
+    def __init__(
+        self,
+        num_groups: int | None,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        activation: str | None = "silu",
+        group_size: int | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_groups, num_channels, eps, affine, device, dtype, group_size=group_size, bias=bias
+        )
+        self._activation = v.check_activation(activation)
+
+    @property
+    def activation(self) -> str | None:
+        return self._activation or None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation}"
+
+
+class LayerNorm(GroupNorm):
+    r"""The paper's layer norm: per-sample statistics over (C, \*), per-channel affine.
+
+    Same as ``GroupNorm(1, num_channels)``. It differs from ``torch.nn.LayerNorm(shape)``, which
+    normalizes the trailing dims named by ``shape`` and learns an affine of that whole shape:
+    this one fits any spatial size and learns one :math:`\gamma, \beta` per channel, as in the
+    paper's Figure 2. The state_dict matches ``torch.nn.GroupNorm(1, C)``.
+
+    >>> LayerNorm(8)
+    LayerNorm(1, 8, eps=1e-05, affine=True, bias=True)
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(1, num_channels, eps, affine, device, dtype)
+
+
+class InstanceNorm(GroupNorm):
+    r"""Instance norm: per-sample, per-channel statistics, per-channel affine.
+
+    Same as ``GroupNorm(C, C)``. Unlike ``torch.nn.InstanceNorm2d`` it works for any rank, has
+    ``affine=True`` by default (the paper's IN) and keeps no running statistics.
+
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> torch.allclose(InstanceNorm(3, affine=False)(x), torch.nn.functional.instance_norm(x),
+    ...                atol=1e-5)
+    True
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_channels, num_channels, eps, affine, device, dtype)
+
+
+class BatchNorm(_BatchNorm):
+    r"""Batch norm for inputs of any rank (N, C, \*) through the same core as group norm.
+
+    Statistics per channel over every sample and position. In training the batch statistics are
+    used and ``running_mean``/``running_var`` updated (unbiased variance; ``momentum=None`` is a
+    cumulative average, counted by ``num_batches_tracked``); in eval the running statistics are
+    used. With ``track_running_stats=False`` the batch statistics are used in both modes.
+
+    The state_dict keys (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) match ``torch.nn.BatchNorm1d/2d/3d``.
+
+    Args:
+        num_features: C. ``eps``, ``momentum``, ``affine``, ``track_running_stats`` as torch.
+        activation: optional fused ``"silu"``, ``"gelu"`` or ``"relu"``.
+
+    >>> bn = BatchNorm(3)
+    >>> _ = bn.load_state_dict(torch.nn.BatchNorm2d(3).state_dict())
+    >>> x = torch.randn(4, 3, 5, 5)
+    >>> torch.allclose(bn(x), torch.nn.BatchNorm2d(3)(x), atol=1e-5)
+    True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        activation: str | None = None,
+        bias: bool = True,
+    ) -> None:
+        num_features = v._check_int(num_features, "num_features")
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        super().__init__(
+            num_features,
+            v.check_eps(eps),
+            v.check_momentum(momentum),
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
+        if not bias:
+            self.register_parameter("bias", None)
+        self._activation = v.check_activation(activation)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        v.check_input(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"BatchNorm expects {self.num_features} channels in dim 1, got input of shape "
+                f"{tuple(input.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, activation={self._activation}" if self._activation else base
+
+    def batch_statistics(self, input: Tensor) -> bool:
+        """Whether this call normalizes with the batch's own statistics."""
+        return self.training or not self.track_running_stats
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        use_batch = self.batch_statistics(input)
+        update = self.training and self.track_running_stats and input.numel() > 0
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        y = normalize(
+            input,
+            "batch",
+            weight=self.weight,
+            bias=self.bias,
+            eps=self.eps,
+            activation=self._activation,
+            residual=residual,
+            running_mean=self.running_mean if (update or not use_batch) else None,
+            running_var=self.running_var if (update or not use_batch) else None,
+            training=use_batch,
+            momentum=momentum,
+        )
+        return y
+
+
+# Re-exported for the experiment's synchronized BN, which updates the buffers itself.
+_update_running_stats = update_running_stats

@@ -1,0 +1,194 @@
+"""The ``groupnorm::forward`` / ``groupnorm::backward`` custom ops and their autograd.
+
+Registering the core with :mod:`torch.library` gives one opaque node that ``torch.compile``
+(``fullgraph=True``) traces through with the fake implementations below, instead of breaking
+the graph on a Python-level autograd.Function. The ops take validated arguments only; checks
+live in :mod:`groupnorm.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import get_backend
+
+
+def _stats_shape(x: Tensor, num_groups: int, pool_batch: bool) -> tuple[int, ...]:
+    return (x.shape[1],) if pool_batch else (x.shape[0], num_groups)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("groupnorm::forward", mutates_args=())
+def norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    given_mean: Tensor | None,
+    given_var: Tensor | None,
+    num_groups: int,
+    pool_batch: bool,
+    eps: float,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize ``x``; returns (y, x + residual or an empty tensor, mean, rstd)."""
+    impl = get_backend(backend, x.device)
+    return impl.forward(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )
+
+
+@norm_forward.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    residual,
+    given_mean,
+    given_var,
+    num_groups,
+    pool_batch,
+    eps,
+    activation,
+    backend,
+):
+    shape = _stats_shape(x, num_groups, pool_batch)
+    acc = _acc(x.dtype)
+    total = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return (
+        torch.empty_like(x),
+        total,
+        x.new_empty(shape, dtype=acc),
+        x.new_empty(shape, dtype=acc),
+    )
+
+
+@torch.library.custom_op("groupnorm::backward", mutates_args=())
+def norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    pool_batch: bool,
+    stats_given: bool,
+    activation: str,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dx, dweight, dbias); a gradient not asked for comes back as an empty tensor."""
+    impl = get_backend(backend, x.device)
+    dx, dw, db = impl.backward(
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        (need_dx, need_dweight, need_dbias),
+    )
+    empty = x.new_empty(0)
+    return (
+        dx if dx is not None else empty,
+        dw if dw is not None else empty,
+        db if db is not None else empty,
+    )
+
+
+@norm_backward.register_fake
+def _(
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    rstd,
+    num_groups,
+    pool_batch,
+    stats_given,
+    activation,
+    need_dx,
+    need_dweight,
+    need_dbias,
+    backend,
+):
+    empty = x.new_empty(0)
+    dx = torch.empty_like(x) if need_dx else empty
+    dw = torch.empty_like(weight) if need_dweight and weight is not None else empty
+    db = torch.empty_like(bias) if need_dbias and bias is not None else empty
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    (
+        x,
+        weight,
+        bias,
+        residual,
+        given_mean,
+        _given_var,
+        num_groups,
+        pool_batch,
+        _eps,
+        activation,
+        backend,
+    ) = inputs
+    _y, total, mean, rstd = output
+    saved_x = total if residual is not None else x
+    ctx.save_for_backward(saved_x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.pool_batch = pool_batch
+    ctx.stats_given = given_mean is not None
+    ctx.activation = activation
+    ctx.backend = backend
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+    saved_x, weight, bias, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_dx = needs[0] or (ctx.has_residual and needs[3])
+    need_dw = weight is not None and needs[1]
+    need_db = bias is not None and needs[2]
+    dx = dw = db = None
+    if need_dx or need_dw or need_db:
+        dx, dw, db = norm_backward(
+            grad_y,
+            saved_x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            ctx.num_groups,
+            ctx.pool_batch,
+            ctx.stats_given,
+            ctx.activation,
+            need_dx,
+            need_dw,
+            need_db,
+            ctx.backend,
+        )
+        dx = dx if need_dx else None
+        dw = dw if need_dw else None
+        db = db if need_db else None
+    if ctx.has_residual and dx is not None and grad_total is not None and grad_total.numel():
+        dx = dx + grad_total
+    dres = dx if ctx.has_residual and needs[3] else None
+    return (dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)
