@@ -32,8 +32,8 @@ data:
 	fi
 
 lint: setup
-	$(PY) -m ruff check src tests benchmarks scripts
-	$(PY) -m ruff format --check src tests benchmarks scripts
+	$(PY) -m ruff check src tests benchmarks scripts conftest.py
+	$(PY) -m ruff format --check src tests benchmarks scripts conftest.py
 
 format: setup
 	$(PY) -m ruff format src tests benchmarks scripts

@@ -84,7 +84,7 @@ def check_input(x: object, name: str = "input") -> torch.Tensor:
     if x.dim() < 2:
         raise ValueError(
             f"{name} must have shape (N, C, *) with at least 2 dimensions, got shape "
-            f"{tuple(x.shape)}; add a batch dimension with {name}.unsqueeze(0) if this is one sample"
+            f"{tuple(x.shape)}; add a batch dimension with {name}.unsqueeze(0) for one sample"
         )
     return x
 
