@@ -9,9 +9,10 @@ instead, which computes the same thing with ``torch.nn.functional.group_norm`` /
 
 * ``torch.onnx.export(model, args)`` works with no extra arguments, with the default
   (``dynamo=True``, based on ``torch.export``) exporter of torch >= 2.9 and with the legacy
-  TorchScript one (``dynamo=False``); the graph holds only standard ONNX operators
-  (onnxscript's torchlib lowers group norm to ``InstanceNormalization`` on a (N, G, -1) view
-  plus a per-channel ``Mul``/``Add``, at every opset);
+  TorchScript one (``dynamo=False``); the graph holds only standard ONNX operators. Group norm
+  becomes ``InstanceNormalization`` on a (N, G, -1) view plus a per-channel ``Mul``/``Add`` at
+  every opset, on purpose not opset 21's ``GroupNormalization`` (see ``_group_norm``: ONNX
+  defines it with E[x²] - E[x]², which loses digits when the mean is large);
 * ``torch.export.export(model, args)`` gives a program of core ATen ops.
 
 The export path computes in float32 for float16/bfloat16 input (as the kernels do) and casts back.
@@ -51,6 +52,17 @@ def is_exporting() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+def _group_norm(x: Tensor, num_groups: int, w: Tensor | None, b: Tensor | None, eps: float):
+    if not torch.compiler.is_exporting():  # the TorchScript ONNX exporter knows group_norm only
+        return torch.nn.functional.group_norm(x, num_groups, w, b, eps)
+    # Under torch.export: native_group_norm rather than group_norm. At opset >= 21 the ONNX
+    # exporter maps aten.group_norm to GroupNormalization-21, whose ONNX function body takes
+    # Var = E[x^2] - E[x]^2; onnxruntime's float32 results lose 1e-4..1e-3 once |mean| is 10..50
+    # std. native_group_norm is lowered through InstanceNormalization at every opset (centred).
+    n, c = x.shape[0], x.shape[1]
+    return torch.ops.aten.native_group_norm(x, w, b, n, c, x.numel() // (n * c), num_groups, eps)[0]
+
+
 def decomposed_normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -77,7 +89,7 @@ def decomposed_normalize(
     w = weight.to(work.dtype) if weight is not None else None
     b = bias.to(work.dtype) if bias is not None else None
     if not pool_batch:
-        z = torch.nn.functional.group_norm(work, num_groups, w, b, eps)
+        z = _group_norm(work, num_groups, w, b, eps)
     elif given_mean is not None:
         z = torch.nn.functional.batch_norm(
             work, given_mean.to(work.dtype), given_var.to(work.dtype), w, b, False, 0.0, eps
