@@ -100,12 +100,8 @@ def norm_backward(
         activation,
         (need_dx, need_dweight, need_dbias),
     )
-    empty = x.new_empty(0)
-    return (
-        dx if dx is not None else empty,
-        dw if dw is not None else empty,
-        db if db is not None else empty,
-    )
+    # Outputs may not alias each other: a fresh empty tensor for each gradient not computed.
+    return tuple(g if g is not None else x.new_empty(0) for g in (dx, dw, db))
 
 
 @norm_backward.register_fake
@@ -125,10 +121,9 @@ def _(
     need_dbias,
     backend,
 ):
-    empty = x.new_empty(0)
-    dx = torch.empty_like(x) if need_dx else empty
-    dw = torch.empty_like(weight) if need_dweight and weight is not None else empty
-    db = torch.empty_like(bias) if need_dbias and bias is not None else empty
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dw = torch.empty_like(weight) if need_dweight and weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if need_dbias and bias is not None else x.new_empty(0)
     return dx, dw, db
 
 

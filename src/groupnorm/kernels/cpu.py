@@ -38,6 +38,37 @@ def _native_ok(x, weight, bias):
     return len(dtypes) <= 1
 
 
+def _dense(t):
+    """torch's kernels take contiguous or channels-last tensors; copy anything else once."""
+    if t.is_contiguous():
+        return t
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is not None and t.is_contiguous(memory_format=fmt):
+        return t
+    return t.contiguous()
+
+
+def _float_params(x, weight, bias):
+    """For float16/bfloat16 input, hand torch float32 parameters: its CPU kernels then keep the
+    statistics in float32 (with low-precision parameters, or none, they round them to the
+    input dtype). The copies are C elements each."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return weight, bias
+    weight = weight.float() if weight is not None else None
+    bias = bias.float() if bias is not None else None
+    if weight is None and bias is None:
+        bias = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    return weight, bias
+
+
+def _format_of(t):
+    if not t.is_contiguous():
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+        if fmt is not None and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
@@ -61,10 +92,12 @@ def forward(
         )
     src = x + residual if residual is not None else x
     n, c = src.shape[0], src.shape[1]
+    dense = _dense(src)
+    weight, bias = _float_params(x, weight, bias)
     if pool_batch:
         training = given_mean is None
         y, mean, rstd = torch.ops.aten.native_batch_norm(
-            src, weight, bias, given_mean, given_var, training, 0.0, eps
+            dense, weight, bias, given_mean, given_var, training, 0.0, eps
         )
         if not training:
             mean = given_mean.clone()
@@ -72,7 +105,7 @@ def forward(
     else:
         hw = math.prod(src.shape[2:])
         y, mean, rstd = torch.ops.aten.native_group_norm(
-            src, weight, bias, n, c, hw, num_groups, eps
+            dense, weight, bias, n, c, hw, num_groups, eps
         )
     if activation:
         if y.dtype == torch.float32 or y.dtype == torch.float64:
@@ -93,6 +126,13 @@ def backward(
         )
     need_dx, need_dw, need_db = needs
     mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
+    x = _dense(x)
+    dy = dy.contiguous(memory_format=_format_of(x))
+    out_dtypes = (
+        weight.dtype if weight is not None else None,
+        bias.dtype if bias is not None else None,
+    )
+    weight = _float_params(x, weight, bias)[0]
     if pool_batch:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, None, None, mean, rstd, True, 0.0, mask
@@ -104,9 +144,9 @@ def backward(
             dy, x, mean, rstd, weight, n, c, hw, num_groups, mask
         )
     if dw is not None and mask[1]:
-        dw = dw.to(weight.dtype)
+        dw = dw.to(out_dtypes[0])
     if db is not None and mask[2]:
-        db = db.to(bias.dtype)
+        db = db.to(out_dtypes[1])
     if dx is not None and mask[0]:
         dx = portable.match_layout(dx, x)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
