@@ -389,3 +389,16 @@ def test_zero_init_last_zeroes_the_last_norm_of_each_block_only():
         block.bn2.bias.zero_()
     x = torch.randn(2, 16, 4, 4)
     torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_containers_eps_override_and_stats_free_bn():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.list = nn.ModuleList([nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)])
+            self.dict = nn.ModuleDict({"norm": nn.BatchNorm1d(8, track_running_stats=False)})
+
+    net = groupnorm.convert_batchnorm(Net(), num_groups=2, eps=1e-3)
+    assert type(net.list[0]) is GroupNorm and type(net.dict["norm"]) is GroupNorm
+    assert net.list[0].eps == 1e-3 and net.dict["norm"].eps == 1e-3
+    assert type(net.list[1]) is nn.Conv2d  # weight_standardization is off by default
