@@ -6,9 +6,12 @@ only the set differs. See ``docs/architecture.md`` for the layers.
 """
 
 from . import ops as _ops  # noqa: F401  (registers the custom ops)
+from .convert import convert_batchnorm, replace_group_norm
+from .factory import create_norm_layer, get_norm_layer
 from .functional import batch_norm, group_norm, instance_norm, layer_norm, normalize
 from .modules import BatchNorm, GroupNorm, GroupNormAct, InstanceNorm, LayerNorm
 from .reference import reference_norm
+from .weight_standardization import WSConv1d, WSConv2d, WSConv3d, standardize_weight
 
 __version__ = "0.1.0"
 
@@ -24,4 +27,12 @@ __all__ = [
     "LayerNorm",
     "InstanceNorm",
     "reference_norm",
+    "convert_batchnorm",
+    "replace_group_norm",
+    "create_norm_layer",
+    "get_norm_layer",
+    "WSConv1d",
+    "WSConv2d",
+    "WSConv3d",
+    "standardize_weight",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as v
+from . import export
 from .kernels import check_backend
 from .ops import norm_forward
 
@@ -136,6 +137,23 @@ def normalize(
             f"group, layer and instance norm never use batch statistics"
         )
 
+    if export.is_exporting():  # standard ATen ops instead of the custom op: see export.py
+        y, total = export.decomposed_normalize(
+            input,
+            weight,
+            bias,
+            residual,
+            groups,
+            pool,
+            eps,
+            act,
+            given_mean,
+            given_var,
+            running_mean if update_running else None,
+            running_var if update_running else None,
+            momentum or 0.0,
+        )
+        return (y, total) if return_sum else y
     y, total, mean, rstd = norm_forward(
         input, weight, bias, residual, given_mean, given_var, groups, pool, eps, act, backend
     )
