@@ -555,3 +555,42 @@ def test_kernels_compile_for_h100_without_a_gpu():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "kernel variants for sm_90" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU benchmark script (cannot run here; its CPU-side parts can)
+# ---------------------------------------------------------------------------------------------
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_triton_gpu.py")
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_triton_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_script_dry_run_lists_the_shapes(capsys):
+    bench = _bench_module()
+    assert bench.main(["--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "1x320x64x64" in listing and "2x256x8x56x56" in listing and "32x256x56x56" in listing
+    assert max(s.nbytes(d) for s in bench.shapes() for d in s.dtypes) >= 256e6
+    assert bench.main(["--dry-run", "--quick", "--family", "sd-unet"]) == 0
+
+
+def test_bench_plot_from_a_csv(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _bench_module()
+    path = tmp_path / "r.csv"
+    head = "op,provider,mode,shape,dtype,layout,metric,value,gpu,date,commit\n"
+    body = "".join(
+        f"group_norm,{p},{m},1x320x64x64,float16,contiguous,GB/s,{v},X,d,c\n"
+        for p, m, v in [("copy", "copy", 3000), ("torch", "forward", 140), ("groupnorm", "full", 9)]
+    )
+    path.write_text(head + body)
+    assert bench.plot(path).exists()
