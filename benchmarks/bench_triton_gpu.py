@@ -60,7 +60,9 @@ def shapes() -> list[Shape]:
         for c, hw in ((256, 56), (512, 28), (1024, 14), (2048, 7)):
             out.append(Shape("resnet50", (n, c, hw, hw), 32, ("float32", "bfloat16")))
     out.append(Shape("video", (2, 256, 8, 56, 56), 32, ("float16", "bfloat16")))
+    # >= 256 MB: sets of 262144 elements (two passes over x), and sets that fit one tile (one).
     out.append(Shape("large", (16, 512, 128, 128), 32, ("float16",)))  # 268 MB in fp16
+    out.append(Shape("large", (256, 512, 32, 32), 32, ("float16",)))  # 268 MB in fp16
     return out
 
 

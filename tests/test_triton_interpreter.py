@@ -543,11 +543,18 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
-    """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed)."""
+    """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed), and the
+    apply kernels get 128-bit memory accesses in both layouts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "groupnorm.kernels.triton.compile_check", "--quick"],
+        [
+            sys.executable,
+            "-m",
+            "groupnorm.kernels.triton.compile_check",
+            "--quick",
+            "--vector-check",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -555,6 +562,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "kernel variants for sm_90" in proc.stdout
+    assert "channels_last: 128-bit" in proc.stdout and "contiguous: 128-bit" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

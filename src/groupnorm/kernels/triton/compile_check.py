@@ -72,8 +72,12 @@ def recording() -> Iterator[list]:
         launch.check_device = saved_check
 
 
-def signature_of(fn: Any, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """(signature, constexprs) for ``triton.compiler.ASTSource`` from a recorded call."""
+def signature_of(fn: Any, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` from a recorded call.
+
+    ``attrs`` marks pointers aligned to 16 bytes and ints divisible by 16, as Triton's runtime
+    specialization does; without them the compiler cannot vectorize memory accesses.
+    """
     import triton.language as tl
 
     names = list(fn.arg_names)
@@ -82,8 +86,16 @@ def signature_of(fn: Any, args: tuple, kwargs: dict) -> tuple[dict, dict]:
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
     signature: dict[str, str] = {}
     constexprs: dict[str, Any] = {}
-    for name in names:
+    attrs: dict[tuple[int, ...], list] = {}
+    for index, name in enumerate(names):
         value = values[name]
+        aligned = (
+            isinstance(value, torch.Tensor)
+            and value.data_ptr() % 16 == 0
+            or (type(value) is int and value % 16 == 0)
+        )
+        if aligned and name not in constexpr_names:
+            attrs[(index,)] = [["tt.divisibility", 16]]
         if name in constexpr_names:
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -104,7 +116,7 @@ def signature_of(fn: Any, args: tuple, kwargs: dict) -> tuple[dict, dict]:
             constexprs[name] = value
         else:
             raise TypeError(f"cannot type argument {name}={value!r} of {fn.__name__}")
-    return signature, constexprs
+    return signature, constexprs, attrs
 
 
 def _cases(quick: bool) -> Iterator[tuple[str, dict]]:
@@ -213,10 +225,55 @@ def _record_case(spec: dict) -> list:
     return calls
 
 
+def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
+    """Whether the split-path apply kernels use 128-bit loads and stores, per layout.
+
+    Compiles the forward and backward apply kernels for a float16 (2, 64, 32, 32) input in both
+    layouts and looks for ``ld.global.v4`` and ``st.global.v4`` in the PTX: evidence (not a
+    measurement) that the tiles run along the unit-stride axis in each layout.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .launch import norm_backward, norm_forward
+    from .plan import TritonConfig
+
+    result = {}
+    for layout in ("contiguous", "channels_last"):
+        x = torch.randn(2, 64, 32, 32).half()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(64), torch.randn(64)
+        stats = torch.zeros(2, 32)
+        cfg = TritonConfig(path="split", num_sms=132)
+        with recording() as calls:
+            norm_forward(x, w, b, None, None, None, 32, False, 1e-5, "silu", cfg)
+            norm_backward(x, x, w, b, stats, stats, 32, False, False, "silu", (True,) * 3, cfg)
+        ok = True
+        for fn, call_args, kwargs in calls:
+            if fn.__name__ not in ("_fwd_apply_kernel", "_bwd_apply_kernel"):
+                continue
+            signature, constexprs, attrs = signature_of(fn, call_args, kwargs)
+            ptx = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": kwargs.get("num_warps", 4)},
+            ).asm["ptx"]
+            ok = ok and "ld.global.v4" in ptx and "st.global.v4" in ptx
+        result[layout] = ok
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100)")
     parser.add_argument("--quick", action="store_true", help="fewer variants")
+    parser.add_argument(
+        "--vector-check",
+        action="store_true",
+        help="also require 128-bit loads/stores in the apply kernels for both layouts",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the compiler, not the interpreter, is what is checked")
@@ -231,15 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     for label, spec in _cases(args.quick):
         for fn, call_args, kwargs in _record_case(spec):
-            signature, constexprs = signature_of(fn, call_args, kwargs)
-            key = (fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())))
+            signature, constexprs, attrs = signature_of(fn, call_args, kwargs)
+            key = (
+                fn.__name__,
+                tuple(sorted(signature.items())),
+                repr(sorted(constexprs.items())),
+                repr(sorted(attrs)),
+            )
             if key in seen:
                 continue
             seen.add(key)
             options = {"num_warps": kwargs.get("num_warps", 4)}
             try:
                 triton.compile(
-                    ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                    ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                     target=target,
                     options=options,
                 )
@@ -250,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         f"compiled {len(seen) - failures}/{len(seen)} kernel variants for sm_{args.arch} "
         f"in {time.time() - start:.1f}s"
     )
+    if args.vector_check and not failures:
+        for layout, ok in vectorized_layouts(args.arch).items():
+            print(f"{layout}: {'128-bit' if ok else 'NOT vectorized'} loads/stores in apply")
+            failures += not ok
     return 1 if failures else 0
 
 

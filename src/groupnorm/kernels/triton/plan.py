@@ -32,6 +32,8 @@ DEFAULT_BLOCK = 4096
 MAX_ONE_TILE = 16384
 #: Below this many elements in the whole tensor, one launch beats filling the GPU.
 SMALL_TENSOR = 1 << 16
+#: CUDA's limit on the second grid dimension (channel tiles on the split path).
+MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,10 @@ def make_plan(
         config: overrides (see :class:`TritonConfig`).
 
     Examples:
-        >>> make_plan(1, 320, 64 * 64, 32, False, False, False).path  # 32 sets: split them
+        >>> h100 = TritonConfig(num_sms=132)
+        >>> make_plan(1, 320, 64 * 64, 32, False, False, False, h100).path  # 32 sets: split
         'split'
-        >>> make_plan(64, 320, 16 * 16, 32, False, False, False, TritonConfig(num_sms=132)).path
+        >>> make_plan(64, 320, 16 * 16, 32, False, False, False, h100).path  # 2048 sets
         'fused'
         >>> make_plan(8, 64, 100, 64, True, True, False).path
         'apply'
@@ -204,7 +207,11 @@ def make_plan(
         return Plan("fused", block_c, block_s, 1, s, 1, one_tile, _warps(tile))
 
     block_c, block_s = _tile(c, s, channel_contiguous, block)
+    while _cdiv(c, block_c) > MAX_GRID_Y and block_s > 1:  # CUDA caps grid dim 1 at 65535
+        block_c, block_s = 2 * block_c, block_s // 2
     c_tiles = _cdiv(c, block_c)
+    if c_tiles > MAX_GRID_Y:
+        raise ValueError(f"{c} channels need more than {MAX_GRID_Y} channel tiles; not supported")
     s_blocks = _cdiv(s, block_s)
     if config.split is not None:
         split = min(config.split, s_blocks)
