@@ -67,6 +67,12 @@ def test_plan_few_sets_are_split_many_sets_fused():
     assert tiny.path == "fused" and tiny.one_tile
 
 
+def test_plan_batch_norm_on_rank_2_covers_several_samples_per_program():
+    plan = make_plan(4096, 512, 1, 512, True, False, True, TritonConfig(num_sms=132))
+    assert plan.batch_block > 1  # the workspace is far smaller than the input
+    assert plan.c_tiles * -(-4096 // plan.batch_block) >= 4 * 132
+
+
 def test_plan_channels_last_with_few_channels_per_group_is_split():
     plan = make_plan(64, 64, 32 * 32, 64, False, False, True, TritonConfig(num_sms=132))
     assert plan.path == "split"
@@ -88,6 +94,7 @@ def test_plan_tiles_cover_every_element(channel_contiguous, pool):
             assert p.c_tiles * p.block_c >= c > (p.c_tiles - 1) * p.block_c
             assert p.split * p.chunk_s >= s > (p.split - 1) * p.chunk_s
             assert p.chunk_s % p.block_s == 0
+            assert 1 <= p.batch_block <= n and (pool or p.batch_block == 1)
 
 
 def test_config_from_env_and_errors():
@@ -365,6 +372,35 @@ CASES = [
         path="split",
     ),
     Case("f64-bneval-3d-silu", (3, 5, 7), F64, "batch_eval", act="silu", path="apply"),
+    # batch norm with several samples per program (3 = 2 + 1), and on rank-2 input
+    Case(
+        "f32-bn-batchblock-gelu-res",
+        (3, 4, 5, 6),
+        F32,
+        "batch",
+        act="gelu",
+        residual=True,
+        env={**SPLIT, "GROUPNORM_TRITON_BATCH_BLOCK": "2"},
+        path="split",
+    ),
+    Case(
+        "f16-bn-2d-batchblock",
+        (7, 6),
+        F16,
+        "batch",
+        affine="f32",
+        env={"GROUPNORM_TRITON_BLOCK": "4", "GROUPNORM_TRITON_BATCH_BLOCK": "3"},
+        path="split",
+    ),
+    Case(
+        "bf16-bneval-2d-batchblock-relu",
+        (5, 6),
+        BF16,
+        "batch_eval",
+        act="relu",
+        env={"GROUPNORM_TRITON_BATCH_BLOCK": "2"},
+        path="apply",
+    ),
 ]
 
 

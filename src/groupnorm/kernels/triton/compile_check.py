@@ -153,6 +153,7 @@ def _cases(quick: bool) -> Iterator[tuple[str, dict]]:
                 res=False,
                 affine=i % 2 == 0,
                 path=None,
+                batch_block=2,
                 channels_last=True,
             ),
         )
@@ -204,7 +205,13 @@ def _record_case(spec: dict) -> list:
     given = spec.get("given", False)
     gm = torch.zeros(c) if given else None
     gv = torch.ones(c) if given else None
-    cfg = TritonConfig(path=spec["path"], block=spec.get("block", 16), split=2, num_sms=132)
+    cfg = TritonConfig(
+        path=spec["path"],
+        block=spec.get("block", 16),
+        split=2,
+        batch_block=spec.get("batch_block"),
+        num_sms=132,
+    )
     with recording() as calls:
         fake_stats = torch.zeros((c,) if spec["pool"] else (shape[0], spec["groups"]))
         norm_forward(x, w, b, r, gm, gv, spec["groups"], spec["pool"], 1e-5, spec["act"], cfg)

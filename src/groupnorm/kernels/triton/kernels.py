@@ -44,7 +44,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 @triton.jit
 def _row_offsets(n, c, stride_n, stride_c):
     """int64 offsets of (n, c, s=0); int32 indices times strides would overflow past 2**31."""
-    return n.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+    return tl.cast(n, tl.int64) * stride_n + tl.cast(c, tl.int64) * stride_c
 
 
 @triton.jit
@@ -106,11 +106,13 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 def _fwd_partial_kernel(
     X,  # (N, C, S) input, strided
     R,  # (N, C, S) residual (unused unless HAS_RESIDUAL)
-    PMEAN,  # (N * split, C) workspace: mean of (v - shift) over the chunk, per channel
-    PM2,  # (N * split, C) workspace: sum of squared deviations over the chunk, per channel
+    PMEAN,  # (rows, C) workspace: mean of (v - shift) over the program's chunk, per channel
+    PM2,  # (rows, C) workspace: sum of squared deviations over the chunk, per channel
+    N,  # samples
     C,  # channels
     S,  # spatial positions per (n, c)
     Cg,  # channels per set (1 for batch norm)
+    batch_block,  # samples per program (1 unless batch norm)
     chunk_s,  # positions per chunk
     split,  # chunks per sample
     sxn,  # x strides (n, c, s)
@@ -125,17 +127,20 @@ def _fwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    # Program (pid_r, pid_c): samples [n_lo, n_hi) x positions [s_lo, s_hi) x BLOCK_C channels.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n = pid_r // split
-    k = pid_r - n * split
+    nb_id = pid_r // split
+    k = pid_r - nb_id * split
+    n_lo = nb_id * batch_block
+    n_hi = tl.minimum(n_lo + batch_block, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     first_c = (c // Cg) * Cg
     if POOL:
-        n_shift = n * 0
+        n_shift = n_lo * 0
     else:
-        n_shift = n
+        n_shift = n_lo
     shift = _load_value(
         X,
         R,
@@ -145,34 +150,35 @@ def _fwd_partial_kernel(
         HAS_RESIDUAL,
         ACC,
     ).to(ACC)
-    x_rows = _row_offsets(n, c, sxn, sxc)
-    r_rows = _row_offsets(n, c, srn, src)
     s_lo = k * chunk_s
     s_hi = tl.minimum(s_lo + chunk_s, S)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (s < s_hi)[None, :]
-        v = _load_value(
-            X,
-            R,
-            _tile_offsets(x_rows, s, sxs),
-            _tile_offsets(r_rows, s, srs),
-            mask,
-            HAS_RESIDUAL,
-            ACC,
-        ).to(ACC)
-        d = tl.where(mask, v - shift[:, None], 0.0)
-        nb = (tl.minimum(s0 + BLOCK_S, s_hi) - s0).to(ACC)
-        seen = (s0 - s_lo).to(ACC)
-        bmean = tl.sum(d, axis=1) / nb
-        dc = tl.where(mask, d - bmean[:, None], 0.0)
-        bm2 = tl.sum(dc * dc, axis=1)
-        tot = seen + nb
-        delta = bmean - mean
-        mean += delta * (nb / tot)
-        m2 += bm2 + delta * delta * (seen * nb / tot)
+    for n in range(n_lo, n_hi):
+        x_rows = _row_offsets(n, c, sxn, sxc)
+        r_rows = _row_offsets(n, c, srn, src)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            v = _load_value(
+                X,
+                R,
+                _tile_offsets(x_rows, s, sxs),
+                _tile_offsets(r_rows, s, srs),
+                mask,
+                HAS_RESIDUAL,
+                ACC,
+            ).to(ACC)
+            d = tl.where(mask, v - shift[:, None], 0.0)
+            nb = (tl.minimum(s0 + BLOCK_S, s_hi) - s0).to(ACC)
+            seen = ((n - n_lo) * (s_hi - s_lo) + (s0 - s_lo)).to(ACC)
+            bmean = tl.sum(d, axis=1) / nb
+            dc = tl.where(mask, d - bmean[:, None], 0.0)
+            bm2 = tl.sum(dc * dc, axis=1)
+            tot = seen + nb
+            delta = bmean - mean
+            mean += delta * (nb / tot)
+            m2 += bm2 + delta * delta * (seen * nb / tot)
     ws = pid_r.to(tl.int64) * C + c
     tl.store(PMEAN + ws, mean, mask=cmask)
     tl.store(PM2 + ws, m2, mask=cmask)
@@ -182,8 +188,8 @@ def _fwd_partial_kernel(
 def _fwd_finalize_kernel(
     X,  # input, for the shift (first element of each set)
     R,  # residual
-    PMEAN,  # (N * split, C) partial shifted means
-    PM2,  # (N * split, C) partial M2
+    PMEAN,  # (rows, C) partial shifted means
+    PM2,  # (rows, C) partial M2
     MEAN,  # (sets,) out: mean
     RSTD,  # (sets,) out: 1 / sqrt(var + eps)
     N,
@@ -191,6 +197,7 @@ def _fwd_finalize_kernel(
     S,
     G,  # sets per sample (unused for batch norm)
     Cg,
+    batch_block,  # samples per workspace row (1 unless batch norm)
     chunk_s,
     split,
     set_size,  # elements per set, as a float
@@ -209,7 +216,7 @@ def _fwd_finalize_kernel(
     if POOL:
         n0 = set_id * 0
         c0 = set_id
-        rows = N * split
+        rows = tl.cdiv(N, batch_block) * split
         width = 1
         base = c0.to(tl.int64)
     else:
@@ -233,7 +240,8 @@ def _fwd_finalize_kernel(
         j = j0 + tl.arange(0, BLOCK)
         m = j < entries
         a = j // width
-        cnt = tl.minimum(chunk_s, S - (a % split) * chunk_s).to(ACC)
+        samples = tl.minimum(batch_block, N - (a // split) * batch_block)
+        cnt = (samples * tl.minimum(chunk_s, S - (a % split) * chunk_s)).to(ACC)
         pm = tl.load(PMEAN + base + a.to(tl.int64) * C + (j - a * width), mask=m, other=0.0)
         acc += tl.where(m, cnt * pm, 0.0)
     mean_d = tl.sum(acc, axis=0) / set_size
@@ -242,7 +250,8 @@ def _fwd_finalize_kernel(
         j = j0 + tl.arange(0, BLOCK)
         m = j < entries
         a = j // width
-        cnt = tl.minimum(chunk_s, S - (a % split) * chunk_s).to(ACC)
+        samples = tl.minimum(batch_block, N - (a // split) * batch_block)
+        cnt = (samples * tl.minimum(chunk_s, S - (a % split) * chunk_s)).to(ACC)
         offs = base + a.to(tl.int64) * C + (j - a * width)
         pm = tl.load(PMEAN + offs, mask=m, other=0.0)
         pm2 = tl.load(PM2 + offs, mask=m, other=0.0)
@@ -263,10 +272,12 @@ def _fwd_apply_kernel(
     B,  # (C,) bias
     MEAN,  # (N, G) or (C,) statistics
     RSTD,
+    N,
     C,
     S,
     G,
     Cg,
+    batch_block,
     chunk_s,
     split,
     sxn,
@@ -292,47 +303,50 @@ def _fwd_apply_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n = pid_r // split
-    k = pid_r - n * split
+    nb_id = pid_r // split
+    k = pid_r - nb_id * split
+    n_lo = nb_id * batch_block
+    n_hi = tl.minimum(n_lo + batch_block, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    if POOL:
-        stat = c
-    else:
-        stat = n * G + c // Cg
-    mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)
     if HAS_WEIGHT:
         w = tl.load(W + c, mask=cmask, other=0.0).to(ACC)
     if HAS_BIAS:
         b = tl.load(B + c, mask=cmask, other=0.0).to(ACC)
-    x_rows = _row_offsets(n, c, sxn, sxc)
-    r_rows = _row_offsets(n, c, srn, src)
-    y_rows = _row_offsets(n, c, syn, syc)
-    t_rows = _row_offsets(n, c, stn, stc)
     s_lo = k * chunk_s
     s_hi = tl.minimum(s_lo + chunk_s, S)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (s < s_hi)[None, :]
-        xv = _load_value(
-            X,
-            R,
-            _tile_offsets(x_rows, s, sxs),
-            _tile_offsets(r_rows, s, srs),
-            mask,
-            HAS_RESIDUAL,
-            ACC,
-        )
-        if HAS_RESIDUAL:
-            tl.store(SUM + _tile_offsets(t_rows, s, sts), xv, mask=mask)
-        z = (xv.to(ACC) - mean[:, None]) * rstd[:, None]
-        if HAS_WEIGHT:
-            z = z * w[:, None]
-        if HAS_BIAS:
-            z = z + b[:, None]
-        z = _activate(z, ACTIVATION)
-        tl.store(Y + _tile_offsets(y_rows, s, sys), z.to(Y.dtype.element_ty), mask=mask)
+    for n in range(n_lo, n_hi):
+        if POOL:
+            stat = c
+        else:
+            stat = n * G + c // Cg
+        mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)
+        x_rows = _row_offsets(n, c, sxn, sxc)
+        r_rows = _row_offsets(n, c, srn, src)
+        y_rows = _row_offsets(n, c, syn, syc)
+        t_rows = _row_offsets(n, c, stn, stc)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            xv = _load_value(
+                X,
+                R,
+                _tile_offsets(x_rows, s, sxs),
+                _tile_offsets(r_rows, s, srs),
+                mask,
+                HAS_RESIDUAL,
+                ACC,
+            )
+            if HAS_RESIDUAL:
+                tl.store(SUM + _tile_offsets(t_rows, s, sts), xv, mask=mask)
+            z = (xv.to(ACC) - mean[:, None]) * rstd[:, None]
+            if HAS_WEIGHT:
+                z = z * w[:, None]
+            if HAS_BIAS:
+                z = z + b[:, None]
+            z = _activate(z, ACTIVATION)
+            tl.store(Y + _tile_offsets(y_rows, s, sys), z.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -536,12 +550,14 @@ def _bwd_partial_kernel(
     B,  # (C,) bias (needed to recompute the activation's input)
     MEAN,  # (N, G) or (C,)
     RSTD,
-    PDW,  # (N * split, C) out: sum of dz * xhat per channel and chunk
-    PDB,  # (N * split, C) out: sum of dz per channel and chunk
+    PDW,  # (rows, C) out: sum of dz * xhat per channel over the program's chunk
+    PDB,  # (rows, C) out: sum of dz per channel over the program's chunk
+    N,
     C,
     S,
     G,
     Cg,
+    batch_block,
     chunk_s,
     split,
     sxn,
@@ -560,44 +576,47 @@ def _bwd_partial_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n = pid_r // split
-    k = pid_r - n * split
+    nb_id = pid_r // split
+    k = pid_r - nb_id * split
+    n_lo = nb_id * batch_block
+    n_hi = tl.minimum(n_lo + batch_block, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    if POOL:
-        stat = c
-    else:
-        stat = n * G + c // Cg
-    mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)[:, None]
-    rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)[:, None]
     w = tl.load(W + c, mask=cmask & HAS_WEIGHT, other=1.0).to(ACC)[:, None]
     b = tl.load(B + c, mask=cmask & HAS_BIAS, other=0.0).to(ACC)[:, None]
-    x_rows = _row_offsets(n, c, sxn, sxc)
-    d_rows = _row_offsets(n, c, sdn, sdc)
     s_lo = k * chunk_s
     s_hi = tl.minimum(s_lo + chunk_s, S)
     sdw = tl.zeros([BLOCK_C], ACC)
     sdb = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (s < s_hi)[None, :]
-        xhat, dz = _grad_tile(
-            X,
-            DY,
-            _tile_offsets(x_rows, s, sxs),
-            _tile_offsets(d_rows, s, sds),
-            mask,
-            mean,
-            rstd,
-            w,
-            b,
-            HAS_WEIGHT,
-            HAS_BIAS,
-            ACTIVATION,
-            ACC,
-        )
-        sdb += tl.sum(dz, axis=1)
-        sdw += tl.sum(dz * xhat, axis=1)
+    for n in range(n_lo, n_hi):
+        if POOL:
+            stat = c
+        else:
+            stat = n * G + c // Cg
+        mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)[:, None]
+        rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)[:, None]
+        x_rows = _row_offsets(n, c, sxn, sxc)
+        d_rows = _row_offsets(n, c, sdn, sdc)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            xhat, dz = _grad_tile(
+                X,
+                DY,
+                _tile_offsets(x_rows, s, sxs),
+                _tile_offsets(d_rows, s, sds),
+                mask,
+                mean,
+                rstd,
+                w,
+                b,
+                HAS_WEIGHT,
+                HAS_BIAS,
+                ACTIVATION,
+                ACC,
+            )
+            sdb += tl.sum(dz, axis=1)
+            sdw += tl.sum(dz * xhat, axis=1)
     ws = pid_r.to(tl.int64) * C + c
     tl.store(PDW + ws, sdw, mask=cmask)
     tl.store(PDB + ws, sdb, mask=cmask)
@@ -605,8 +624,8 @@ def _bwd_partial_kernel(
 
 @triton.jit
 def _bwd_finalize_kernel(
-    PDW,  # (N * split, C) partial sum of dz * xhat
-    PDB,  # (N * split, C) partial sum of dz
+    PDW,  # (rows, C) partial sum of dz * xhat
+    PDB,  # (rows, C) partial sum of dz
     W,  # (C,) weight
     C1,  # (sets,) out: mean over the set of w * dz
     C2,  # (sets,) out: mean over the set of w * dz * xhat
@@ -614,6 +633,7 @@ def _bwd_finalize_kernel(
     C,
     G,
     Cg,
+    batch_block,
     split,
     set_size,
     HAS_WEIGHT: tl.constexpr,
@@ -624,7 +644,7 @@ def _bwd_finalize_kernel(
     set_id = tl.program_id(0)
     if POOL:
         c0 = set_id
-        rows = N * split
+        rows = tl.cdiv(N, batch_block) * split
         width = 1
         base = c0.to(tl.int64)
     else:
@@ -665,10 +685,12 @@ def _bwd_apply_kernel(
     C1,  # (sets,) mean of w * dz (unused if STATS_GIVEN)
     C2,  # (sets,) mean of w * dz * xhat (unused if STATS_GIVEN)
     DX,  # (N, C, S) out
+    N,
     C,
     S,
     G,
     Cg,
+    batch_block,
     chunk_s,
     split,
     sxn,
@@ -691,50 +713,53 @@ def _bwd_apply_kernel(
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n = pid_r // split
-    k = pid_r - n * split
+    nb_id = pid_r // split
+    k = pid_r - nb_id * split
+    n_lo = nb_id * batch_block
+    n_hi = tl.minimum(n_lo + batch_block, N)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    if POOL:
-        stat = c
-    else:
-        stat = n * G + c // Cg
-    mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)[:, None]
-    rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)[:, None]
     w = tl.load(W + c, mask=cmask & HAS_WEIGHT, other=1.0).to(ACC)[:, None]
     b = tl.load(B + c, mask=cmask & HAS_BIAS, other=0.0).to(ACC)[:, None]
-    if not STATS_GIVEN:
-        c1 = tl.load(C1 + stat, mask=cmask, other=0.0)[:, None]
-        c2 = tl.load(C2 + stat, mask=cmask, other=0.0)[:, None]
-    x_rows = _row_offsets(n, c, sxn, sxc)
-    d_rows = _row_offsets(n, c, sdn, sdc)
-    o_rows = _row_offsets(n, c, son, soc)
     s_lo = k * chunk_s
     s_hi = tl.minimum(s_lo + chunk_s, S)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (s < s_hi)[None, :]
-        xhat, dz = _grad_tile(
-            X,
-            DY,
-            _tile_offsets(x_rows, s, sxs),
-            _tile_offsets(d_rows, s, sds),
-            mask,
-            mean,
-            rstd,
-            w,
-            b,
-            HAS_WEIGHT,
-            HAS_BIAS,
-            ACTIVATION,
-            ACC,
-        )
-        g = dz * w
-        if STATS_GIVEN:
-            dx = g * rstd
+    for n in range(n_lo, n_hi):
+        if POOL:
+            stat = c
         else:
-            dx = (g - c1 - xhat * c2) * rstd
-        tl.store(DX + _tile_offsets(o_rows, s, sos), dx.to(DX.dtype.element_ty), mask=mask)
+            stat = n * G + c // Cg
+        mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)[:, None]
+        rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)[:, None]
+        if not STATS_GIVEN:
+            c1 = tl.load(C1 + stat, mask=cmask, other=0.0)[:, None]
+            c2 = tl.load(C2 + stat, mask=cmask, other=0.0)[:, None]
+        x_rows = _row_offsets(n, c, sxn, sxc)
+        d_rows = _row_offsets(n, c, sdn, sdc)
+        o_rows = _row_offsets(n, c, son, soc)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            xhat, dz = _grad_tile(
+                X,
+                DY,
+                _tile_offsets(x_rows, s, sxs),
+                _tile_offsets(d_rows, s, sds),
+                mask,
+                mean,
+                rstd,
+                w,
+                b,
+                HAS_WEIGHT,
+                HAS_BIAS,
+                ACTIVATION,
+                ACC,
+            )
+            g = dz * w
+            if STATS_GIVEN:
+                dx = g * rstd
+            else:
+                dx = (g - c1 - xhat * c2) * rstd
+            tl.store(DX + _tile_offsets(o_rows, s, sos), dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit

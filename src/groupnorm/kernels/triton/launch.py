@@ -146,6 +146,7 @@ def plan_for(
         path=config.path,
         block=config.block,
         split=config.split,
+        batch_block=config.batch_block,
         num_sms=_num_sms(x, config),
         poison=config.poison,
     )
@@ -256,22 +257,23 @@ def norm_forward(
         )
         return y, total, mean, rstd
 
+    rows = triton_cdiv(n, plan.batch_block) * plan.split
     if stats_given:
         mean = given_mean.to(acc).contiguous().clone()
         rstd = torch.rsqrt(given_var.to(acc) + eps).contiguous()
     else:
-        rows = n * plan.split
         pmean = _buffer((rows, c), acc, x.device, config)
         pm2 = _buffer((rows, c), acc, x.device, config)
-        grid = (rows, plan.c_tiles)
-        k._fwd_partial_kernel[grid](
+        k._fwd_partial_kernel[(rows, plan.c_tiles)](
             xv,
             rv,
             pmean,
             pm2,
+            n,
             c,
             s,
             cg,
+            plan.batch_block,
             plan.chunk_s,
             plan.split,
             *xs,
@@ -299,6 +301,7 @@ def norm_forward(
             s,
             num_groups,
             cg,
+            plan.batch_block,
             plan.chunk_s,
             plan.split,
             set_size,
@@ -313,7 +316,7 @@ def norm_forward(
             BLOCK=_FINALIZE_BLOCK,
             num_warps=4,
         )
-    k._fwd_apply_kernel[(n * plan.split, plan.c_tiles)](
+    k._fwd_apply_kernel[(rows, plan.c_tiles)](
         xv,
         rv,
         y,
@@ -322,10 +325,12 @@ def norm_forward(
         b,
         mean,
         rstd,
+        n,
         c,
         s,
         num_groups,
         cg,
+        plan.batch_block,
         plan.chunk_s,
         plan.split,
         *xs,
@@ -445,7 +450,7 @@ def norm_backward(
             **flags,
         )
     else:
-        rows = n * plan.split
+        rows = triton_cdiv(n, plan.batch_block) * plan.split
         need_partials = need_dw or need_db or (need_dx and not stats_given)
         if need_partials:
             pdw = _buffer((rows, c), acc, x.device, config)
@@ -459,10 +464,12 @@ def norm_backward(
                 rstd,
                 pdw,
                 pdb,
+                n,
                 c,
                 s,
                 num_groups,
                 cg,
+                plan.batch_block,
                 plan.chunk_s,
                 plan.split,
                 *xs,
@@ -487,6 +494,7 @@ def norm_backward(
                     c,
                     num_groups,
                     cg,
+                    plan.batch_block,
                     plan.split,
                     set_size,
                     HAS_WEIGHT=weight is not None,
@@ -505,10 +513,12 @@ def norm_backward(
                 c1,
                 c2,
                 dx_arg,
+                n,
                 c,
                 s,
                 num_groups,
                 cg,
+                plan.batch_block,
                 plan.chunk_s,
                 plan.split,
                 *xs,
@@ -528,6 +538,7 @@ def _with_path(config: TritonConfig, path: str, x: torch.Tensor) -> TritonConfig
         path=path,
         block=config.block,
         split=config.split,
+        batch_block=config.batch_block,
         num_sms=config.num_sms,
         poison=config.poison,
     )

@@ -16,7 +16,7 @@ Two paths (see ``docs/triton.md``):
 
 Every choice can be forced for tests with a :class:`TritonConfig` or environment variables
 (``GROUPNORM_TRITON_PATH``, ``GROUPNORM_TRITON_BLOCK``, ``GROUPNORM_TRITON_SPLIT``,
-``GROUPNORM_TRITON_SMS``, ``GROUPNORM_TRITON_POISON``).
+``GROUPNORM_TRITON_BATCH_BLOCK``, ``GROUPNORM_TRITON_SMS``, ``GROUPNORM_TRITON_POISON``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class TritonConfig:
         block: largest tile in elements (a power of two >= 2); small values force many tiles
             per set, so the loops and masks of every kernel run even on tiny test shapes.
         split: number of chunks each sample's spatial extent is cut into on the split path.
+        batch_block: samples each program covers on the batch-norm split path (1 elsewhere).
         num_sms: streaming multiprocessors to plan for (default: the device's, 4 on CPU).
         poison: fill every buffer the launcher allocates (outputs and workspaces) with NaN
             before the kernels run, so that an element no kernel writes shows up in tests.
@@ -57,6 +58,7 @@ class TritonConfig:
     path: str | None = None
     block: int | None = None
     split: int | None = None
+    batch_block: int | None = None
     num_sms: int | None = None
     poison: bool = False
 
@@ -67,6 +69,8 @@ class TritonConfig:
             raise ValueError(f"block must be a power of two >= 2, got {self.block}")
         if self.split is not None and self.split < 1:
             raise ValueError(f"split must be >= 1, got {self.split}")
+        if self.batch_block is not None and self.batch_block < 1:
+            raise ValueError(f"batch_block must be >= 1, got {self.batch_block}")
         if self.num_sms is not None and self.num_sms < 1:
             raise ValueError(f"num_sms must be >= 1, got {self.num_sms}")
 
@@ -75,7 +79,7 @@ def config_from_env(environ: dict[str, str] | None = None) -> TritonConfig:
     """Read :class:`TritonConfig` overrides from ``GROUPNORM_TRITON_*`` environment variables.
 
     >>> config_from_env({"GROUPNORM_TRITON_BLOCK": "32", "GROUPNORM_TRITON_PATH": "split"})
-    TritonConfig(path='split', block=32, split=None, num_sms=None, poison=False)
+    TritonConfig(path='split', block=32, split=None, batch_block=None, num_sms=None, poison=False)
     """
     env = os.environ if environ is None else environ
 
@@ -94,6 +98,7 @@ def config_from_env(environ: dict[str, str] | None = None) -> TritonConfig:
         path=path,
         block=_int("GROUPNORM_TRITON_BLOCK"),
         split=_int("GROUPNORM_TRITON_SPLIT"),
+        batch_block=_int("GROUPNORM_TRITON_BATCH_BLOCK"),
         num_sms=_int("GROUPNORM_TRITON_SMS"),
         poison=poison,
     )
@@ -104,8 +109,10 @@ class Plan:
     """The launch geometry chosen for one call.
 
     ``block_c`` x ``block_s`` is the tile (channels x spatial positions). On the split path the
-    grid is (``c_tiles``, N * ``split``); program (i, n * split + k) covers channels
-    [i * block_c, (i + 1) * block_c) of sample n at positions [k * chunk_s, (k + 1) * chunk_s).
+    grid is (ceil(N / ``batch_block``) * ``split``, ``c_tiles``); program (j * split + k, i)
+    covers channels [i * block_c, (i + 1) * block_c) of samples
+    [j * batch_block, (j + 1) * batch_block) at positions [k * chunk_s, (k + 1) * chunk_s).
+    ``batch_block`` > 1 only for batch norm, whose sets span the batch.
     On the fused path the grid is (N * G,) and ``block_c`` covers up to one group's channels.
     """
 
@@ -117,6 +124,7 @@ class Plan:
     c_tiles: int
     one_tile: bool
     num_warps: int
+    batch_block: int = 1
 
 
 def next_pow2(n: int) -> int:
@@ -219,7 +227,19 @@ def make_plan(
         split = min(s_blocks, max(1, _cdiv(target, c_tiles * n)))
     chunk_s = _cdiv(s_blocks, split) * block_s
     split = _cdiv(s, chunk_s)
-    return Plan(path, block_c, block_s, split, chunk_s, c_tiles, False, _warps(block_c * block_s))
+    batch_block = 1
+    if pool_batch:
+        if config.batch_block is not None:
+            batch_block = min(config.batch_block, n)
+        else:
+            # Several samples per program when one sample gives it little work (small S, e.g.
+            # rank-2 input), so the workspace stays small; but keep enough programs.
+            per_sample = block_c * min(chunk_s, s)
+            want = _cdiv(4 * block, per_sample)
+            spare = max(1, (c_tiles * n * split) // target)
+            batch_block = max(1, min(n, want, spare))
+    tile = block_c * block_s
+    return Plan(path, block_c, block_s, split, chunk_s, c_tiles, False, _warps(tile), batch_block)
 
 
 def element_offset(n: int, c: int, s: int, stride_n: int, stride_c: int, stride_s: int) -> int:
