@@ -542,6 +542,33 @@ def test_backward_launcher_only_what_is_needed(monkeypatch):
     torch.testing.assert_close(dw, want_dw, rtol=1e-5, atol=1e-5)
 
 
+def test_sum_backward_with_an_expanded_gradient(monkeypatch):
+    """``y.sum().backward()`` may hand the backward a stride-0 dy; it is read in place."""
+    monkeypatch.setenv("GROUPNORM_TRITON_POISON", "1")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = groupnorm.group_norm(
+        leaves[0], 3, leaves[1], leaves[2], activation="gelu", backend="triton"
+    )
+    y.sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = reference_norm(
+        ref_leaves[0],
+        "group",
+        num_groups=3,
+        weight=ref_leaves[1],
+        bias=ref_leaves[2],
+        activation="gelu",
+    )
+    ref.output.sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+    dy = torch.ones(()).expand(x.shape)
+    assert nc_s_strides(dy) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_large_mean_small_spread_is_stable(path, monkeypatch):
     """mean 1e4, std 1e-3 in float32: E[x^2]-E[x]^2 would lose every digit of the variance."""

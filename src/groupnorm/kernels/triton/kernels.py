@@ -871,22 +871,34 @@ def _bwd_fused_kernel(
 
 @triton.jit
 def _column_sum_kernel(
-    P,  # (rows, C) partial sums
-    OUT,  # (C,) out: sum over rows, in fixed order
+    PW,  # (rows, C) partials of dweight
+    PB,  # (rows, C) partials of dbias
+    DW,  # (C,) out: sum over rows of PW, in fixed order (written if HAS_DW)
+    DB,  # (C,) out: sum over rows of PB (written if HAS_DB)
     rows,
     C,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """dweight and dbias in one launch; the reduction order depends only on the shape."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    acc = tl.zeros([BLOCK_C], P.dtype.element_ty)
+    acc_w = tl.zeros([BLOCK_C], PW.dtype.element_ty)
+    acc_b = tl.zeros([BLOCK_C], PB.dtype.element_ty)
     for r0 in range(0, rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < rows)[:, None] & cmask[None, :]
         offs = r.to(tl.int64)[:, None] * C + c[None, :]
-        acc += tl.sum(tl.load(P + offs, mask=mask, other=0.0), axis=0)
-    tl.store(OUT + c, acc.to(OUT.dtype.element_ty), mask=cmask)
+        if HAS_DW:
+            acc_w += tl.sum(tl.load(PW + offs, mask=mask, other=0.0), axis=0)
+        if HAS_DB:
+            acc_b += tl.sum(tl.load(PB + offs, mask=mask, other=0.0), axis=0)
+    if HAS_DW:
+        tl.store(DW + c, acc_w.to(DW.dtype.element_ty), mask=cmask)
+    if HAS_DB:
+        tl.store(DB + c, acc_b.to(DB.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

@@ -343,14 +343,26 @@ def norm_forward(
     return y, total, mean, rstd
 
 
-def _column_sum(k, partials: torch.Tensor, like: torch.Tensor, config: TritonConfig):
-    rows, c = partials.shape
-    out = _buffer((c,), like.dtype, like.device, config)
-    grid = (triton_cdiv(c, _COLUMN_BLOCK_C),)
-    k._column_sum_kernel[grid](
-        partials, out, rows, c, BLOCK_R=_COLUMN_BLOCK_R, BLOCK_C=_COLUMN_BLOCK_C, num_warps=4
-    )
-    return out
+def _column_sums(k, pdw, pdb, weight, bias, need_dw, need_db, config: TritonConfig):
+    """dweight, dbias (or None) from the partial buffers, in one launch."""
+    rows, c = pdw.shape
+    dw = _buffer((c,), weight.dtype, pdw.device, config) if need_dw else None
+    db = _buffer((c,), bias.dtype, pdw.device, config) if need_db else None
+    if need_dw or need_db:
+        k._column_sum_kernel[(triton_cdiv(c, _COLUMN_BLOCK_C),)](
+            pdw,
+            pdb,
+            dw if need_dw else pdw,
+            db if need_db else pdb,
+            rows,
+            c,
+            HAS_DW=need_dw,
+            HAS_DB=need_db,
+            BLOCK_R=_COLUMN_BLOCK_R,
+            BLOCK_C=_COLUMN_BLOCK_C,
+            num_warps=4,
+        )
+    return dw, db
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -528,8 +540,9 @@ def norm_backward(
                 STATS_GIVEN=stats_given,
                 **flags,
             )
-    dw = _column_sum(k, pdw, weight, config) if need_dw else None
-    db = _column_sum(k, pdb, bias, config) if need_db else None
+    if not (need_dw or need_db):
+        return dx, None, None
+    dw, db = _column_sums(k, pdw, pdb, weight, bias, need_dw, need_db, config)
     return dx, dw, db
 
 
