@@ -605,6 +605,33 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="triton")
 
 
+def test_cpu_use_works_without_triton(tmp_path):
+    """CPU-only installs: with Triton unimportable, the package, the CPU path and the planner work,
+    the kernel module is never imported, and asking for the triton backend is a clear error."""
+    (tmp_path / "triton.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')\n"
+    )
+    code = (
+        "import sys, torch, groupnorm\n"
+        "from groupnorm.kernels.triton import make_plan\n"
+        "groupnorm.group_norm(torch.randn(2, 4, 3, requires_grad=True), 2).sum().backward()\n"
+        "make_plan(2, 4, 3, 2, False, False, False)\n"
+        "assert 'groupnorm.kernels.triton.kernels' not in sys.modules\n"
+        "try:\n"
+        "    groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend='triton')\n"
+        "except RuntimeError as err:\n"
+        "    assert 'TRITON_INTERPRET' in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GROUPNORM_BACKEND", "TRITON_INTERPRET")
+    }
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_kernels_compile_for_h100_without_a_gpu():
     """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed), and the
     apply kernels get 128-bit memory accesses in both layouts."""
