@@ -633,8 +633,9 @@ def test_cpu_use_works_without_triton(tmp_path):
 
 
 def test_kernels_compile_for_h100_without_a_gpu():
-    """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed), and the
-    apply kernels get 128-bit memory accesses in both layouts."""
+    """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed), the
+    apply kernels get 128-bit memory accesses in both layouts, and the default plans of realistic
+    shapes compile without register spills (ptxas -v)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
@@ -644,6 +645,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
             "groupnorm.kernels.triton.compile_check",
             "--quick",
             "--vector-check",
+            "--spill-check",
         ],
         env=env,
         capture_output=True,
@@ -653,6 +655,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "kernel variants for sm_90" in proc.stdout
     assert "channels_last: 128-bit" in proc.stdout and "contiguous: 128-bit" in proc.stdout
+    assert "register check: no spills" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

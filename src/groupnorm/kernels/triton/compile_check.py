@@ -272,14 +272,106 @@ def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
     return result
 
 
+#: Realistic shapes with default plans for the register check: (shape, groups, pool, layout).
+_SPILL_SHAPES = [
+    ((32, 512, 32, 32), 32, False, "contiguous"),  # fused, whole set in one tile
+    ((64, 320, 64, 64), 32, False, "contiguous"),  # fused, loop over tiles
+    ((2, 320, 64, 64), 32, False, "contiguous"),  # split (SD, few sets)
+    ((2, 320, 64, 64), 32, False, "channels_last"),  # split, channel-major tiles
+    ((64, 1280, 16, 16), 32, False, "channels_last"),  # fused, channels-last
+    ((8, 64, 56, 56), 64, True, "contiguous"),  # batch norm
+    ((4096, 512), 512, True, "contiguous"),  # batch norm on rank 2, several samples/program
+]
+
+
+def register_report(arch: int = 90) -> list[tuple[str, str, int, int]]:
+    """(case, kernel, registers, spill bytes) from ``ptxas -v`` for default plans of realistic
+    shapes in every dtype, with the heaviest variant (residual, gelu, affine)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from .launch import norm_backward, norm_forward
+    from .plan import TritonConfig
+
+    ptxas = get_ptxas(arch).path
+    cfg = TritonConfig(num_sms=132)
+    seen: set = set()
+    report = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for shape, groups, pool, layout in _SPILL_SHAPES:
+            x = torch.empty(shape, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            c = shape[1]
+            w, b = torch.empty(c), torch.empty(c, dtype=dtype)
+            stats = torch.zeros((c,) if pool else (shape[0], groups))
+            with recording() as calls:
+                norm_forward(
+                    x, w, b, torch.empty_like(x), None, None, groups, pool, 1e-5, "gelu", cfg
+                )
+                norm_backward(
+                    x, x, w, b, stats, stats, groups, pool, False, "gelu", (True,) * 3, cfg
+                )
+            for fn, call_args, kwargs in calls:
+                signature, constexprs, attrs = signature_of(fn, call_args, kwargs)
+                key = (
+                    fn.__name__,
+                    repr(sorted(signature.items())),
+                    repr(sorted(constexprs.items())),
+                )
+                if key in seen:
+                    continue
+                seen.add(key)
+                compiled = triton.compile(
+                    ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                    target=GPUTarget("cuda", arch, 32),
+                    options={"num_warps": kwargs.get("num_warps", 4)},
+                )
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = f"{tmp}/k.ptx"
+                    with open(path, "w") as fh:
+                        fh.write(compiled.asm["ptx"])
+                    target = re.search(r"\.target\s+(\w+)", compiled.asm["ptx"]).group(1)
+                    out = subprocess.run(
+                        [ptxas, f"-arch={target}", "-v", path, "-o", f"{tmp}/k.cubin"],
+                        capture_output=True,
+                        text=True,
+                    )
+                text = out.stdout + out.stderr
+                regs = re.search(r"Used (\d+) registers", text)
+                spills = re.search(r"(\d+) bytes spill stores", text)
+                label = f"{'x'.join(map(str, shape))} {layout} {str(dtype)[6:]}"
+                report.append(
+                    (
+                        label,
+                        fn.__name__,
+                        int(regs.group(1)) if regs else -1,
+                        int(spills.group(1)) if spills else -1,
+                    )
+                )
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100)")
     parser.add_argument("--quick", action="store_true", help="fewer variants")
+    parser.add_argument("--verbose", action="store_true", help="print every register count")
     parser.add_argument(
         "--vector-check",
         action="store_true",
         help="also require 128-bit loads/stores in the apply kernels for both layouts",
+    )
+    parser.add_argument(
+        "--spill-check",
+        action="store_true",
+        help="also require no register spills (ptxas -v) for default plans of realistic shapes",
     )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -323,6 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         for layout, ok in vectorized_layouts(args.arch).items():
             print(f"{layout}: {'128-bit' if ok else 'NOT vectorized'} loads/stores in apply")
             failures += not ok
+    if args.spill_check and not failures:
+        for label, name, regs, spills in register_report(args.arch):
+            bad = spills != 0 or regs < 0
+            failures += bad
+            if bad or args.verbose:
+                print(
+                    f"{'SPILL' if bad else 'ok'} {label:32s} {name:22s} regs={regs} spill={spills}"
+                )
+        print(f"register check: {'spills found' if failures else 'no spills'}")
     return 1 if failures else 0
 
 

@@ -135,6 +135,7 @@ def plan_for(
     pool_batch: bool,
     stats_given: bool,
     config: TritonConfig | None = None,
+    backward: bool = False,
 ) -> Plan:
     """The :class:`Plan` the launchers use for ``x`` (a thin wrapper over :func:`make_plan`)."""
     config = config or config_from_env()
@@ -150,7 +151,19 @@ def plan_for(
         num_sms=_num_sms(x, config),
         poison=config.poison,
     )
-    return make_plan(n, c, s, num_groups, pool_batch, stats_given, channel_contiguous, cfg)
+    wide = x.dtype == torch.float64
+    return make_plan(
+        n,
+        c,
+        s,
+        num_groups,
+        pool_batch,
+        stats_given,
+        channel_contiguous,
+        cfg,
+        backward=backward,
+        wide=wide,
+    )
 
 
 def norm_forward(
@@ -422,9 +435,10 @@ def norm_backward(
     b = bias if bias is not None else xv
     code = k.ACTIVATION_CODES[activation]
     sets = c if pool_batch else n * num_groups
-    plan = plan_for(x, num_groups, pool_batch, stats_given, config)
+    plan = plan_for(x, num_groups, pool_batch, stats_given, config, backward=True)
     if plan.path == "fused" and not need_dx:
-        plan = plan_for(x, num_groups, pool_batch, stats_given, _with_path(config, "split", x))
+        split_config = _with_path(config, "split", x)
+        plan = plan_for(x, num_groups, pool_batch, stats_given, split_config, backward=True)
     flags = dict(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
