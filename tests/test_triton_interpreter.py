@@ -632,6 +632,7 @@ def test_cpu_use_works_without_triton(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_h100_without_a_gpu():
     """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed), the
     apply kernels get 128-bit memory accesses in both layouts, and the default plans of realistic
