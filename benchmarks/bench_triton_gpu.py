@@ -8,7 +8,8 @@ mode, shape, dtype, layout, metric, value, gpu, date, commit) and a plot to
 
 Bandwidth is computed from the minimal traffic: forward reads x and writes y (2 tensors),
 backward reads x and dy and writes dx (3 tensors), forward+backward 5; copy reads and writes 2.
-Timings are the median (and 20th/80th percentiles) of ``triton.testing.do_bench``.
+Timings are the median (and 20th/80th percentiles) of ``triton.testing.do_bench``. The input
+requires grad in every mode, so the forward is timed as in training (autograd records it).
 
 Before timing, each provider's output is compared with torch eager's; a provider that disagrees
 is reported and its timings are still written, with the error, so a fast wrong kernel is visible.

@@ -162,7 +162,7 @@ class Case:
     layout: str = "contiguous"  # contiguous | channels_last | sliced
     act: str = ""
     residual: bool = False
-    affine: str = "same"  # same | f32 | weight | none
+    affine: str = "same"  # same | f32 | weight | bias | none
     env: dict = field(default_factory=dict)
     path: str | None = None  # the plan path the case must take
 
@@ -325,7 +325,16 @@ CASES = [
     Case(
         "bf16-in-cl5d-relu", (2, 4, 2, 3, 3), BF16, "instance", "channels_last", "relu", env=SMALL
     ),
-    Case("bf16-bn-res", (4, 3, 5, 5), BF16, "batch", residual=True, env=SPLIT, path="split"),
+    Case(
+        "bf16-bn-res-biasonly",
+        (4, 3, 5, 5),
+        BF16,
+        "batch",
+        residual=True,
+        affine="bias",
+        env=SPLIT,
+        path="split",
+    ),
     Case(
         "bf16-bneval-cl-gelu-res",
         (3, 6, 4, 4),
@@ -416,8 +425,12 @@ def _make_inputs(case: Case, gen: torch.Generator):
     elif case.layout == "sliced":
         x = x.repeat_interleave(2, dim=-1)[..., ::2]  # strided spatial dims: no (N, C, S) view
     pdtype = torch.float32 if case.affine == "f32" else case.dtype
-    w = rand(c, scale=0.7, shift=1.0).to(pdtype) if case.affine != "none" else None
-    b = rand(c, scale=0.5).to(pdtype) if case.affine in ("same", "f32") else None
+    w = (
+        rand(c, scale=0.7, shift=1.0).to(pdtype)
+        if case.affine in ("same", "f32", "weight")
+        else None
+    )
+    b = rand(c, scale=0.5).to(pdtype) if case.affine in ("same", "f32", "bias") else None
     r = rand(*case.shape).to(case.dtype) if case.residual else None
     gm = gv = None
     if case.mode == "batch_eval":
