@@ -9,7 +9,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groupnorm-installed
 
-.PHONY: setup test lint format demo reproduce data bench fuzz figures clean
+.PHONY: setup test lint format demo reproduce data bench bench-gpu fuzz figures clean
 
 setup: $(STAMP)
 
@@ -40,10 +40,14 @@ format: setup
 	$(PY) -m ruff check --fix src tests benchmarks scripts
 
 test: setup lint
-	$(PY) -m pytest -q --doctest-modules tests src/groupnorm
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --doctest-modules tests src/groupnorm
 
 demo: setup
 	$(PY) -m groupnorm demo
+
+# GPU benchmark of the Triton kernels (needs a CUDA build of torch and a GPU; see docs/triton.md).
+bench-gpu: setup
+	$(PY) benchmarks/bench_triton_gpu.py
 
 figures: setup
 	$(PY) scripts/draw_figure2.py docs/figure2.png

@@ -1,0 +1,711 @@
+"""The Triton backend, run on CPU in Triton's interpreter, against the float64 reference.
+
+Every launcher-allocated buffer (outputs and workspaces) is poisoned with NaN first
+(``GROUPNORM_TRITON_POISON=1``), so an element no kernel writes fails the comparison. Tiles and
+split counts are forced small so that the multi-tile loops, the split reduction and the finalize
+kernels run on tiny shapes. A separate test compiles every kernel variant for sm_90 (H100)
+without a GPU, which the interpreter alone would not catch (it does not type-check like the
+compiler does).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any import of triton
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import groupnorm  # noqa: E402
+from groupnorm import reference_norm  # noqa: E402
+from groupnorm.kernels import get_backend  # noqa: E402
+from groupnorm.kernels.triton import kernels as tk  # noqa: E402
+from groupnorm.kernels.triton.launch import nc_s_strides, norm_backward, plan_for  # noqa: E402
+from groupnorm.kernels.triton.plan import (  # noqa: E402
+    TritonConfig,
+    config_from_env,
+    element_offset,
+    make_plan,
+)
+from groupnorm.ops import norm_forward  # noqa: E402
+
+if not isinstance(tk._fwd_fused_kernel, InterpretedFunction):
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set; run pytest with "
+        "TRITON_INTERPRET=1 in the environment (make test does)",
+        allow_module_level=True,
+    )
+
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plan_few_sets_are_split_many_sets_fused():
+    h100 = TritonConfig(num_sms=132)
+    sd = make_plan(1, 320, 64 * 64, 32, False, False, False, h100)
+    assert sd.path == "split" and sd.c_tiles * sd.split >= 132  # 32 sets, >= 132 programs
+    sd_cl = make_plan(1, 320, 64 * 64, 32, False, False, True, h100)
+    assert sd_cl.path == "split" and sd_cl.split > 1 and sd_cl.c_tiles * sd_cl.split >= 132
+    many = make_plan(64, 320, 32 * 32, 32, False, False, False, TritonConfig(num_sms=132))
+    assert many.path == "fused"
+    assert make_plan(32, 64, 56 * 56, 64, True, False, True).path == "split"
+    assert make_plan(32, 64, 56 * 56, 64, True, True, True).path == "apply"
+    tiny = make_plan(2, 8, 4 * 4, 2, False, False, False)
+    assert tiny.path == "fused" and tiny.one_tile
+
+
+def test_plan_batch_norm_on_rank_2_covers_several_samples_per_program():
+    plan = make_plan(4096, 512, 1, 512, True, False, True, TritonConfig(num_sms=132))
+    assert plan.batch_block > 1  # the workspace is far smaller than the input
+    assert plan.c_tiles * -(-4096 // plan.batch_block) >= 4 * 132
+
+
+def test_plan_channels_last_with_few_channels_per_group_is_split():
+    plan = make_plan(64, 64, 32 * 32, 64, False, False, True, TritonConfig(num_sms=132))
+    assert plan.path == "split"
+    assert plan.block_c >= 16  # the tile runs along the unit-stride channel axis
+
+
+@pytest.mark.parametrize("channel_contiguous", [False, True])
+@pytest.mark.parametrize("pool", [False, True])
+def test_plan_tiles_cover_every_element(channel_contiguous, pool):
+    for n, c, s, g in [(1, 320, 4096, 32), (2, 6, 35, 3), (7, 1, 1, 1), (3, 1280, 64, 32)]:
+        for cfg in (TritonConfig(), TritonConfig(block=16, split=3), TritonConfig(num_sms=132)):
+            groups = c if pool else g
+            p = make_plan(n, c, s, groups, pool, False, channel_contiguous, cfg)
+            assert p.block_c & (p.block_c - 1) == 0 and p.block_s & (p.block_s - 1) == 0
+            assert p.block_c * p.block_s <= (cfg.block or 16384)
+            if p.path == "fused":
+                assert p.block_c <= max(1, 2 * (c // groups))
+                continue
+            assert p.c_tiles * p.block_c >= c > (p.c_tiles - 1) * p.block_c
+            assert p.split * p.chunk_s >= s > (p.split - 1) * p.chunk_s
+            assert p.chunk_s % p.block_s == 0
+            assert 1 <= p.batch_block <= n and (pool or p.batch_block == 1)
+
+
+def test_config_from_env_and_errors():
+    cfg = config_from_env({"GROUPNORM_TRITON_SPLIT": "4", "GROUPNORM_TRITON_POISON": "1"})
+    assert cfg.split == 4 and cfg.poison and cfg.block is None
+    with pytest.raises(ValueError, match="power of two"):
+        TritonConfig(block=24)
+    with pytest.raises(ValueError, match="path"):
+        config_from_env({"GROUPNORM_TRITON_PATH": "fast"})
+    with pytest.raises(ValueError, match="integer"):
+        config_from_env({"GROUPNORM_TRITON_BLOCK": "big"})
+
+
+def test_forcing_changes_the_plan():
+    x = torch.randn(2, 6, 5, 7)
+    assert plan_for(x, 3, False, False, TritonConfig()).path == "fused"
+    forced = plan_for(x, 3, False, False, TritonConfig(path="split", block=16, split=2))
+    assert forced.path == "split" and forced.split == 2 and forced.block_s == 16
+    assert forced.chunk_s == 32 and forced.c_tiles == 6
+
+
+def test_strides_of_layouts():
+    x = torch.empty(2, 3, 4, 5, 6)
+    assert nc_s_strides(x) == (360, 120, 1)
+    assert nc_s_strides(x.to(memory_format=torch.channels_last_3d)) == (360, 1, 3)
+    assert nc_s_strides(torch.empty(2, 3)) == (3, 1, 1)
+    assert nc_s_strides(x[:, :, :, ::2]) is None  # spatial dims do not collapse: copied
+
+
+# ---------------------------------------------------------------------------------------------
+# 64-bit offsets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_offset_helpers_are_64_bit():
+    """The kernels' offset helpers, run on indices whose offsets pass 2**31 (and 2**32)."""
+    n = torch.tensor([3, 0, 1, 2], dtype=torch.int32)
+    c = torch.tensor([0, 70_000, 5, 1], dtype=torch.int32)
+    s = torch.tensor([0, 0, 2_000_000_000, 7], dtype=torch.int32)
+    strides = (2**30, 40_000, 3, 1)
+    out = torch.zeros(4, dtype=torch.int64)
+    for stride_n, stride_c, stride_s in [(2**30, 40_000, 3), (2**31 + 5, 1, 2)]:
+        tk._offset_probe_kernel[(1,)](out, n, c, s, stride_n, stride_c, stride_s, BLOCK=4)
+        want = [
+            element_offset(int(a), int(b), int(d), stride_n, stride_c, stride_s)
+            for a, b, d in zip(n, c, s, strict=True)
+        ]
+        assert max(want) > 2**31
+        assert out.tolist() == want
+    assert strides  # documented case: 3 * 2**30 overflows int32
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics against the float64 reference, through the custom op and autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    shape: tuple
+    dtype: torch.dtype
+    mode: str  # group | layer | instance | batch | batch_eval
+    groups: int = 1
+    layout: str = "contiguous"  # contiguous | channels_last | sliced
+    act: str = ""
+    residual: bool = False
+    affine: str = "same"  # same | f32 | weight | bias | none
+    env: dict = field(default_factory=dict)
+    path: str | None = None  # the plan path the case must take
+
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+SPLIT = {
+    "GROUPNORM_TRITON_PATH": "split",
+    "GROUPNORM_TRITON_BLOCK": "16",
+    "GROUPNORM_TRITON_SPLIT": "3",
+}
+FUSED_LOOP = {"GROUPNORM_TRITON_PATH": "fused", "GROUPNORM_TRITON_BLOCK": "16"}
+SMALL = {"GROUPNORM_TRITON_BLOCK": "16"}
+
+CASES = [
+    # float32
+    Case(
+        "f32-gn-split-silu-res",
+        (2, 6, 5, 7),
+        F32,
+        "group",
+        3,
+        act="silu",
+        residual=True,
+        env=SPLIT,
+        path="split",
+    ),
+    Case(
+        "f32-gn-cl-fusedloop-gelu",
+        (2, 6, 5, 7),
+        F32,
+        "group",
+        3,
+        "channels_last",
+        "gelu",
+        affine="f32",
+        env=FUSED_LOOP,
+        path="fused",
+    ),
+    Case(
+        "f32-gn-onetile-relu-res",
+        (2, 8, 4, 4),
+        F32,
+        "group",
+        4,
+        act="relu",
+        residual=True,
+        path="fused",
+    ),
+    Case(
+        "f32-bn-cl5d-silu-res",
+        (3, 4, 2, 3, 5),
+        F32,
+        "batch",
+        layout="channels_last",
+        act="silu",
+        residual=True,
+        env=SPLIT,
+        path="split",
+    ),
+    Case("f32-bneval-3d-relu", (3, 5, 11), F32, "batch_eval", act="relu", env=SMALL, path="apply"),
+    Case("f32-ln-2d", (5, 12), F32, "layer", env={"GROUPNORM_TRITON_BLOCK": "4"}),
+    Case("f32-in-split-gelu", (2, 3, 6, 6), F32, "instance", act="gelu", env=SPLIT, path="split"),
+    Case(
+        "f32-gn-sliced-weightonly",
+        (2, 4, 6, 10),
+        F32,
+        "group",
+        2,
+        "sliced",
+        affine="weight",
+        env=SMALL,
+    ),
+    Case(
+        "f32-gn-noaffine-split2",
+        (2, 6, 9, 3),
+        F32,
+        "group",
+        2,
+        affine="none",
+        env={
+            "GROUPNORM_TRITON_PATH": "split",
+            "GROUPNORM_TRITON_BLOCK": "8",
+            "GROUPNORM_TRITON_SPLIT": "2",
+        },
+        path="split",
+    ),
+    # float16
+    Case(
+        "f16-gn-split-silu-res-f32affine",
+        (2, 6, 5, 7),
+        F16,
+        "group",
+        3,
+        act="silu",
+        residual=True,
+        affine="f32",
+        env=SPLIT,
+        path="split",
+    ),
+    Case(
+        "f16-gn-cl-fusedloop-gelu-res",
+        (2, 6, 5, 7),
+        F16,
+        "group",
+        2,
+        "channels_last",
+        "gelu",
+        residual=True,
+        env=FUSED_LOOP,
+        path="fused",
+    ),
+    Case(
+        "f16-bn-cl-relu-f32affine",
+        (4, 6, 3, 5),
+        F16,
+        "batch",
+        layout="channels_last",
+        act="relu",
+        affine="f32",
+        env=SPLIT,
+        path="split",
+    ),
+    Case("f16-ln-5d-res", (2, 3, 2, 3, 4), F16, "layer", residual=True, path="fused"),
+    Case(
+        "f16-bneval-cl-silu",
+        (3, 6, 4, 4),
+        F16,
+        "batch_eval",
+        "channels_last",
+        "silu",
+        env=SMALL,
+        path="apply",
+    ),
+    Case("f16-gn-3d-split-relu", (3, 8, 13), F16, "group", 4, act="relu", env=SPLIT, path="split"),
+    # bfloat16
+    Case(
+        "bf16-gn-split-gelu-res-f32affine",
+        (2, 6, 5, 7),
+        BF16,
+        "group",
+        3,
+        act="gelu",
+        residual=True,
+        affine="f32",
+        env=SPLIT,
+        path="split",
+    ),
+    Case(
+        "bf16-gn-cl-fusedloop-silu-res",
+        (2, 6, 5, 7),
+        BF16,
+        "group",
+        3,
+        "channels_last",
+        "silu",
+        residual=True,
+        env=FUSED_LOOP,
+        path="fused",
+    ),
+    Case(
+        "bf16-in-cl5d-relu", (2, 4, 2, 3, 3), BF16, "instance", "channels_last", "relu", env=SMALL
+    ),
+    Case(
+        "bf16-bn-res-biasonly",
+        (4, 3, 5, 5),
+        BF16,
+        "batch",
+        residual=True,
+        affine="bias",
+        env=SPLIT,
+        path="split",
+    ),
+    Case(
+        "bf16-bneval-cl-gelu-res",
+        (3, 6, 4, 4),
+        BF16,
+        "batch_eval",
+        "channels_last",
+        "gelu",
+        residual=True,
+        path="apply",
+    ),
+    Case("bf16-ln-2d-silu", (6, 10), BF16, "layer", act="silu", affine="f32"),
+    # float64
+    Case(
+        "f64-gn-split-gelu-res",
+        (2, 6, 5, 7),
+        F64,
+        "group",
+        3,
+        act="gelu",
+        residual=True,
+        env=SPLIT,
+        path="split",
+    ),
+    Case(
+        "f64-gn-cl-fusedloop-silu",
+        (2, 6, 5, 7),
+        F64,
+        "group",
+        3,
+        "channels_last",
+        "silu",
+        env=FUSED_LOOP,
+        path="fused",
+    ),
+    Case(
+        "f64-bn-cl-relu-res",
+        (3, 4, 3, 5),
+        F64,
+        "batch",
+        "channels_last",
+        "relu",
+        residual=True,
+        env=SPLIT,
+        path="split",
+    ),
+    Case("f64-bneval-3d-silu", (3, 5, 7), F64, "batch_eval", act="silu", path="apply"),
+    # batch norm with several samples per program (3 = 2 + 1), and on rank-2 input
+    Case(
+        "f32-bn-batchblock-gelu-res",
+        (3, 4, 5, 6),
+        F32,
+        "batch",
+        act="gelu",
+        residual=True,
+        env={**SPLIT, "GROUPNORM_TRITON_BATCH_BLOCK": "2"},
+        path="split",
+    ),
+    Case(
+        "f16-bn-2d-batchblock",
+        (7, 6),
+        F16,
+        "batch",
+        affine="f32",
+        env={"GROUPNORM_TRITON_BLOCK": "4", "GROUPNORM_TRITON_BATCH_BLOCK": "3"},
+        path="split",
+    ),
+    Case(
+        "bf16-bneval-2d-batchblock-relu",
+        (5, 6),
+        BF16,
+        "batch_eval",
+        act="relu",
+        env={"GROUPNORM_TRITON_BATCH_BLOCK": "2"},
+        path="apply",
+    ),
+]
+
+
+def _make_inputs(case: Case, gen: torch.Generator):
+    def rand(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+    c = case.shape[1]
+    x = rand(*case.shape, scale=1.5, shift=0.3).to(case.dtype)
+    if case.layout == "channels_last":
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    elif case.layout == "sliced":
+        x = x.repeat_interleave(2, dim=-1)[..., ::2]  # strided spatial dims: no (N, C, S) view
+    pdtype = torch.float32 if case.affine == "f32" else case.dtype
+    w = (
+        rand(c, scale=0.7, shift=1.0).to(pdtype)
+        if case.affine in ("same", "f32", "weight")
+        else None
+    )
+    b = rand(c, scale=0.5).to(pdtype) if case.affine in ("same", "f32", "bias") else None
+    r = rand(*case.shape).to(case.dtype) if case.residual else None
+    gm = gv = None
+    if case.mode == "batch_eval":
+        gm = rand(c, scale=0.3).float()
+        gv = (rand(c).abs() + 0.5).float()
+    dy = rand(*case.shape).to(case.dtype)
+    dt = rand(*case.shape).to(case.dtype) if case.residual else None
+    return x, w, b, r, gm, gv, dy, dt
+
+
+def _groups(case: Case) -> tuple[int, bool]:
+    c = case.shape[1]
+    return {
+        "group": (case.groups, False),
+        "layer": (1, False),
+        "instance": (c, False),
+        "batch": (c, True),
+        "batch_eval": (c, True),
+    }[case.mode]
+
+
+def _run_op(case, backend, x, w, b, r, gm, gv, dy, dt, eps):
+    """Forward through the custom op and gradients through its autograd."""
+    groups, pool = _groups(case)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+        leaves[0] = leaves[0].detach().contiguous(memory_format=torch.channels_last)
+        leaves[0].requires_grad_()
+    y, total, mean, rstd = norm_forward(
+        leaves[0], leaves[1], leaves[2], leaves[3], gm, gv, groups, pool, eps, case.act, backend
+    )
+    outs, grads_out = [y], [dy]
+    if r is not None:
+        outs.append(total)
+        grads_out.append(dt)
+    inputs = [t for t in leaves if t is not None]
+
+    def grads():
+        return torch.autograd.grad(outs, inputs, grads_out, retain_graph=True)
+
+    return y, total, mean, rstd, grads(), grads
+
+
+def _reference(case, x, w, b, r, gm, gv, dy, dt, eps):
+    leaves = [t.double().detach().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    mode = "batch" if case.mode == "batch_eval" else case.mode
+    kwargs = dict(weight=leaves[1], bias=leaves[2], eps=eps, activation=case.act or None)
+    kwargs["residual"] = leaves[3]
+    if mode == "group":
+        kwargs["num_groups"] = case.groups
+    if case.mode == "batch_eval":
+        kwargs.update(running_mean=gm, running_var=gv, training=False)
+    ref = reference_norm(leaves[0], mode, **kwargs)
+    loss = (ref.output * dy.double()).sum()
+    if r is not None:
+        loss = loss + (ref.sum * dt.double()).sum()
+    inputs = [t for t in leaves if t is not None]
+    return ref, torch.autograd.grad(loss, inputs)
+
+
+def _check(name, got, want64, torch_val, dtype):
+    """|got - want| <= 2 * |torch's - want| + atol (scaled by the magnitude), and all finite."""
+    assert got.shape == want64.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten element?)"
+    err = (got.double() - want64).abs().max().item()
+    torch_err = (torch_val.double() - want64).abs().max().item()
+    scale = max(1.0, want64.abs().max().item())
+    tol = 2 * torch_err + ATOL[dtype] * scale
+    assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g} (torch's {torch_err:.3g})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_forward_backward_against_reference(case, monkeypatch):
+    monkeypatch.setenv("GROUPNORM_TRITON_POISON", "1")
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    gen = torch.Generator().manual_seed(sum(map(ord, case.id)))
+    eps = 1e-5
+    inputs = _make_inputs(case, gen)
+    x = inputs[0]
+    groups, pool = _groups(case)
+    if case.path is not None:
+        plan = plan_for(x, groups, pool, case.mode == "batch_eval", config_from_env())
+        assert plan.path == case.path
+
+    y, total, mean, rstd, grads, again = _run_op(case, "triton", *inputs, eps)
+    ty, ttotal, tmean, trstd, tgrads, _ = _run_op(case, "portable", *inputs, eps)
+    ref, rgrads = _reference(case, *inputs, eps)
+
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if case.layout == "channels_last":
+        assert nc_s_strides(y)[1] == 1  # output keeps the channels-last layout
+    _check("y", y, ref.output, ty, case.dtype)
+    if case.residual:
+        _check("x + residual", total, ref.sum, ttotal, case.dtype)
+    _check("mean", mean, ref.mean, tmean, case.dtype)
+    _check("rstd", rstd, ref.rstd, trstd, case.dtype)
+    names = [
+        n
+        for n, t in zip(("dx", "dweight", "dbias", "dresidual"), inputs[:4], strict=True)
+        if t is not None
+    ]
+    for name, got, want, tv in zip(names, grads, rgrads, tgrads, strict=True):
+        _check(name, got, want, tv, case.dtype)
+    # Determinism: a second backward is bit-for-bit the same.
+    for name, first, second in zip(names, grads, again(), strict=True):
+        assert torch.equal(first, second), f"{name} differs between two backward runs"
+
+
+def test_backward_launcher_only_what_is_needed(monkeypatch):
+    """needs=(False, True, False) computes dweight alone (on the fused path's fallback plan)."""
+    monkeypatch.setenv("GROUPNORM_TRITON_POISON", "1")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, 3, generator=gen)
+    w, b, dy = torch.randn(4, generator=gen), torch.randn(4, generator=gen), torch.randn_like(x)
+    y, _, mean, rstd = norm_forward(x, w, b, None, None, None, 2, False, 1e-5, "", "triton")
+    dx, dw, db = norm_backward(dy, x, w, b, mean, rstd, 2, False, False, "", (False, True, False))
+    assert dx is None and db is None
+    _, want_dw, _ = get_backend("portable", x.device).backward(
+        dy, x, w, b, mean, rstd, 2, False, False, "", (True, True, True)
+    )
+    torch.testing.assert_close(dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_sum_backward_with_an_expanded_gradient(monkeypatch):
+    """``y.sum().backward()`` may hand the backward a stride-0 dy; it is read in place."""
+    monkeypatch.setenv("GROUPNORM_TRITON_POISON", "1")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = groupnorm.group_norm(
+        leaves[0], 3, leaves[1], leaves[2], activation="gelu", backend="triton"
+    )
+    y.sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = reference_norm(
+        ref_leaves[0],
+        "group",
+        num_groups=3,
+        weight=ref_leaves[1],
+        bias=ref_leaves[2],
+        activation="gelu",
+    )
+    ref.output.sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+    dy = torch.ones(()).expand(x.shape)
+    assert nc_s_strides(dy) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_large_mean_small_spread_is_stable(path, monkeypatch):
+    """mean 1e4, std 1e-3 in float32: E[x^2]-E[x]^2 would lose every digit of the variance."""
+    monkeypatch.setenv("GROUPNORM_TRITON_PATH", path)
+    monkeypatch.setenv("GROUPNORM_TRITON_BLOCK", "64")
+    gen = torch.Generator().manual_seed(11)
+    x = (1e4 + 1e-3 * torch.randn(2, 8, 16, 16, generator=gen, dtype=torch.float64)).float()
+    y, _, mean, rstd = norm_forward(x, None, None, None, None, None, 4, False, 0.0, "", "triton")
+    ref = reference_norm(x, "group", num_groups=4, eps=0.0)
+    torch.testing.assert_close(rstd.double(), ref.rstd, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), ref.mean, rtol=1e-7, atol=0)
+    torch_y = torch.nn.functional.group_norm(x, 4, eps=0.0)
+    _check("y", y, ref.output, torch_y, torch.float32)
+
+
+def test_functional_api_dispatches_to_triton(monkeypatch):
+    monkeypatch.setenv("GROUPNORM_BACKEND", "triton")
+    x = torch.randn(2, 6, 4, 4)
+    y = groupnorm.group_norm(x, 3, activation="silu")
+    ref = reference_norm(x, "group", num_groups=3, activation="silu").output
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert get_backend("auto", torch.device("cuda")) is get_backend("triton", x.device)
+
+
+def test_empty_input_falls_back():
+    x = torch.randn(0, 4, 3, 3)
+    y = groupnorm.group_norm(x, 2, backend="triton")
+    assert y.shape == x.shape
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend="triton")
+
+
+def test_cpu_use_works_without_triton(tmp_path):
+    """CPU-only installs: with Triton unimportable, the package, the CPU path and the planner work,
+    the kernel module is never imported, and asking for the triton backend is a clear error."""
+    (tmp_path / "triton.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'triton'\", name='triton')\n"
+    )
+    code = (
+        "import sys, torch, groupnorm\n"
+        "from groupnorm.kernels.triton import make_plan\n"
+        "groupnorm.group_norm(torch.randn(2, 4, 3, requires_grad=True), 2).sum().backward()\n"
+        "make_plan(2, 4, 3, 2, False, False, False)\n"
+        "assert 'groupnorm.kernels.triton.kernels' not in sys.modules\n"
+        "try:\n"
+        "    groupnorm.group_norm(torch.randn(2, 4, 3), 2, backend='triton')\n"
+        "except RuntimeError as err:\n"
+        "    assert 'TRITON_INTERPRET' in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GROUPNORM_BACKEND", "TRITON_INTERPRET")
+    }
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_a_gpu():
+    """Every kernel variant the launchers use compiles to an sm_90 cubin (no GPU needed), the
+    apply kernels get 128-bit memory accesses in both layouts, and the default plans of realistic
+    shapes compile without register spills (ptxas -v)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "groupnorm.kernels.triton.compile_check",
+            "--quick",
+            "--vector-check",
+            "--spill-check",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "kernel variants for sm_90" in proc.stdout
+    assert "channels_last: 128-bit" in proc.stdout and "contiguous: 128-bit" in proc.stdout
+    assert "register check: no spills" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU benchmark script (cannot run here; its CPU-side parts can)
+# ---------------------------------------------------------------------------------------------
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_triton_gpu.py")
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_triton_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_script_dry_run_lists_the_shapes(capsys):
+    bench = _bench_module()
+    assert bench.main(["--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "1x320x64x64" in listing and "2x256x8x56x56" in listing and "32x256x56x56" in listing
+    assert max(s.nbytes(d) for s in bench.shapes() for d in s.dtypes) >= 256e6
+    assert bench.main(["--dry-run", "--quick", "--family", "sd-unet"]) == 0
+
+
+def test_bench_plot_from_a_csv(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _bench_module()
+    path = tmp_path / "r.csv"
+    head = "op,provider,mode,shape,dtype,layout,metric,value,gpu,date,commit\n"
+    body = "".join(
+        f"group_norm,{p},{m},1x320x64x64,float16,contiguous,GB/s,{v},X,d,c\n"
+        for p, m, v in [("copy", "copy", 3000), ("torch", "forward", 140), ("groupnorm", "full", 9)]
+    )
+    path.write_text(head + body)
+    assert bench.plot(path).exists()
