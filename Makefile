@@ -42,6 +42,12 @@ format: setup
 test: setup lint
 	$(PY) -m pytest -q --doctest-modules tests src/groupnorm
 
+# Property tests with a big budget: $(FUZZ_EXAMPLES) random examples per property (fresh seeds
+# each run); prints how many examples ran. make test runs the same properties with 50 each.
+FUZZ_EXAMPLES ?= 10000
+fuzz: setup
+	GROUPNORM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s tests/test_properties.py
+
 demo: setup
 	$(PY) -m groupnorm demo
 

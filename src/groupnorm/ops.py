@@ -100,11 +100,11 @@ def norm_backward(
         activation,
         (need_dx, need_dweight, need_dbias),
     )
-    empty = x.new_empty(0)
+    # A fresh empty tensor per missing gradient: custom ops may not return one tensor twice.
     return (
-        dx if dx is not None else empty,
-        dw if dw is not None else empty,
-        db if db is not None else empty,
+        dx if dx is not None else x.new_empty(0),
+        dw if dw is not None else x.new_empty(0),
+        db if db is not None else x.new_empty(0),
     )
 
 
@@ -125,10 +125,9 @@ def _(
     need_dbias,
     backend,
 ):
-    empty = x.new_empty(0)
-    dx = torch.empty_like(x) if need_dx else empty
-    dw = torch.empty_like(weight) if need_dweight and weight is not None else empty
-    db = torch.empty_like(bias) if need_dbias and bias is not None else empty
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dw = torch.empty_like(weight) if need_dweight and weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if need_dbias and bias is not None else x.new_empty(0)
     return dx, dw, db
 
 

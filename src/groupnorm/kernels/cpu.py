@@ -30,6 +30,17 @@ _INPLACE = {
 }
 
 
+def _dense(t):
+    """native_group_norm(_backward) reads x as contiguous or channels-last only; other strides
+    (slices, transposes, zero strides) are copied to contiguous first."""
+    if t.is_contiguous():
+        return t
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == dim and t.is_contiguous(memory_format=fmt):
+            return t
+    return t.contiguous()
+
+
 def _native_ok(x, weight, bias):
     """torch's kernels accept params in the input dtype, or float32 for all of them together."""
     if x.numel() == 0:
@@ -72,7 +83,7 @@ def forward(
     else:
         hw = math.prod(src.shape[2:])
         y, mean, rstd = torch.ops.aten.native_group_norm(
-            src, weight, bias, n, c, hw, num_groups, eps
+            _dense(src), weight, bias, n, c, hw, num_groups, eps
         )
     if activation:
         if y.dtype == torch.float32 or y.dtype == torch.float64:
@@ -87,7 +98,16 @@ def forward(
 def backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
-    if activation or stats_given or not _native_ok(x, weight, bias) or dy.dtype != x.dtype:
+    # torch's native_group_norm_backward crashes when asked for dbias without a weight
+    # ("tensor does not have a device", torch 2.13): that case goes to the portable core.
+    bias_only = weight is None and bias is not None and needs[2]
+    if (
+        activation
+        or stats_given
+        or bias_only
+        or not _native_ok(x, weight, bias)
+        or dy.dtype != x.dtype
+    ):
         return portable.backward(
             dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
         )
@@ -101,7 +121,7 @@ def backward(
         n, c = x.shape[0], x.shape[1]
         hw = math.prod(x.shape[2:])
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy, x, mean, rstd, weight, n, c, hw, num_groups, mask
+            dy, _dense(x), mean, rstd, weight, n, c, hw, num_groups, mask
         )
     if dw is not None and mask[1]:
         dw = dw.to(weight.dtype)
