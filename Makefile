@@ -9,7 +9,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groupnorm-installed
 
-.PHONY: setup test lint format demo reproduce data bench fuzz figures clean
+.PHONY: setup test lint format demo reproduce data bench fuzz test-large figures clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ test: setup lint
 FUZZ_EXAMPLES ?= 10000
 fuzz: setup
 	GROUPNORM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s tests/test_properties.py
+
+# Tensors beyond 2^31 elements on the CPU path (about 17 GiB of RAM, a few minutes).
+test-large: setup
+	GROUPNORM_LARGE_TESTS=1 $(PY) -m pytest -q tests/test_large.py
 
 demo: setup
 	$(PY) -m groupnorm demo

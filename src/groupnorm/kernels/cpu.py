@@ -49,6 +49,20 @@ def _native_ok(x, weight, bias):
     return len(dtypes) <= 1
 
 
+def _float32_params(x, weight, bias):
+    """For float16/bfloat16 input, the params handed to torch's kernels, in float32.
+
+    Given params in the input dtype, torch's CPU kernels return mean/rstd rounded to that dtype
+    (rstd off by up to 4e-4 in float16, 4e-3 in bfloat16) and the backward then works from the
+    rounded values; with float32 params they keep float32 statistics, as this backend's
+    interface promises. A missing weight becomes ones (exact), so that path is taken too.
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return weight, bias
+    w = weight.float() if weight is not None else torch.ones(x.shape[1], device=x.device)
+    return w, bias.float() if bias is not None else None
+
+
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
@@ -72,6 +86,7 @@ def forward(
         )
     src = x + residual if residual is not None else x
     n, c = src.shape[0], src.shape[1]
+    weight, bias = _float32_params(x, weight, bias)
     if pool_batch:
         training = given_mean is None
         y, mean, rstd = torch.ops.aten.native_batch_norm(
@@ -107,21 +122,23 @@ def backward(
         or bias_only
         or not _native_ok(x, weight, bias)
         or dy.dtype != x.dtype
+        or mean.dtype != acc_dtype(x.dtype)
     ):
         return portable.backward(
             dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
         )
     need_dx, need_dw, need_db = needs
     mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
+    native_weight, _ = _float32_params(x, weight, bias)
     if pool_batch:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, None, None, mean, rstd, True, 0.0, mask
+            dy, x, native_weight, None, None, mean, rstd, True, 0.0, mask
         )
     else:
         n, c = x.shape[0], x.shape[1]
         hw = math.prod(x.shape[2:])
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy, _dense(x), mean, rstd, weight, n, c, hw, num_groups, mask
+            dy, _dense(x), mean, rstd, native_weight, n, c, hw, num_groups, mask
         )
     if dw is not None and mask[1]:
         dw = dw.to(weight.dtype)
