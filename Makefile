@@ -48,7 +48,7 @@ FUZZ_EXAMPLES ?= 10000
 fuzz: setup
 	GROUPNORM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s tests/test_properties.py
 
-# Tensors beyond 2^31 elements on the CPU path (about 17 GiB of RAM, a few minutes).
+# Tensors beyond 2^31 elements on the CPU path (about 13 GiB of RAM, a few minutes).
 test-large: setup
 	GROUPNORM_LARGE_TESTS=1 $(PY) -m pytest -q tests/test_large.py
 
