@@ -1,7 +1,8 @@
 """Property-based tests: random calls of every kind agree with the float64 reference.
 
 Hypothesis draws the rank (2-5), the shape, the group count (a divisor of C), the memory layout
-(contiguous, channels-last, sliced, transposed, expanded with a zero stride), the dtype, the
+(contiguous, channels-last, sliced, transposed, expanded with a zero stride) of the input and,
+independently, of the incoming gradient, the dtype, the
 mode, the activation, a residual, affine parameters (also float32 ones for half-precision input),
 batch norm's running statistics, and the backend (cpu, portable). Each example checks the output
 and every gradient against :func:`groupnorm.reference_norm` on the same values in float64.
@@ -103,6 +104,7 @@ def cases(draw):
         "float32_params": dtype in (torch.float16, torch.bfloat16) and draw(st.booleans()),
         "batch_eval": batch_eval,
         "backend": draw(st.sampled_from(["cpu", "portable"])),
+        "dy_layout": draw(st.sampled_from([x for x in layouts if x != "transposed"])),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
@@ -152,7 +154,8 @@ def torch_equivalent(case, x, weight, bias, residual, stats):
     else:
         c = x.shape[1]
         groups = {"group": case["groups"], "layer": 1, "instance": c}[case["mode"]]
-        y = F.group_norm(src, groups, weight, bias)
+        # aten::group_norm: F.group_norm would refuse one sample with one value per group
+        y = torch.group_norm(src, groups, weight, bias, 1e-5, False)
     return _TORCH_ACT[case["activation"]](y)
 
 
@@ -160,8 +163,8 @@ def torch_errors(case, leaves, names, stats, dy, ref, ref_grads):
     """torch's error against the reference for the output and each gradient (0 if torch fails).
 
     torch's CPU group norm backward crashes on a bias without a weight ("tensor does not have
-    a device", torch 2.13; our cpu backend routes that case to the portable core), and
-    F.group_norm refuses a batch of one sample with one value per group (ValueError).
+    a device", torch 2.13; our cpu backend routes that case to the portable core): then only
+    the output has a yardstick.
     """
     theirs = {k: t.detach().requires_grad_() for k, t in leaves.items() if t is not None}
     try:
@@ -173,7 +176,8 @@ def torch_errors(case, leaves, names, stats, dy, ref, ref_grads):
             theirs.get("residual"),
             stats,
         )
-    except ValueError:  # torch refuses the call: no yardstick, REL_TOL only
+    except (ValueError, RuntimeError):  # torch refuses the call (e.g. float64 input with
+        # float32 running stats: "mixed dtype"): no yardstick, REL_TOL only
         return 0.0, [0.0] * len(names)
     try:
         grads = torch.autograd.grad(y, [theirs[k] for k in names], dy)
@@ -200,7 +204,10 @@ def test_forward_and_gradients_match_reference(case):
     if case["batch_eval"]:
         stats = (torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5)
         kw.update(running_mean=stats[0], running_var=stats[1], training=False)
-    dy = torch.randn(shape, generator=gen).to(dtype)
+    # The incoming gradient has its own layout (a channels-last dy with a contiguous x, the
+    # zero-stride dy of y.sum(), ...): torch's native backward kernels assume dy is laid out
+    # like x, which once gave wrong gradients here.
+    dy = make_input(shape, case["dy_layout"], dtype, gen)
 
     leaves = {"x": x, "weight": w, "bias": b, "residual": res}
     # detach() keeps each tensor's strides, so x reaches the op in the layout under test.
@@ -289,3 +296,20 @@ def test_group_norm_module_is_a_drop_in_for_torch(rank, groups, per_group, dtype
     torch_err = (want.double() - ref.output).abs().max().item()
     scale = max(ref.output.abs().max().item(), 1.0)
     assert err <= 2 * torch_err + 0.1 * REL_TOL[dtype] * scale
+
+
+@pytest.mark.parametrize("mode", ["group", "batch"])
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+def test_channels_last_input_with_contiguous_gradient(backend, mode):
+    """Regression (found by make fuzz): the cpu backend passed a contiguous dy with a
+    channels-last x to torch's native backward, which read it with x's strides: dx off by 5."""
+    gen = torch.Generator().manual_seed(40)
+    x = torch.randn(2, 4, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(2, 4, 6, 6, generator=gen)
+    kw = {"num_groups": 2} if mode == "group" else {}
+    leaf = x.detach().requires_grad_()
+    (dx,) = torch.autograd.grad(normalize(leaf, mode, backend=backend, **kw), leaf, dy)
+    ref_leaf = x.double().requires_grad_()
+    ref = reference_norm(ref_leaf, mode, **kw).output
+    (want,) = torch.autograd.grad(ref, ref_leaf, dy.double())
+    assert (dx.double() - want).abs().max().item() < 1e-4

@@ -41,6 +41,18 @@ def _dense(t):
     return t.contiguous()
 
 
+def _like(t, x):
+    """``t`` in the memory format of ``x`` (already made dense by ``_dense``).
+
+    torch's native backward kernels read dy with x's strides: a contiguous dy with a
+    channels-last x gives silently wrong gradients (torch's own autograd converts dy first).
+    """
+    if x.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
 def _native_ok(x, weight, bias):
     """torch's kernels accept params in the input dtype, or float32 for all of them together."""
     if x.numel() == 0:
@@ -130,15 +142,17 @@ def backward(
     need_dx, need_dw, need_db = needs
     mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
     native_weight, _ = _float32_params(x, weight, bias)
+    dense_x = _dense(x)
+    dy = _like(dy, dense_x)
     if pool_batch:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy, x, native_weight, None, None, mean, rstd, True, 0.0, mask
+            dy, dense_x, native_weight, None, None, mean, rstd, True, 0.0, mask
         )
     else:
         n, c = x.shape[0], x.shape[1]
         hw = math.prod(x.shape[2:])
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy, _dense(x), mean, rstd, native_weight, n, c, hw, num_groups, mask
+            dy, dense_x, mean, rstd, native_weight, n, c, hw, num_groups, mask
         )
     if dw is not None and mask[1]:
         dw = dw.to(weight.dtype)
