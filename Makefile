@@ -9,7 +9,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groupnorm-installed
 
-.PHONY: setup test lint format demo reproduce data bench bench-gpu fuzz figures clean
+.PHONY: setup test lint format demo reproduce data bench bench-gpu fuzz test-large figures clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,16 @@ format: setup
 
 test: setup lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --doctest-modules tests src/groupnorm
+
+# Property tests with a big budget: $(FUZZ_EXAMPLES) random examples per property (fresh seeds
+# each run); prints how many examples ran. make test runs the same properties with 50 each.
+FUZZ_EXAMPLES ?= 10000
+fuzz: setup
+	GROUPNORM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s tests/test_properties.py
+
+# Tensors beyond 2^31 elements on the CPU path (about 13 GiB of RAM, a few minutes).
+test-large: setup
+	GROUPNORM_LARGE_TESTS=1 $(PY) -m pytest -q tests/test_large.py
 
 demo: setup
 	$(PY) -m groupnorm demo

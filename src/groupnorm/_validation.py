@@ -8,6 +8,8 @@ cost microseconds and are safe to run under ``torch.compile`` tracing.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -75,7 +77,10 @@ def check_activation(activation: object) -> str:
 def check_input(x: object, name: str = "input") -> torch.Tensor:
     """The input must be a floating-point tensor of shape (N, C, *)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(x).__name__}; convert it with "
+            f"torch.as_tensor(...)"
+        )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} has dtype {x.dtype}; normalization needs float16, bfloat16, float32 or "
@@ -86,12 +91,18 @@ def check_input(x: object, name: str = "input") -> torch.Tensor:
             f"{name} must have shape (N, C, *) with at least 2 dimensions, got shape "
             f"{tuple(x.shape)}; add a batch dimension with {name}.unsqueeze(0) for one sample"
         )
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"{name} has no channels: shape {tuple(x.shape)} has size 0 in dim 1 (C); "
+            f"normalization needs C >= 1, so skip the layer for empty channel dims"
+        )
     return x
 
 
 def check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    """``eps`` must be a real number, finite and >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float such as 1e-5, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0 (typically 1e-5), got {eps}")
@@ -99,9 +110,16 @@ def check_eps(eps: object) -> float:
 
 
 def _check_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    # Anything with __index__ (int, numpy integers) counts; bool and float do not.
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{name} must be an int, got {type(value).__name__} {value!r}; pass an integer, "
+        f"e.g. {name}=int(...)"
+    )
 
 
 def resolve_num_groups(
@@ -149,7 +167,10 @@ def check_param(
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor or None, got {type(t).__name__}; wrap it with "
+            f"torch.tensor(...)"
+        )
     if t.shape != (num_channels,):
         raise ValueError(
             f"{name} must have shape ({num_channels},) to match the input's {num_channels} "
@@ -176,14 +197,20 @@ def check_stat(
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor or None, got {type(t).__name__}; wrap it with "
+            f"torch.tensor(...)"
+        )
     if t.shape != (num_channels,):
         raise ValueError(
             f"{name} must have shape ({num_channels},) to match the input's {num_channels} "
             f"channels, got shape {tuple(t.shape)}"
         )
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with "
+            f"{name}.float()"
+        )
     if t.device != x.device:
         raise ValueError(
             f"{name} is on {t.device} but the input is on {x.device}; move both to one device"
@@ -192,10 +219,14 @@ def check_stat(
 
 
 def check_residual(residual: object, x: torch.Tensor) -> torch.Tensor | None:
+    """A residual must match the input exactly: shape, dtype and device."""
     if residual is None:
         return None
     if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        raise TypeError(
+            f"residual must be a torch.Tensor or None, got {type(residual).__name__}; wrap it "
+            f"with torch.as_tensor(...)"
+        )
     if residual.shape != x.shape:
         raise ValueError(
             f"residual must have the input's shape {tuple(x.shape)}, got {tuple(residual.shape)}; "
@@ -214,12 +245,13 @@ def check_residual(residual: object, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def check_momentum(momentum: object) -> float | None:
+    """``momentum`` must be None or a number in [0, 1]."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(
             f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}"
         )
-    if not 0.0 <= float(momentum) <= 1.0:
+    if not 0.0 <= float(momentum) <= 1.0:  # also rejects NaN
         raise ValueError(f"momentum must be in [0, 1] (typically 0.1), got {momentum}")
     return float(momentum)

@@ -103,7 +103,14 @@ def normalize(
     residual = v.check_residual(residual, input)
     backend = check_backend(backend)
     if return_sum and residual is None:
-        raise ValueError("return_sum=True needs a residual to add")
+        raise ValueError(
+            "return_sum=True needs a residual to add; pass residual=... or drop return_sum"
+        )
+    if not isinstance(training, bool):
+        raise TypeError(
+            f"training must be True or False, got {type(training).__name__} {training!r}; "
+            f"pass bool(...)"
+        )
 
     pool = mode == "batch"
     given_mean = given_var = None
@@ -130,7 +137,10 @@ def normalize(
                 )
             update_running = running_mean is not None and input.numel() > 0
             if update_running and momentum is None:
-                raise ValueError("momentum=None needs groupnorm.BatchNorm (cumulative average)")
+                raise ValueError(
+                    "momentum=None (a cumulative average) needs a batch counter: use "
+                    "groupnorm.BatchNorm(momentum=None), or pass a momentum in [0, 1] here"
+                )
     elif running_mean is not None or running_var is not None or not training:
         raise ValueError(
             f"running_mean/running_var/training apply to mode='batch' only, not {mode!r}; "

@@ -18,6 +18,21 @@ from .functional import normalize, update_running_stats
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
 
+def _channel_count_hint(
+    module: nn.Module, state_dict: dict, prefix: str, count: int, arg: str, error_msgs: list
+) -> None:
+    """After torch's own "size mismatch" message, say which layer would load the checkpoint."""
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        t = state_dict.get(prefix + key)
+        if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] != count:
+            error_msgs.append(
+                f"{prefix}{key} in the checkpoint has {t.shape[0]} channels but this "
+                f"{type(module).__name__} has {arg}={count}; build it with {arg}={t.shape[0]} "
+                f"to load this checkpoint"
+            )
+            return
+
+
 class GroupNorm(nn.GroupNorm):
     r"""Group Normalization (Wu & He, ECCV 2018): a drop-in for ``torch.nn.GroupNorm``.
 
@@ -76,7 +91,9 @@ class GroupNorm(nn.GroupNorm):
     ) -> None:
         num_channels = v._check_int(num_channels, "num_channels")
         if num_channels <= 0:
-            raise ValueError(f"num_channels must be positive, got {num_channels}")
+            raise ValueError(
+                f"num_channels must be positive (the size of the input's dim 1), got {num_channels}"
+            )
         groups = v.resolve_num_groups(num_channels, num_groups, group_size)
         super().__init__(groups, num_channels, v.check_eps(eps), affine, device=device, dtype=dtype)
         if not bias:  # torch >= 2.5 has this flag; set it the same way on older releases
@@ -88,11 +105,17 @@ class GroupNorm(nn.GroupNorm):
             f"bias={self.bias is not None}"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        _channel_count_hint(self, state_dict, prefix, self.num_channels, "num_channels", args[-1])
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        if input.dim() >= 2 and input.shape[1] != self.num_channels:
+        v.check_input(input)
+        if input.shape[1] != self.num_channels:
             raise ValueError(
                 f"{type(self).__name__} expects {self.num_channels} channels in dim 1, got "
-                f"input of shape {tuple(input.shape)}"
+                f"input of shape {tuple(input.shape)}; build the layer with "
+                f"num_channels={input.shape[1]} or fix the layer that feeds it"
             )
         return normalize(
             input,
@@ -235,7 +258,9 @@ class BatchNorm(_BatchNorm):
     ) -> None:
         num_features = v._check_int(num_features, "num_features")
         if num_features <= 0:
-            raise ValueError(f"num_features must be positive, got {num_features}")
+            raise ValueError(
+                f"num_features must be positive (the size of the input's dim 1), got {num_features}"
+            )
         super().__init__(
             num_features,
             v.check_eps(eps),
@@ -254,8 +279,13 @@ class BatchNorm(_BatchNorm):
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"BatchNorm expects {self.num_features} channels in dim 1, got input of shape "
-                f"{tuple(input.shape)}"
+                f"{tuple(input.shape)}; build the layer with num_features={input.shape[1]} or "
+                f"fix the layer that feeds it"
             )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        _channel_count_hint(self, state_dict, prefix, self.num_features, "num_features", args[-1])
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

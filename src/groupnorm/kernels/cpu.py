@@ -30,6 +30,29 @@ _INPLACE = {
 }
 
 
+def _dense(t):
+    """native_group_norm(_backward) reads x as contiguous or channels-last only; other strides
+    (slices, transposes, zero strides) are copied to contiguous first."""
+    if t.is_contiguous():
+        return t
+    for dim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == dim and t.is_contiguous(memory_format=fmt):
+            return t
+    return t.contiguous()
+
+
+def _like(t, x):
+    """``t`` in the memory format of ``x`` (already made dense by ``_dense``).
+
+    torch's native backward kernels read dy with x's strides: a contiguous dy with a
+    channels-last x gives silently wrong gradients (torch's own autograd converts dy first).
+    """
+    if x.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
 def _native_ok(x, weight, bias):
     """torch's kernels accept params in the input dtype, or float32 for all of them together."""
     if x.numel() == 0:
@@ -38,35 +61,18 @@ def _native_ok(x, weight, bias):
     return len(dtypes) <= 1
 
 
-def _dense(t):
-    """torch's kernels take contiguous or channels-last tensors; copy anything else once."""
-    if t.is_contiguous():
-        return t
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    if fmt is not None and t.is_contiguous(memory_format=fmt):
-        return t
-    return t.contiguous()
+def _float32_params(x, weight, bias):
+    """For float16/bfloat16 input, the params handed to torch's kernels, in float32.
 
-
-def _float_params(x, weight, bias):
-    """For float16/bfloat16 input, hand torch float32 parameters: its CPU kernels then keep the
-    statistics in float32 (with low-precision parameters, or none, they round them to the
-    input dtype). The copies are C elements each."""
+    Given params in the input dtype, torch's CPU kernels return mean/rstd rounded to that dtype
+    (rstd off by up to 4e-4 in float16, 4e-3 in bfloat16) and the backward then works from the
+    rounded values; with float32 params they keep float32 statistics, as this backend's
+    interface promises. A missing weight becomes ones (exact), so that path is taken too.
+    """
     if x.dtype not in (torch.float16, torch.bfloat16):
         return weight, bias
-    weight = weight.float() if weight is not None else None
-    bias = bias.float() if bias is not None else None
-    if weight is None and bias is None:
-        bias = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
-    return weight, bias
-
-
-def _format_of(t):
-    if not t.is_contiguous():
-        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-        if fmt is not None and t.is_contiguous(memory_format=fmt):
-            return fmt
-    return torch.contiguous_format
+    w = weight.float() if weight is not None else torch.ones(x.shape[1], device=x.device)
+    return w, bias.float() if bias is not None else None
 
 
 def forward(
@@ -92,12 +98,11 @@ def forward(
         )
     src = x + residual if residual is not None else x
     n, c = src.shape[0], src.shape[1]
-    dense = _dense(src)
-    weight, bias = _float_params(x, weight, bias)
+    weight, bias = _float32_params(x, weight, bias)
     if pool_batch:
         training = given_mean is None
         y, mean, rstd = torch.ops.aten.native_batch_norm(
-            dense, weight, bias, given_mean, given_var, training, 0.0, eps
+            src, weight, bias, given_mean, given_var, training, 0.0, eps
         )
         if not training:
             mean = given_mean.clone()
@@ -105,7 +110,7 @@ def forward(
     else:
         hw = math.prod(src.shape[2:])
         y, mean, rstd = torch.ops.aten.native_group_norm(
-            dense, weight, bias, n, c, hw, num_groups, eps
+            _dense(src), weight, bias, n, c, hw, num_groups, eps
         )
     if activation:
         if y.dtype == torch.float32 or y.dtype == torch.float64:
@@ -120,33 +125,39 @@ def forward(
 def backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
-    if activation or stats_given or not _native_ok(x, weight, bias) or dy.dtype != x.dtype:
+    # torch's native_group_norm_backward crashes when asked for dbias without a weight
+    # ("tensor does not have a device", torch 2.13): that case goes to the portable core.
+    bias_only = weight is None and bias is not None and needs[2]
+    if (
+        activation
+        or stats_given
+        or bias_only
+        or not _native_ok(x, weight, bias)
+        or dy.dtype != x.dtype
+        or mean.dtype != acc_dtype(x.dtype)
+    ):
         return portable.backward(
             dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
         )
     need_dx, need_dw, need_db = needs
     mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
-    x = _dense(x)
-    dy = dy.contiguous(memory_format=_format_of(x))
-    out_dtypes = (
-        weight.dtype if weight is not None else None,
-        bias.dtype if bias is not None else None,
-    )
-    weight = _float_params(x, weight, bias)[0]
+    native_weight, _ = _float32_params(x, weight, bias)
+    dense_x = _dense(x)
+    dy = _like(dy, dense_x)
     if pool_batch:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, None, None, mean, rstd, True, 0.0, mask
+            dy, dense_x, native_weight, None, None, mean, rstd, True, 0.0, mask
         )
     else:
         n, c = x.shape[0], x.shape[1]
         hw = math.prod(x.shape[2:])
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            dy, x, mean, rstd, weight, n, c, hw, num_groups, mask
+            dy, dense_x, mean, rstd, native_weight, n, c, hw, num_groups, mask
         )
     if dw is not None and mask[1]:
-        dw = dw.to(out_dtypes[0])
+        dw = dw.to(weight.dtype)
     if db is not None and mask[2]:
-        db = db.to(out_dtypes[1])
+        db = db.to(bias.dtype)
     if dx is not None and mask[0]:
         dx = portable.match_layout(dx, x)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
