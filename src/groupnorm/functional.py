@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _validation as v
 from .kernels import check_backend
-from .ops import norm_forward
+from .ops import normalize_op
 
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
 
@@ -136,7 +136,7 @@ def normalize(
             f"group, layer and instance norm never use batch statistics"
         )
 
-    y, total, mean, rstd = norm_forward(
+    y, total, mean, rstd = normalize_op(
         input, weight, bias, residual, given_mean, given_var, groups, pool, eps, act, backend
     )
     if update_running:

@@ -1,26 +1,31 @@
-"""CPU backend: torch's native kernels where they are the fastest thing measured, else the core.
+"""CPU backend: the fastest thing measured on CPU for each case.
 
-What runs where (see ``benchmarks/README.md`` for the numbers behind each choice):
+What runs where (``benchmarks/README.md`` has the numbers behind each choice):
 
-* group/layer/instance forward without given statistics -> ``aten::native_group_norm``
-  (vectorised, parallel, channels-last aware, float32 statistics for low-precision input), then
-  the activation in place on its output;
-* batch-norm forward -> ``aten::native_batch_norm`` in training or inference form;
-* backward without an activation -> ``aten::native_group_norm_backward`` /
+* group/layer/instance norm (no given statistics) in float32, bfloat16 or float16, contiguous or
+  channels-last, forward and backward, with or without a fused activation -> the fused C++
+  kernels of :mod:`groupnorm.kernels.cpu_ext` (compiled on first use, cached on disk). The fused
+  backward recomputes the activation's input from x, mean and rstd, so nothing else is saved;
+* when those kernels are unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the
+  case is outside them (float64, other strides, empty tensors, mixed weight/bias dtypes):
+  group/layer/instance forward -> ``aten::native_group_norm`` then the activation in place;
+  batch norm -> ``aten::native_batch_norm`` (torch's own kernel is the fastest thing here);
+  backward without an activation -> ``aten::native_group_norm_backward`` /
   ``aten::native_batch_norm_backward``;
-* everything else (fused activation backward, empty tensors, mixed weight/bias dtypes) -> the
-  portable core in :mod:`groupnorm.kernels.portable`.
+* everything else (activation backward off the fused path, given statistics with mixed dtypes)
+  -> the portable core in :mod:`groupnorm.kernels.portable`.
 
-Every path is checked against the float64 reference in the tests.
+Every path is checked against the float64 reference in ``tests/test_cpu_fast.py``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from . import portable
+from . import cpu_ext, portable
 from .portable import acc_dtype, apply_activation
 
 _INPLACE = {
@@ -28,6 +33,40 @@ _INPLACE = {
     "gelu": lambda t: t.copy_(torch.nn.functional.gelu(t)),
     "relu": torch.relu_,
 }
+
+_EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_ext() -> bool:
+    return os.environ.get("GROUPNORM_CPU_EXT", "1") != "0"
+
+
+def _ext_layout(x: torch.Tensor) -> int | None:
+    """0 when x is (N, C, S) in memory, 1 when (N, S, C) (channels-last), else None."""
+    if x.is_contiguous():
+        return 0
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return 1
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return 1
+    if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+        return 1
+    return None
+
+
+def _ext_params(x, weight, bias):
+    """(library, layout, weight32, bias32) when the fused kernels take this call, else None."""
+    if x.dtype not in _EXT_DTYPES or x.numel() == 0 or not _use_ext():
+        return None
+    layout = _ext_layout(x)
+    if layout is None:
+        return None
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    w = weight.float().contiguous() if weight is not None else None
+    b = bias.float().contiguous() if bias is not None else None
+    return lib, layout, w, b
 
 
 def _native_ok(x, weight, bias):
@@ -38,9 +77,49 @@ def _native_ok(x, weight, bias):
     return len(dtypes) <= 1
 
 
+def _dense(t):
+    """torch's kernels take contiguous or channels-last tensors; copy anything else once."""
+    if t.is_contiguous():
+        return t
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is not None and t.is_contiguous(memory_format=fmt):
+        return t
+    return t.contiguous()
+
+
+def _float_params(x, weight, bias):
+    """For float16/bfloat16 input, hand torch float32 parameters: its CPU kernels then keep the
+    statistics in float32 (with low-precision parameters, or none, they round them to the
+    input dtype). The copies are C elements each."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return weight, bias
+    weight = weight.float() if weight is not None else None
+    bias = bias.float() if bias is not None else None
+    if weight is None and bias is None:
+        bias = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    return weight, bias
+
+
+def _format_of(t):
+    if not t.is_contiguous():
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+        if fmt is not None and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
+    if not pool_batch and given_mean is None:
+        ext = _ext_params(x, weight, bias)
+        if ext is not None:
+            lib, layout, w, b = ext
+            src = x + residual if residual is not None else x
+            if _ext_layout(src) == layout:
+                y, mean, rstd = cpu_ext.forward(lib, src, w, b, num_groups, eps, activation, layout)
+                total = src if residual is not None else x.new_empty(0)
+                return y, total, mean, rstd
     if not _native_ok(x, weight, bias) or (
         given_mean is not None
         and given_mean.dtype != acc_dtype(x.dtype)
@@ -61,10 +140,12 @@ def forward(
         )
     src = x + residual if residual is not None else x
     n, c = src.shape[0], src.shape[1]
+    dense = _dense(src)
+    weight, bias = _float_params(x, weight, bias)
     if pool_batch:
         training = given_mean is None
         y, mean, rstd = torch.ops.aten.native_batch_norm(
-            src, weight, bias, given_mean, given_var, training, 0.0, eps
+            dense, weight, bias, given_mean, given_var, training, 0.0, eps
         )
         if not training:
             mean = given_mean.clone()
@@ -72,7 +153,7 @@ def forward(
     else:
         hw = math.prod(src.shape[2:])
         y, mean, rstd = torch.ops.aten.native_group_norm(
-            src, weight, bias, n, c, hw, num_groups, eps
+            dense, weight, bias, n, c, hw, num_groups, eps
         )
     if activation:
         if y.dtype == torch.float32 or y.dtype == torch.float64:
@@ -87,12 +168,44 @@ def forward(
 def backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
+    if not pool_batch and not stats_given and dy.dtype == x.dtype and mean.dtype == torch.float32:
+        ext = _ext_params(x, weight, bias)
+        if ext is not None:
+            lib, layout, w, b = ext
+            if dy.stride() != x.stride():
+                dy = torch.empty_like(x).copy_(dy)
+            need_dx, need_dw, need_db = needs
+            dx, dw, db = cpu_ext.backward(
+                lib,
+                dy,
+                x,
+                w,
+                b,
+                mean.contiguous(),
+                rstd.contiguous(),
+                num_groups,
+                activation,
+                layout,
+                need_dx,
+                need_dw and weight is not None,
+                need_db and bias is not None,
+            )
+            dw = dw.to(weight.dtype) if dw is not None else None
+            db = db.to(bias.dtype) if db is not None else None
+            return dx, dw, db
     if activation or stats_given or not _native_ok(x, weight, bias) or dy.dtype != x.dtype:
         return portable.backward(
             dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
         )
     need_dx, need_dw, need_db = needs
     mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
+    x = _dense(x)
+    dy = dy.contiguous(memory_format=_format_of(x))
+    out_dtypes = (
+        weight.dtype if weight is not None else None,
+        bias.dtype if bias is not None else None,
+    )
+    weight = _float_params(x, weight, bias)[0]
     if pool_batch:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, None, None, mean, rstd, True, 0.0, mask
@@ -104,9 +217,9 @@ def backward(
             dy, x, mean, rstd, weight, n, c, hw, num_groups, mask
         )
     if dw is not None and mask[1]:
-        dw = dw.to(weight.dtype)
+        dw = dw.to(out_dtypes[0])
     if db is not None and mask[2]:
-        db = db.to(bias.dtype)
+        db = db.to(out_dtypes[1])
     if dx is not None and mask[0]:
         dx = portable.match_layout(dx, x)
     return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
