@@ -250,9 +250,7 @@ def _eager_ok(tensors: tuple[Tensor | None, ...]) -> bool:
     if _get_current_dispatch_mode() is not None:
         return False
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or _is_wrapped(t):
+        if t is not None and (type(t) not in _PLAIN_TYPES or not t.is_cpu or _is_wrapped(t)):
             return False
     return True
 
@@ -272,7 +270,7 @@ def normalize_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same result as :func:`norm_forward`, without the dispatcher in plain eager CPU mode."""
     args = (x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps)
-    if not _eager_ok((x, weight, bias, residual, given_mean, given_var)):
+    if not _eager_ok((x, weight, bias, residual, given_mean, given_var)):  # ~1 us
         return norm_forward(*args, activation, backend)
     impl = get_backend(backend, x.device)
     if torch.is_grad_enabled() and any(

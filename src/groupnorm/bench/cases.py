@@ -119,9 +119,12 @@ def op_functions(op: str, inputs: dict[str, torch.Tensor]) -> dict[str, NormFn]:
             "torch": lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
         }
     elif op == "bn":
+        # each provider updates its own running statistics (torch saves them for backward,
+        # so a shared buffer updated by another provider would invalidate its graph)
+        rm2, rv2 = rm.clone(), rv.clone()
         fns = {
             "ours": lambda x, w, b: gf.batch_norm(x, rm, rv, w, b, training=True),
-            "torch": lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=True),
+            "torch": lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, training=True),
         }
     else:
         raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")

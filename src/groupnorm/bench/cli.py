@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     parser.add_argument("--no-memory", action="store_true", help="skip peak/retained memory")
     parser.add_argument("--no-model", action="store_true", help="skip the ResNet training step")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the run (default: torch's choice)",
+    )
     parser.add_argument("--plot", action="store_true", help="also draw one PNG per op")
 
 
@@ -99,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     import datetime as _dt
 
     plan = _plan_from(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     out = args.out
     if out is None:
         day = _dt.date.today().isoformat()

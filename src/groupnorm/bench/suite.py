@@ -48,7 +48,8 @@ FIELDS = [
 
 
 def machine_description() -> str:
-    """CPU model (from /proc/cpuinfo), usable cores, torch version."""
+    """CPU model (from /proc/cpuinfo), usable cores, threads, torch version, and the 1-minute
+    load average when the run started (other processes share this machine)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,7 +60,11 @@ def machine_description() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}; {cores} cores; {torch.get_num_threads()} threads; torch {torch.__version__}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{model}; {cores} cores; {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"load {load:.1f} at start"
+    )
 
 
 def git_commit() -> str:

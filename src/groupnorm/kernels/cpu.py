@@ -54,6 +54,12 @@ def _ext_layout(x: torch.Tensor) -> int | None:
     return None
 
 
+def _as_float32(p):
+    if p is None or (p.dtype == torch.float32 and p.is_contiguous()):
+        return p
+    return p.float().contiguous()
+
+
 def _ext_params(x, weight, bias):
     """(library, layout, weight32, bias32) when the fused kernels take this call, else None."""
     if x.dtype not in _EXT_DTYPES or x.numel() == 0 or not _use_ext():
@@ -64,9 +70,7 @@ def _ext_params(x, weight, bias):
     lib = cpu_ext.library()
     if lib is None:
         return None
-    w = weight.float().contiguous() if weight is not None else None
-    b = bias.float().contiguous() if bias is not None else None
-    return lib, layout, w, b
+    return lib, layout, _as_float32(weight), _as_float32(bias)
 
 
 def _native_ok(x, weight, bias):

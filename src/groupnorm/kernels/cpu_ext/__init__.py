@@ -29,7 +29,16 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("gn_kernels.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-std=c++17",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
 _ABI_VERSION = 1
 _lock = threading.Lock()
 _state: dict[str, object] = {}

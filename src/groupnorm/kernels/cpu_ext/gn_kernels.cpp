@@ -63,17 +63,22 @@ enum { ACT_NONE = 0, ACT_SILU = 1, ACT_GELU = 2, ACT_RELU = 3 };
 // exp for float32 by range reduction and a degree-6 polynomial (about 1 ulp in the clamped
 // range); written with plain arithmetic so that the compiler vectorizes the loops that call it.
 inline float exp_approx(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  // comparisons, not fmin/fmax/floor: those are library calls (NaN and rounding-mode rules)
+  // that stop vectorization. A NaN input stays NaN through the polynomial.
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const int32_t ni = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round to nearest
+  const float n = static_cast<float>(ni);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  float e = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
   return e * scale;
@@ -99,7 +104,7 @@ inline float act_fwd(float z) {
   } else if constexpr (ACT == ACT_GELU) {
     return 0.5f * z * (1.0f + erf_approx(z * 0.70710678118654752f));
   } else if constexpr (ACT == ACT_RELU) {
-    return z > 0.0f ? z : 0.0f;
+    return z < 0.0f ? 0.0f : z;  // NaN passes through, as torch.relu
   } else {
     return z;
   }
@@ -115,7 +120,7 @@ inline float act_grad(float z) {
     float cdf = 0.5f * (1.0f + erf_approx(z * 0.70710678118654752f));
     return cdf + z * exp_approx(-0.5f * z * z) * 0.39894228040143268f;
   } else if constexpr (ACT == ACT_RELU) {
-    return z > 0.0f ? 1.0f : 0.0f;
+    return z <= 0.0f ? 0.0f : 1.0f;
   } else {
     return 1.0f;
   }
