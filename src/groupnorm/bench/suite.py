@@ -8,6 +8,9 @@ results file says where it came from. Metrics:
 ``gbps``               minimal traffic (:func:`.cases.minimal_bytes`) / time, in GB/s
 ``speedup_vs_torch``   torch's median time / this provider's, both from the same run
 ``vs_copy``            this provider's median time / a ``clone()`` of x in the same run
+
+For the two ratios the ``p20``/``p80`` columns hold the same ratio taken between the 20th (80th)
+percentile times. On a shared machine the p20 ratio is the one least touched by preemption.
 ``retained_bytes``     bytes autograd keeps for backward (mode ``forward``)
 ``peak_bytes``         high-water mark allocated during the call (forward, forward+backward)
 """
@@ -101,11 +104,11 @@ class Plan:
         ]
     ] = field(default_factory=list)
     providers: tuple[str, ...] = ("ours", "torch")
-    repeats: int = 15
+    repeats: int = 31
     memory: bool = True
     model_step: bool = True
     model_batch: int = 32
-    model_repeats: int = 10
+    model_repeats: int = 15
 
     def cases(self) -> Iterator[tuple[C.Case, tuple[str, ...]]]:
         for ops, shapes, dtypes, layouts, modes in self.groups:
@@ -202,7 +205,7 @@ def run_case(case: C.Case, modes: Iterable[str], plan: Plan, stamp: dict) -> lis
     for mode in modes:
         calls = {name: _mode_callable(fn, inputs, mode) for name, fn in fns.items()}
         calls["copy"] = x.clone
-        times = measure(calls, repeats=plan.repeats)
+        times = measure(calls, repeats=plan.repeats, target_s=3e-4)
         nbytes = C.minimal_bytes(case.shape, case.dtype, mode)
         base, copy = times["torch"].median, times["copy"].median
         for name in fns:
@@ -217,8 +220,11 @@ def run_case(case: C.Case, modes: Iterable[str], plan: Plan, stamp: dict) -> lis
                 nbytes / t.p80 / 1e9,
                 nbytes / t.p20 / 1e9,
             )
-            row(name, mode, "speedup_vs_torch", "x", base / t.median)
-            row(name, mode, "vs_copy", "x", t.median / copy)
+            tb, tc = times["torch"], times["copy"]
+            row(
+                name, mode, "speedup_vs_torch", "x", base / t.median, tb.p20 / t.p20, tb.p80 / t.p80
+            )
+            row(name, mode, "vs_copy", "x", t.median / copy, t.p20 / tc.p20, t.p80 / tc.p80)
         t = times["copy"]
         row("copy", mode, "time_us", "us", t.median * 1e6, t.p20 * 1e6, t.p80 * 1e6)
         if plan.memory and mode != "backward":
@@ -277,8 +283,8 @@ def run_model_step(plan: Plan, stamp: dict) -> list[dict]:
                 "metric": "ratio_vs_torch_bn",
                 "unit": "x",
                 "value": _fmt(t.median / base),
-                "p20": "",
-                "p80": "",
+                "p20": _fmt(t.p20 / times["torch_bn"].p20),
+                "p80": _fmt(t.p80 / times["torch_bn"].p80),
             }
         )
     return rows
