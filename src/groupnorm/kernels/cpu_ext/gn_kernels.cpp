@@ -14,7 +14,8 @@
 //   M1    = sum_{c,s} w_c dz / m,         M2   = sum_{c,s} w_c dz (x - mu) r / m,
 //   dx    = r * (w_c dz - M1 - (x - mu) r M2) = A_c dz + B x + K
 //   with A_c = r w_c, B = -r^2 M2, K = r (r M2 mu - M1).
-// dz is recomputed in the second pass instead of stored (the set is still in cache for nchw).
+// nchw keeps dz of the current set in a per-thread buffer between the two passes (the set is
+// cache-sized); nhwc recomputes it in the second pass (its sets span the whole sample).
 //
 // Statistics: float32 partial sums over short runs, added into double; the variance is centred
 // (two passes over the cached set for nchw; shifted sums per channel combined with Chan's formula
@@ -183,58 +184,66 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
   const i64 L = D * S;
   // per (n, c): sum dz and sum dz * (x - mu) * r
   std::vector<double> part_db(N * C), part_dw(N * C);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (i64 item = 0; item < N * G; ++item) {
-    const i64 n = item / G, g = item % G;
-    const float mu = mean[item], r = rstd[item];
-    const T* px = x + item * L;
-    const T* pdy = dy + item * L;
-    double m1 = 0.0, m2 = 0.0;
-    for (i64 d = 0; d < D; ++d) {
-      const i64 c = g * D + d;
-      const float wc = w ? w[c] : 1.0f;
-      const float a = r * wc;
-      const float h = (b ? b[c] : 0.0f) - mu * a;
-      const T* qx = px + d * S;
-      const T* qdy = pdy + d * S;
-      double sdz = 0.0, sdzx = 0.0;
-      for (i64 start = 0; start < S; start += kRun) {
-        const i64 end = start + kRun < S ? start + kRun : S;
-        float s1 = 0.0f, s2 = 0.0f;
+#pragma omp parallel num_threads(nthreads)
+  {
+    // dz of the current set, kept for the second pass (the set is cache-sized), so f'(z) is
+    // computed once per element
+    std::vector<float> dz_buf(ACT == ACT_NONE ? 0 : L);
+#pragma omp for schedule(static)
+    for (i64 item = 0; item < N * G; ++item) {
+      const i64 n = item / G, g = item % G;
+      const float mu = mean[item], r = rstd[item];
+      const T* px = x + item * L;
+      const T* pdy = dy + item * L;
+      double m1 = 0.0, m2 = 0.0;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const float wc = w ? w[c] : 1.0f;
+        const float a = r * wc;
+        const float h = (b ? b[c] : 0.0f) - mu * a;
+        const T* qx = px + d * S;
+        const T* qdy = pdy + d * S;
+        float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + d * S;
+        double sdz = 0.0, sdzx = 0.0;
+        for (i64 start = 0; start < S; start += kRun) {
+          const i64 end = start + kRun < S ? start + kRun : S;
+          float s1 = 0.0f, s2 = 0.0f;
 #pragma omp simd reduction(+ : s1, s2)
-        for (i64 s = start; s < end; ++s) {
-          const float xv = load(qx[s]);
-          const float dz = load(qdy[s]) * act_grad<ACT>(xv * a + h);
-          s1 += dz;
-          s2 += dz * (xv - mu);
+          for (i64 s = start; s < end; ++s) {
+            const float xv = load(qx[s]);
+            const float dz = load(qdy[s]) * act_grad<ACT>(xv * a + h);
+            if constexpr (ACT != ACT_NONE) qdz[s] = dz;
+            s1 += dz;
+            s2 += dz * (xv - mu);
+          }
+          sdz += s1;
+          sdzx += s2;
         }
-        sdz += s1;
-        sdzx += s2;
+        part_db[n * C + c] = sdz;
+        part_dw[n * C + c] = sdzx * r;
+        m1 += wc * sdz;
+        m2 += wc * sdzx * r;
       }
-      part_db[n * C + c] = sdz;
-      part_dw[n * C + c] = sdzx * r;
-      m1 += wc * sdz;
-      m2 += wc * sdzx * r;
-    }
-    if (!dx) continue;
-    m1 /= static_cast<double>(L);
-    m2 /= static_cast<double>(L);
-    const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
-    const float K = static_cast<float>(r * (r * m2 * mu - m1));
-    T* pdx = dx + item * L;
-    for (i64 d = 0; d < D; ++d) {
-      const i64 c = g * D + d;
-      const float wc = w ? w[c] : 1.0f;
-      const float a = r * wc;
-      const float h = (b ? b[c] : 0.0f) - mu * a;
-      const T* qx = px + d * S;
-      const T* qdy = pdy + d * S;
-      T* qdx = pdx + d * S;
+      if (!dx) continue;
+      m1 /= static_cast<double>(L);
+      m2 /= static_cast<double>(L);
+      const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
+      const float K = static_cast<float>(r * (r * m2 * mu - m1));
+      T* pdx = dx + item * L;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const float a = r * (w ? w[c] : 1.0f);
+        const T* qx = px + d * S;
+        T* qdx = pdx + d * S;
+        if constexpr (ACT == ACT_NONE) {
+          const T* qdy = pdy + d * S;
 #pragma omp simd
-      for (i64 s = 0; s < S; ++s) {
-        const float xv = load(qx[s]);
-        const float dz = load(qdy[s]) * act_grad<ACT>(xv * a + h);
-        store(qdx + s, a * dz + B * xv + K);
+          for (i64 s = 0; s < S; ++s) store(qdx + s, a * load(qdy[s]) + B * load(qx[s]) + K);
+        } else {
+          const float* qdz = dz_buf.data() + d * S;
+#pragma omp simd
+          for (i64 s = 0; s < S; ++s) store(qdx + s, a * qdz[s] + B * load(qx[s]) + K);
+        }
       }
     }
   }
