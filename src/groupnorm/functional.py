@@ -157,10 +157,10 @@ def update_running_stats(
 ) -> None:
     """In-place exponential update with the unbiased variance, as ``torch.nn.BatchNorm`` does."""
     with torch.no_grad():
-        var = (rstd.double().pow(-2) - eps).clamp_min(0)
-        unbiased = var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        # few, in-place ops: this runs on every training call and was a tenth of a BN forward
+        var = torch.pow(rstd, -2).sub_(eps).clamp_min_(0).mul_(count / max(count - 1, 1))
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
 def group_norm(
