@@ -18,7 +18,7 @@
 // cache-sized); nhwc recomputes it in the second pass (its sets span the whole sample).
 //
 // Statistics: float32 partial sums over short runs, added into double; the variance is centred
-// (two passes over the cached set for nchw; shifted sums per channel combined with Chan's formula
+// (two passes over each L1-sized run, runs combined with Chan's formula, for nchw; shifted sums per channel combined with Chan's formula
 // for nhwc), never E[x^2] - E[x]^2.
 
 #include <omp.h>
@@ -141,27 +141,30 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     const i64 g = item % G;
     const T* px = x + item * L;
     T* py = y + item * L;
-    double acc = 0.0;
+    // runs of kRun values: exact two-pass (mean, then centred squares) while the run is in L1,
+    // combined across runs with Chan et al.'s formula; one pass over the set from L2
+    double count = 0.0, mean_d = 0.0, m2 = 0.0;
     for (i64 start = 0; start < L; start += kRun) {
       const i64 end = start + kRun < L ? start + kRun : L;
+      const float nr = static_cast<float>(end - start);
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (i64 i = start; i < end; ++i) s += load(px[i]);
-      acc += s;
-    }
-    const float mu = static_cast<float>(acc / static_cast<double>(L));
-    double acc2 = 0.0;
-    for (i64 start = 0; start < L; start += kRun) {
-      const i64 end = start + kRun < L ? start + kRun : L;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
+      const float mr = s / nr;
+      float q = 0.0f;
+#pragma omp simd reduction(+ : q)
       for (i64 i = start; i < end; ++i) {
-        const float d = load(px[i]) - mu;
-        s += d * d;
+        const float d = load(px[i]) - mr;
+        q += d * d;
       }
-      acc2 += s;
+      const double delta = static_cast<double>(mr) - mean_d;
+      const double total = count + nr;
+      mean_d += delta * nr / total;
+      m2 += static_cast<double>(q) + delta * delta * count * nr / total;
+      count = total;
     }
-    const float r = static_cast<float>(1.0 / std::sqrt(acc2 / static_cast<double>(L) + eps));
+    const float mu = static_cast<float>(mean_d);
+    const float r = static_cast<float>(1.0 / std::sqrt(m2 / static_cast<double>(L) + eps));
     mean_out[item] = mu;
     rstd_out[item] = r;
     for (i64 d = 0; d < D; ++d) {
