@@ -111,9 +111,9 @@ def test_group_norm_matches_reference(dtype, layout, activation):
     _check_against_reference((3, 12, 5, 7), 4, dtype, layout, activation, residual=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_residual_gradients(dtype, layout, activation):
     _check_against_reference((2, 8, 6, 5), 2, dtype, layout, activation, residual=True, seed=1)
 
@@ -132,6 +132,38 @@ def test_residual_gradients(dtype, layout, activation):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_ranks_and_modes(shape, groups, layout):
     _check_against_reference(shape, groups, torch.float32, layout, "silu", residual=False, seed=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_path_matches_reference(dtype, layout):
+    """BN goes to torch's native kernels (plus our running-stat update): outputs, gradients and
+    running statistics against the float64 reference and torch."""
+    x, _, dy, w, b = _data((6, 5, 4, 3), dtype, layout, 8)
+    rm, rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+    out, grads = _run(
+        lambda a, ww, bb: gf.batch_norm(a, rm, rv, ww, bb, training=True), dy, x, w, b
+    )
+    ref_out, ref_grads = _run(
+        lambda a, ww, bb: groupnorm.reference_norm(a, "batch", weight=ww, bias=bb).output,
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+    )
+    t_rm, t_rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+    t_out, t_grads = _run(
+        lambda a, ww, bb: F.batch_norm(a, t_rm, t_rv, ww, bb, training=True), dy, x, w, b
+    )
+    assert out.stride() == x.stride()
+    for got, want, theirs in zip(
+        (out, *grads), (ref_out, *ref_grads), (t_out, *t_grads), strict=True
+    ):
+        tol = 2 * _err(theirs, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert _err(got, want) <= tol
+    slack = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(rm, t_rm, atol=slack, rtol=slack)
+    torch.testing.assert_close(rv, t_rv, atol=slack, rtol=slack)
 
 
 def test_large_set_and_offset_mean_stay_accurate():
