@@ -126,8 +126,9 @@ def test_residual_gradients(dtype, layout, activation):
         ((3, 5, 7, 7), 1),
         ((3, 5, 7, 7), 5),
         ((1, 64, 9, 9), 32),
+        ((2, 80, 3, 5), 8),
     ],
-    ids=["1d", "3d", "layer", "instance", "G32"],
+    ids=["1d", "3d", "layer", "instance", "G32", "C80"],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_ranks_and_modes(shape, groups, layout):

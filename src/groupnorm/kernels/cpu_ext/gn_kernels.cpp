@@ -263,6 +263,8 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
 
 // ---- nhwc: sets are strided; work on (n, chunk of rows) items, vectorize over channels ------
 
+constexpr int kBlock = 64;  // channels whose sums are kept in registers (4 zmm each)
+
 inline i64 rows_per_chunk(i64 N, i64 S, i64 C, int nthreads) {
   // enough items for every thread, rows short enough for float32 partial sums
   i64 want = (4 * nthreads + N - 1) / N;
@@ -287,12 +289,34 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     const T* pivot = x + n * S * C;
     float* s1 = part1.data() + item * C;
     float* s2 = part2.data() + item * C;
-    for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    // blocks of kBlock channels: the sums stay in registers across the rows of the chunk
+    i64 c0 = 0;
+    for (; c0 + kBlock <= C; c0 += kBlock) {
+      float a1[kBlock], a2[kBlock], piv[kBlock];
+      for (int j = 0; j < kBlock; ++j) {
+        a1[j] = a2[j] = 0.0f;
+        piv[j] = load(pivot[c0 + j]);
+      }
+      for (i64 s = k * rows; s < end; ++s) {
+        const T* row = pivot + s * C + c0;
+#pragma omp simd
+        for (int j = 0; j < kBlock; ++j) {
+          const float d = load(row[j]) - piv[j];
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+      }
+      for (int j = 0; j < kBlock; ++j) {
+        s1[c0 + j] = a1[j];
+        s2[c0 + j] = a2[j];
+      }
+    }
+    for (i64 c = c0; c < C; ++c) s1[c] = s2[c] = 0.0f;
     for (i64 s = k * rows; s < end; ++s) {
       const T* row = pivot + s * C;
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c) {
+      for (i64 c = c0; c < C; ++c) {
         const float d = load(row[c]) - load(pivot[c]);
         s1[c] += d;
         s2[c] += d * d;
