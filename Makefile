@@ -62,5 +62,10 @@ bench-gpu: setup
 figures: setup
 	$(PY) scripts/draw_figure2.py docs/figure2.png
 
+# The benchmark suite (a few minutes on 2 cores); BENCH_ARGS=--quick for a smoke run.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m groupnorm bench --plot $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -132,6 +132,9 @@ def resolve_num_groups(
             f"pass exactly one of num_groups or group_size (got {which}); e.g. num_groups=32 or "
             f"group_size=16 for {num_channels} channels"
         )
+    if group_size is None and type(num_groups) is int and 0 < num_groups <= num_channels:
+        if num_channels % num_groups == 0:  # the common, valid call: skip building the message
+            return num_groups
     valid = _format_choices(divisors(num_channels)) if num_channels > 0 else "none"
     if group_size is not None:
         group_size = _check_int(group_size, "group_size")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .kernels import get_backend
 
@@ -153,15 +155,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+def _gradients(ctx, grad_y, grad_total, run_backward):
+    """Input gradients of the forward op; ``run_backward`` computes (dx, dweight, dbias)."""
     saved_x, weight, bias, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+    needs = ctx.needs_input_grad[-11:]  # the op's 11 inputs, whatever comes before them
     need_dx = needs[0] or (ctx.has_residual and needs[3])
     need_dw = weight is not None and needs[1]
     need_db = bias is not None and needs[2]
     dx = dw = db = None
     if need_dx or need_dw or need_db:
-        dx, dw, db = norm_backward(
+        dx, dw, db = run_backward(
             grad_y,
             saved_x,
             weight,
@@ -186,4 +189,87 @@ def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
     return (dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None, None)
 
 
+def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+    return _gradients(ctx, grad_y, grad_total, norm_backward)
+
+
 torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)
+
+
+# ---- eager fast path ------------------------------------------------------------------------
+# Going through the torch.library dispatcher costs tens of microseconds per call, several times
+# torch's own group_norm on small tensors. In plain eager mode on CPU tensors we call the same
+# backend functions directly (no autograd needed) or through a thin autograd.Function with the
+# same saved tensors and backward. Everything else (torch.compile/export tracing, fake or
+# subclass tensors, functorch transforms, dispatch/function modes, other devices) keeps the op.
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct_backward(
+    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, *rest
+):
+    need_dx, need_dw, need_db, backend = rest
+    impl = get_backend(backend, x.device)
+    return impl.backward(
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        (need_dx, need_dw, need_db),
+    )
+
+
+class _EagerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, *inputs):
+        outputs = impl.forward(*inputs[:-1])
+        _setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+        return (None, *_gradients(ctx, grad_y, grad_total, _direct_backward))
+
+
+def _eager_ok(tensors: tuple[Tensor | None, ...]) -> bool:
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or not t.is_cpu or _is_wrapped(t)):
+            return False
+    return True
+
+
+def normalize_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    given_mean: Tensor | None,
+    given_var: Tensor | None,
+    num_groups: int,
+    pool_batch: bool,
+    eps: float,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Same result as :func:`norm_forward`, without the dispatcher in plain eager CPU mode."""
+    args = (x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps)
+    if not _eager_ok((x, weight, bias, residual, given_mean, given_var)):  # ~1 us
+        return norm_forward(*args, activation, backend)
+    impl = get_backend(backend, x.device)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual)
+    ):
+        return _EagerNorm.apply(impl, *args, activation, backend)
+    return impl.forward(*args, activation)

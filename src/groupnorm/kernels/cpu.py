@@ -1,26 +1,31 @@
-"""CPU backend: torch's native kernels where they are the fastest thing measured, else the core.
+"""CPU backend: the fastest thing measured on CPU for each case.
 
-What runs where (see ``benchmarks/README.md`` for the numbers behind each choice):
+What runs where (``benchmarks/README.md`` has the numbers behind each choice):
 
-* group/layer/instance forward without given statistics -> ``aten::native_group_norm``
-  (vectorised, parallel, channels-last aware, float32 statistics for low-precision input), then
-  the activation in place on its output;
-* batch-norm forward -> ``aten::native_batch_norm`` in training or inference form;
-* backward without an activation -> ``aten::native_group_norm_backward`` /
+* group/layer/instance norm (no given statistics) in float32, bfloat16 or float16, contiguous or
+  channels-last, forward and backward, with or without a fused activation -> the fused C++
+  kernels of :mod:`groupnorm.kernels.cpu_ext` (compiled on first use, cached on disk). The fused
+  backward recomputes the activation's input from x, mean and rstd, so nothing else is saved;
+* when those kernels are unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the
+  case is outside them (float64, other strides, empty tensors, mixed weight/bias dtypes):
+  group/layer/instance forward -> ``aten::native_group_norm`` then the activation in place;
+  batch norm -> ``aten::native_batch_norm`` (torch's own kernel is the fastest thing here);
+  backward without an activation -> ``aten::native_group_norm_backward`` /
   ``aten::native_batch_norm_backward``;
-* everything else (fused activation backward, empty tensors, mixed weight/bias dtypes) -> the
-  portable core in :mod:`groupnorm.kernels.portable`.
+* everything else (activation backward off the fused path, given statistics with mixed dtypes)
+  -> the portable core in :mod:`groupnorm.kernels.portable`.
 
-Every path is checked against the float64 reference in the tests.
+Every path is checked against the float64 reference in ``tests/test_cpu_fast.py``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from . import portable
+from . import cpu_ext, portable
 from .portable import acc_dtype, apply_activation
 
 _INPLACE = {
@@ -28,6 +33,44 @@ _INPLACE = {
     "gelu": lambda t: t.copy_(torch.nn.functional.gelu(t)),
     "relu": torch.relu_,
 }
+
+_EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_ext() -> bool:
+    return os.environ.get("GROUPNORM_CPU_EXT", "1") != "0"
+
+
+def _ext_layout(x: torch.Tensor) -> int | None:
+    """0 when x is (N, C, S) in memory, 1 when (N, S, C) (channels-last), else None."""
+    if x.is_contiguous():
+        return 0
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return 1
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return 1
+    if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+        return 1
+    return None
+
+
+def _as_float32(p):
+    if p is None or (p.dtype == torch.float32 and p.is_contiguous()):
+        return p
+    return p.float().contiguous()
+
+
+def _ext_params(x, weight, bias):
+    """(library, layout, weight32, bias32) when the fused kernels take this call, else None."""
+    if x.dtype not in _EXT_DTYPES or x.numel() == 0 or not _use_ext():
+        return None
+    layout = _ext_layout(x)
+    if layout is None:
+        return None
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    return lib, layout, _as_float32(weight), _as_float32(bias)
 
 
 def _dense(t):
@@ -78,6 +121,15 @@ def _float32_params(x, weight, bias):
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
+    if not pool_batch and given_mean is None:
+        ext = _ext_params(x, weight, bias)
+        if ext is not None:
+            lib, layout, w, b = ext
+            src = x + residual if residual is not None else x
+            if _ext_layout(src) == layout:
+                y, mean, rstd = cpu_ext.forward(lib, src, w, b, num_groups, eps, activation, layout)
+                total = src if residual is not None else x.new_empty(0)
+                return y, total, mean, rstd
     if not _native_ok(x, weight, bias) or (
         given_mean is not None
         and given_mean.dtype != acc_dtype(x.dtype)
@@ -125,6 +177,31 @@ def forward(
 def backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
+    if not pool_batch and not stats_given and dy.dtype == x.dtype and mean.dtype == torch.float32:
+        ext = _ext_params(x, weight, bias)
+        if ext is not None:
+            lib, layout, w, b = ext
+            if dy.stride() != x.stride():
+                dy = torch.empty_like(x).copy_(dy)
+            need_dx, need_dw, need_db = needs
+            dx, dw, db = cpu_ext.backward(
+                lib,
+                dy,
+                x,
+                w,
+                b,
+                mean.contiguous(),
+                rstd.contiguous(),
+                num_groups,
+                activation,
+                layout,
+                need_dx,
+                need_dw and weight is not None,
+                need_db and bias is not None,
+            )
+            dw = dw.to(weight.dtype) if dw is not None else None
+            db = db.to(bias.dtype) if db is not None else None
+            return dx, dw, db
     # torch's native_group_norm_backward crashes when asked for dbias without a weight
     # ("tensor does not have a device", torch 2.13): that case goes to the portable core.
     bias_only = weight is None and bias is not None and needs[2]

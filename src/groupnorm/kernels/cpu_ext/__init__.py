@@ -1,0 +1,252 @@
+"""A small C++ library of fused CPU kernels, compiled on first use and cached across processes.
+
+``gn_kernels.cpp`` holds the fused group/layer/instance norm + activation forward and backward
+(OpenMP over sets or row chunks, float32 arithmetic, centred variance). It includes no torch
+header, so it compiles in a few seconds with the system C++ compiler, and it is called through
+:mod:`ctypes` with raw pointers.
+
+Compilation happens the first time :func:`library` is called (never at import), into
+``$GROUPNORM_CACHE_DIR`` (default ``~/.cache/groupnorm``), under a name that hashes the source,
+the compiler, the flags and the CPU, so a later process (or a different machine sharing the
+home directory) loads the right file or builds its own. A file lock keeps two processes from
+building at once. With no compiler, a failed build, or ``GROUPNORM_CPU_EXT=0``, :func:`library`
+returns ``None`` after one warning and the cpu backend keeps its torch-only path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("gn_kernels.cpp")
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-std=c++17",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
+_ABI_VERSION = 1
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+#: dtype codes understood by the library
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: activation codes understood by the library
+ACT_CODES = {"": 0, "silu": 1, "gelu": 2, "relu": 3}
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (``$GROUPNORM_CACHE_DIR`` or ``~/.cache/groupnorm``)."""
+    env = os.environ.get("GROUPNORM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "groupnorm"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """Model name and feature flags, so a binary built with -march=native is not reused on a
+    CPU that lacks its instructions."""
+    model = flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not model and line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                if not flags and line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{model}|{flags}"
+
+
+def _build(cxx: str) -> Path:
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    folder = cache_dir() / "cpu_ext"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"gn_kernels-{key}.so"
+    if target.exists():
+        return target
+    import fcntl
+
+    with open(folder / f"gn_kernels-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            out = Path(tmp) / "lib.so"
+            proc = subprocess.run(
+                [cxx, *_FLAGS, str(_SOURCE), "-o", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed:\n{proc.stderr[-2000:]}")
+            os.replace(out, target)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.gn_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {lib.gn_abi_version()}, expected {_ABI_VERSION}")
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.gn_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, i32, f32, i32, i32]
+    lib.gn_forward.restype = i32
+    lib.gn_backward.argtypes = [i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, i32]
+    lib.gn_backward.restype = i32
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, building it on the first call; ``None`` when it cannot be had."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib = None
+        if os.environ.get("GROUPNORM_CPU_EXT", "1") == "0":
+            _state["reason"] = "disabled by GROUPNORM_CPU_EXT=0"
+        else:
+            cxx = _compiler()
+            if cxx is None:
+                _state["reason"] = "no C++ compiler found (set CXX or install g++)"
+            else:
+                try:
+                    lib = _bind(_build(cxx))
+                except Exception as err:  # any failure means: use the torch-only path
+                    _state["reason"] = f"build or load failed: {err}"
+            if lib is None:
+                warnings.warn(
+                    "groupnorm: the fused CPU kernels are unavailable "
+                    f"({_state['reason']}); using torch's kernels plus the portable core",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _state["lib"] = lib
+        return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` returned ``None`` (after it was called), else ``None``."""
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def forward(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    activation: str,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y, mean, rstd for ``x`` (N, C, *) stored as (N, C, S) or, with ``channels_last``, (N, S, C).
+
+    ``weight``/``bias`` must be contiguous float32 (or None)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    y = torch.empty_like(x)  # keeps the layout
+    mean = torch.empty((n, num_groups), dtype=torch.float32)
+    rstd = torch.empty((n, num_groups), dtype=torch.float32)
+    rc = lib.gn_forward(
+        DTYPE_CODES[x.dtype],
+        x.data_ptr(),
+        y.data_ptr(),
+        _ptr(weight),
+        _ptr(bias),
+        mean.data_ptr(),
+        rstd.data_ptr(),
+        n,
+        c,
+        s,
+        num_groups,
+        int(channels_last),
+        eps,
+        ACT_CODES[activation],
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"gn_forward returned {rc}")
+    return y, mean, rstd
+
+
+def backward(
+    lib: ctypes.CDLL,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    activation: str,
+    channels_last: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dx (like x), dweight and dbias (float32) or None where not asked for.
+
+    ``dy`` must have ``x``'s layout; ``mean``/``rstd`` float32 contiguous (N, G)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty(c, dtype=torch.float32) if need_dw else None
+    db = torch.empty(c, dtype=torch.float32) if need_db else None
+    rc = lib.gn_backward(
+        DTYPE_CODES[x.dtype],
+        dy.data_ptr(),
+        x.data_ptr(),
+        _ptr(weight),
+        _ptr(bias),
+        mean.data_ptr(),
+        rstd.data_ptr(),
+        _ptr(dx),
+        _ptr(dw),
+        _ptr(db),
+        n,
+        c,
+        s,
+        num_groups,
+        int(channels_last),
+        ACT_CODES[activation],
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"gn_backward returned {rc}")
+    return dx, dw, db

@@ -1,0 +1,564 @@
+// Fused group/layer/instance norm + activation for CPU: forward and backward.
+//
+// Plain C++ with OpenMP, no torch headers (so it compiles in seconds), called from Python through
+// ctypes with raw pointers. Python checks shapes, dtypes and layouts before calling; these
+// functions trust their arguments.
+//
+// Layouts: "nchw" means the input is (N, C, S) contiguous (each group is one contiguous block of
+// D*S values, D = C/G); "nhwc" means (N, S, C) contiguous (channels-last).
+//
+// Forward, per set (n, g) with mean mu and r = 1/sqrt(var + eps):
+//   a_c = r * w_c,  h_c = b_c - mu * a_c,  z = a_c * x + h_c,  y = f(z).
+// Backward, with dz = dy * f'(z) and m = D*S values per set:
+//   db_c  = sum_{n,s} dz,                 dw_c = sum_{n,s} dz * (x - mu) * r,
+//   M1    = sum_{c,s} w_c dz / m,         M2   = sum_{c,s} w_c dz (x - mu) r / m,
+//   dx    = r * (w_c dz - M1 - (x - mu) r M2) = A_c dz + B x + K
+//   with A_c = r w_c, B = -r^2 M2, K = r (r M2 mu - M1).
+// nchw keeps dz of the current set in a per-thread buffer between the two passes (the set is
+// cache-sized); nhwc recomputes it in the second pass (its sets span the whole sample).
+//
+// Statistics: float32 partial sums over short runs, added into double; the variance is centred
+// (two passes over each L1-sized run, runs combined with Chan's formula, for nchw; shifted sums per channel combined with Chan's formula
+// for nhwc), never E[x^2] - E[x]^2.
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using i64 = int64_t;
+
+// ---- element types -------------------------------------------------------------------------
+
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float load(float v) { return v; }
+inline float load(BF16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float load(_Float16 v) { return static_cast<float>(v); }
+
+inline void store(float* p, float v) { *p = v; }
+inline void store(BF16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  // round to nearest even; NaN stays a (quiet) NaN
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  p->bits = (v != v) ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(rounded);
+}
+inline void store(_Float16* p, float v) { *p = static_cast<_Float16>(v); }
+
+// ---- activations ---------------------------------------------------------------------------
+
+enum { ACT_NONE = 0, ACT_SILU = 1, ACT_GELU = 2, ACT_RELU = 3 };
+
+// exp for float32 by range reduction and a degree-6 polynomial (about 1 ulp in the clamped
+// range); written with plain arithmetic so that the compiler vectorizes the loops that call it.
+inline float exp_approx(float x) {
+  // comparisons, not fmin/fmax/floor: those are library calls (NaN and rounding-mode rules)
+  // that stop vectorization. A NaN input stays NaN through the polynomial.
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const int32_t ni = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round to nearest
+  const float n = static_cast<float>(ni);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return e * scale;
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), branch-free.
+inline float erf_approx(float x) {
+  float ax = std::fabs(x);
+  float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  float v = 1.0f - p * t * exp_approx(-ax * ax);
+  return std::copysign(v, x);
+}
+
+template <int ACT>
+inline float act_fwd(float z) {
+  if constexpr (ACT == ACT_SILU) {
+    return z / (1.0f + exp_approx(-z));
+  } else if constexpr (ACT == ACT_GELU) {
+    return 0.5f * z * (1.0f + erf_approx(z * 0.70710678118654752f));
+  } else if constexpr (ACT == ACT_RELU) {
+    return z < 0.0f ? 0.0f : z;  // NaN passes through, as torch.relu
+  } else {
+    return z;
+  }
+}
+
+// f'(z)
+template <int ACT>
+inline float act_grad(float z) {
+  if constexpr (ACT == ACT_SILU) {
+    float s = 1.0f / (1.0f + exp_approx(-z));
+    return s * (1.0f + z * (1.0f - s));
+  } else if constexpr (ACT == ACT_GELU) {
+    float cdf = 0.5f * (1.0f + erf_approx(z * 0.70710678118654752f));
+    return cdf + z * exp_approx(-0.5f * z * z) * 0.39894228040143268f;
+  } else if constexpr (ACT == ACT_RELU) {
+    return z <= 0.0f ? 0.0f : 1.0f;
+  } else {
+    return 1.0f;
+  }
+}
+
+constexpr i64 kRun = 2048;  // values summed in float32 before the sum moves to double
+
+// ---- nchw: one set is one contiguous block --------------------------------------------------
+
+template <typename T, int ACT>
+void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_out,
+                  float* rstd_out, i64 N, i64 C, i64 S, i64 G, float eps, int nthreads) {
+  const i64 D = C / G;
+  const i64 L = D * S;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * G; ++item) {
+    const i64 g = item % G;
+    const T* px = x + item * L;
+    T* py = y + item * L;
+    // runs of kRun values: exact two-pass (mean, then centred squares) while the run is in L1,
+    // combined across runs with Chan et al.'s formula; one pass over the set from L2
+    double count = 0.0, mean_d = 0.0, m2 = 0.0;
+    for (i64 start = 0; start < L; start += kRun) {
+      const i64 end = start + kRun < L ? start + kRun : L;
+      const float nr = static_cast<float>(end - start);
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (i64 i = start; i < end; ++i) s += load(px[i]);
+      const float mr = s / nr;
+      float q = 0.0f;
+#pragma omp simd reduction(+ : q)
+      for (i64 i = start; i < end; ++i) {
+        const float d = load(px[i]) - mr;
+        q += d * d;
+      }
+      const double delta = static_cast<double>(mr) - mean_d;
+      const double total = count + nr;
+      mean_d += delta * nr / total;
+      m2 += static_cast<double>(q) + delta * delta * count * nr / total;
+      count = total;
+    }
+    const float mu = static_cast<float>(mean_d);
+    const float r = static_cast<float>(1.0 / std::sqrt(m2 / static_cast<double>(L) + eps));
+    mean_out[item] = mu;
+    rstd_out[item] = r;
+    for (i64 d = 0; d < D; ++d) {
+      const i64 c = g * D + d;
+      const float a = w ? r * w[c] : r;
+      const float h = (b ? b[c] : 0.0f) - mu * a;
+      const T* qx = px + d * S;
+      T* qy = py + d * S;
+#pragma omp simd
+      for (i64 s = 0; s < S; ++s) store(qy + s, act_fwd<ACT>(load(qx[s]) * a + h));
+    }
+  }
+}
+
+template <typename T, int ACT>
+void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean,
+                   const float* rstd, T* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
+                   int nthreads) {
+  const i64 D = C / G;
+  const i64 L = D * S;
+  // per (n, c): sum dz and sum dz * (x - mu) * r
+  std::vector<double> part_db(N * C), part_dw(N * C);
+#pragma omp parallel num_threads(nthreads)
+  {
+    // dz of the current set, kept for the second pass (the set is cache-sized), so f'(z) is
+    // computed once per element
+    std::vector<float> dz_buf(ACT == ACT_NONE ? 0 : L);
+#pragma omp for schedule(static)
+    for (i64 item = 0; item < N * G; ++item) {
+      const i64 n = item / G, g = item % G;
+      const float mu = mean[item], r = rstd[item];
+      const T* px = x + item * L;
+      const T* pdy = dy + item * L;
+      double m1 = 0.0, m2 = 0.0;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const float wc = w ? w[c] : 1.0f;
+        const float a = r * wc;
+        const float h = (b ? b[c] : 0.0f) - mu * a;
+        const T* qx = px + d * S;
+        const T* qdy = pdy + d * S;
+        float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + d * S;
+        double sdz = 0.0, sdzx = 0.0;
+        for (i64 start = 0; start < S; start += kRun) {
+          const i64 end = start + kRun < S ? start + kRun : S;
+          float s1 = 0.0f, s2 = 0.0f;
+#pragma omp simd reduction(+ : s1, s2)
+          for (i64 s = start; s < end; ++s) {
+            const float xv = load(qx[s]);
+            const float dz = load(qdy[s]) * act_grad<ACT>(xv * a + h);
+            if constexpr (ACT != ACT_NONE) qdz[s] = dz;
+            s1 += dz;
+            s2 += dz * (xv - mu);
+          }
+          sdz += s1;
+          sdzx += s2;
+        }
+        part_db[n * C + c] = sdz;
+        part_dw[n * C + c] = sdzx * r;
+        m1 += wc * sdz;
+        m2 += wc * sdzx * r;
+      }
+      if (!dx) continue;
+      m1 /= static_cast<double>(L);
+      m2 /= static_cast<double>(L);
+      const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
+      const float K = static_cast<float>(r * (r * m2 * mu - m1));
+      T* pdx = dx + item * L;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const float a = r * (w ? w[c] : 1.0f);
+        const T* qx = px + d * S;
+        T* qdx = pdx + d * S;
+        if constexpr (ACT == ACT_NONE) {
+          const T* qdy = pdy + d * S;
+#pragma omp simd
+          for (i64 s = 0; s < S; ++s) store(qdx + s, a * load(qdy[s]) + B * load(qx[s]) + K);
+        } else {
+          const float* qdz = dz_buf.data() + d * S;
+#pragma omp simd
+          for (i64 s = 0; s < S; ++s) store(qdx + s, a * qdz[s] + B * load(qx[s]) + K);
+        }
+      }
+    }
+  }
+  for (i64 c = 0; c < C; ++c) {
+    double sw = 0.0, sb = 0.0;
+    for (i64 n = 0; n < N; ++n) {
+      sw += part_dw[n * C + c];
+      sb += part_db[n * C + c];
+    }
+    if (dw) dw[c] = static_cast<float>(sw);
+    if (db) db[c] = static_cast<float>(sb);
+  }
+}
+
+// ---- nhwc: sets are strided; work on (n, chunk of rows) items, vectorize over channels ------
+
+constexpr int kBlock = 64;  // channels whose sums are kept in registers (4 zmm each)
+
+inline i64 rows_per_chunk(i64 N, i64 S, i64 C, int nthreads) {
+  // enough items for every thread, rows short enough for float32 partial sums
+  i64 want = (4 * nthreads + N - 1) / N;
+  i64 rows = (S + want - 1) / want;
+  if (rows > 256) rows = 256;
+  if (rows < 1) rows = 1;
+  (void)C;
+  return rows;
+}
+
+template <typename T, int ACT>
+void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_out,
+                  float* rstd_out, i64 N, i64 C, i64 S, i64 G, float eps, int nthreads) {
+  const i64 D = C / G;
+  const i64 rows = rows_per_chunk(N, S, C, nthreads);
+  const i64 chunks = (S + rows - 1) / rows;
+  // shifted sums per (n, chunk, c): pivot = x[n, 0, c]
+  std::vector<float> part1(N * chunks * C), part2(N * chunks * C);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * chunks; ++item) {
+    const i64 n = item / chunks, k = item % chunks;
+    const T* pivot = x + n * S * C;
+    float* s1 = part1.data() + item * C;
+    float* s2 = part2.data() + item * C;
+    const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    // blocks of kBlock channels: the sums stay in registers across the rows of the chunk
+    i64 c0 = 0;
+    for (; c0 + kBlock <= C; c0 += kBlock) {
+      float a1[kBlock], a2[kBlock], piv[kBlock];
+      for (int j = 0; j < kBlock; ++j) {
+        a1[j] = a2[j] = 0.0f;
+        piv[j] = load(pivot[c0 + j]);
+      }
+      for (i64 s = k * rows; s < end; ++s) {
+        const T* row = pivot + s * C + c0;
+#pragma omp simd
+        for (int j = 0; j < kBlock; ++j) {
+          const float d = load(row[j]) - piv[j];
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+      }
+      for (int j = 0; j < kBlock; ++j) {
+        s1[c0 + j] = a1[j];
+        s2[c0 + j] = a2[j];
+      }
+    }
+    for (i64 c = c0; c < C; ++c) s1[c] = s2[c] = 0.0f;
+    for (i64 s = k * rows; s < end; ++s) {
+      const T* row = pivot + s * C;
+#pragma omp simd
+      for (i64 c = c0; c < C; ++c) {
+        const float d = load(row[c]) - load(pivot[c]);
+        s1[c] += d;
+        s2[c] += d * d;
+      }
+    }
+  }
+  // per (n, c): coefficients a, h of z = a x + h
+  std::vector<float> coef_a(N * C), coef_h(N * C);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 n = 0; n < N; ++n) {
+    const T* pivot = x + n * S * C;
+    for (i64 g = 0; g < G; ++g) {
+      // Chan et al.: combine per-channel (mean, M2) into the group's
+      double sum_mean = 0.0, sum_m2 = 0.0, sum_mean_sq = 0.0;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        double t1 = 0.0, t2 = 0.0;
+        for (i64 k = 0; k < chunks; ++k) {
+          t1 += part1[(n * chunks + k) * C + c];
+          t2 += part2[(n * chunks + k) * C + c];
+        }
+        const double mc = t1 / static_cast<double>(S);
+        const double m2c = t2 - t1 * mc;
+        const double meanc = load(pivot[c]) + mc;
+        sum_mean += meanc;
+        sum_mean_sq += meanc * meanc;
+        sum_m2 += m2c > 0.0 ? m2c : 0.0;
+      }
+      const double mu = sum_mean / static_cast<double>(D);
+      double between = sum_mean_sq - sum_mean * mu;  // sum_c (mean_c - mu)^2
+      if (between < 0.0) between = 0.0;
+      const double var = (sum_m2 + static_cast<double>(S) * between) / static_cast<double>(D * S);
+      const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
+      const float muf = static_cast<float>(mu);
+      mean_out[n * G + g] = muf;
+      rstd_out[n * G + g] = r;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const float a = w ? r * w[c] : r;
+        coef_a[n * C + c] = a;
+        coef_h[n * C + c] = (b ? b[c] : 0.0f) - muf * a;
+      }
+    }
+  }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * chunks; ++item) {
+    const i64 n = item / chunks, k = item % chunks;
+    const float* a = coef_a.data() + n * C;
+    const float* h = coef_h.data() + n * C;
+    const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    for (i64 s = k * rows; s < end; ++s) {
+      const T* row = x + (n * S + s) * C;
+      T* out = y + (n * S + s) * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) store(out + c, act_fwd<ACT>(load(row[c]) * a[c] + h[c]));
+    }
+  }
+}
+
+template <typename T, int ACT>
+void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
+                   const float* rstd, T* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
+                   int nthreads) {
+  const i64 D = C / G;
+  const i64 rows = rows_per_chunk(N, S, C, nthreads);
+  const i64 chunks = (S + rows - 1) / rows;
+  std::vector<float> coef_a(N * C), coef_h(N * C), mu_c(N * C);
+  for (i64 n = 0; n < N; ++n) {
+    for (i64 c = 0; c < C; ++c) {
+      const i64 g = c / D;
+      const float r = rstd[n * G + g], mu = mean[n * G + g];
+      const float a = w ? r * w[c] : r;
+      coef_a[n * C + c] = a;
+      coef_h[n * C + c] = (b ? b[c] : 0.0f) - mu * a;
+      mu_c[n * C + c] = mu;
+    }
+  }
+  std::vector<float> part1(N * chunks * C), part2(N * chunks * C);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * chunks; ++item) {
+    const i64 n = item / chunks, k = item % chunks;
+    const float* a = coef_a.data() + n * C;
+    const float* h = coef_h.data() + n * C;
+    const float* mu = mu_c.data() + n * C;
+    float* s1 = part1.data() + item * C;
+    float* s2 = part2.data() + item * C;
+    for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
+    const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    for (i64 s = k * rows; s < end; ++s) {
+      const T* row = x + (n * S + s) * C;
+      const T* drow = dy + (n * S + s) * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) {
+        const float xv = load(row[c]);
+        const float dz = load(drow[c]) * act_grad<ACT>(xv * a[c] + h[c]);
+        s1[c] += dz;
+        s2[c] += dz * (xv - mu[c]);
+      }
+    }
+  }
+  // per (n, c) sums, then per (n, g) M1, M2, then dx coefficients per (n, c)
+  std::vector<double> sdz(N * C), sdzx(N * C);
+  std::vector<float> coef_b(N * C), coef_k(N * C);
+  for (i64 n = 0; n < N; ++n) {
+    for (i64 c = 0; c < C; ++c) {
+      double t1 = 0.0, t2 = 0.0;
+      for (i64 k = 0; k < chunks; ++k) {
+        t1 += part1[(n * chunks + k) * C + c];
+        t2 += part2[(n * chunks + k) * C + c];
+      }
+      sdz[n * C + c] = t1;
+      sdzx[n * C + c] = t2 * rstd[n * G + c / D];
+    }
+    for (i64 g = 0; g < G; ++g) {
+      double m1 = 0.0, m2 = 0.0;
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const double wc = w ? w[c] : 1.0;
+        m1 += wc * sdz[n * C + c];
+        m2 += wc * sdzx[n * C + c];
+      }
+      m1 /= static_cast<double>(D * S);
+      m2 /= static_cast<double>(D * S);
+      const double r = rstd[n * G + g], mu = mean[n * G + g];
+      for (i64 d = 0; d < D; ++d) {
+        coef_b[n * C + g * D + d] = static_cast<float>(-r * r * m2);
+        coef_k[n * C + g * D + d] = static_cast<float>(r * (r * m2 * mu - m1));
+      }
+    }
+  }
+  for (i64 c = 0; c < C; ++c) {
+    double sw = 0.0, sb = 0.0;
+    for (i64 n = 0; n < N; ++n) {
+      sw += sdzx[n * C + c];
+      sb += sdz[n * C + c];
+    }
+    if (dw) dw[c] = static_cast<float>(sw);
+    if (db) db[c] = static_cast<float>(sb);
+  }
+  if (!dx) return;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * chunks; ++item) {
+    const i64 n = item / chunks, k = item % chunks;
+    const float* a = coef_a.data() + n * C;
+    const float* h = coef_h.data() + n * C;
+    const float* cb = coef_b.data() + n * C;
+    const float* ck = coef_k.data() + n * C;
+    const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    for (i64 s = k * rows; s < end; ++s) {
+      const T* row = x + (n * S + s) * C;
+      const T* drow = dy + (n * S + s) * C;
+      T* out = dx + (n * S + s) * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) {
+        const float xv = load(row[c]);
+        const float dz = load(drow[c]) * act_grad<ACT>(xv * a[c] + h[c]);
+        store(out + c, a[c] * dz + cb[c] * xv + ck[c]);
+      }
+    }
+  }
+}
+
+// ---- dispatch on layout and activation --------------------------------------------------------
+
+template <typename T>
+int forward_any(const void* x, void* y, const float* w, const float* b, float* mean, float* rstd,
+                i64 N, i64 C, i64 S, i64 G, int nhwc, float eps, int act, int nthreads) {
+  const T* px = static_cast<const T*>(x);
+  T* py = static_cast<T*>(y);
+#define GN_FWD(A)                                                               \
+  (nhwc ? forward_nhwc<T, A>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads) \
+        : forward_nchw<T, A>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads))
+  switch (act) {
+    case ACT_NONE: GN_FWD(ACT_NONE); return 0;
+    case ACT_SILU: GN_FWD(ACT_SILU); return 0;
+    case ACT_GELU: GN_FWD(ACT_GELU); return 0;
+    case ACT_RELU: GN_FWD(ACT_RELU); return 0;
+    default: return 1;
+  }
+#undef GN_FWD
+}
+
+template <typename T>
+int backward_any(const void* dy, const void* x, const float* w, const float* b, const float* mean,
+                 const float* rstd, void* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
+                 int nhwc, int act, int nthreads) {
+  const T* pdy = static_cast<const T*>(dy);
+  const T* px = static_cast<const T*>(x);
+  T* pdx = static_cast<T*>(dx);
+#define GN_BWD(A)                                                                          \
+  (nhwc ? backward_nhwc<T, A>(pdy, px, w, b, mean, rstd, pdx, dw, db, N, C, S, G, nthreads) \
+        : backward_nchw<T, A>(pdy, px, w, b, mean, rstd, pdx, dw, db, N, C, S, G, nthreads))
+  switch (act) {
+    case ACT_NONE: GN_BWD(ACT_NONE); return 0;
+    case ACT_SILU: GN_BWD(ACT_SILU); return 0;
+    case ACT_GELU: GN_BWD(ACT_GELU); return 0;
+    case ACT_RELU: GN_BWD(ACT_RELU); return 0;
+    default: return 1;
+  }
+#undef GN_BWD
+}
+
+}  // namespace
+
+// Below this many elements a second thread costs more to wake than it saves (torch's own
+// grain size for its parallel loops is of the same order).
+constexpr i64 kSerialBelow = 1 << 15;
+
+extern "C" {
+
+// dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0 on success.
+int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
+               float* rstd, i64 N, i64 C, i64 S, i64 G, int nhwc, float eps, int act,
+               int nthreads) {
+  if (N * C * S < kSerialBelow) nthreads = 1;
+  switch (dtype) {
+    case 0: return forward_any<float>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
+    case 1: return forward_any<BF16>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
+    case 2:
+      return forward_any<_Float16>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
+    default: return 2;
+  }
+}
+
+int gn_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
+                const float* mean, const float* rstd, void* dx, float* dw, float* db, i64 N,
+                i64 C, i64 S, i64 G, int nhwc, int act, int nthreads) {
+  if (N * C * S < kSerialBelow) nthreads = 1;
+  switch (dtype) {
+    case 0:
+      return backward_any<float>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act,
+                                 nthreads);
+    case 1:
+      return backward_any<BF16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act,
+                                nthreads);
+    case 2:
+      return backward_any<_Float16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act,
+                                    nthreads);
+    default: return 2;
+  }
+}
+
+int gn_abi_version(void) { return 1; }
+
+}  // extern "C"

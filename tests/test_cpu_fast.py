@@ -1,0 +1,315 @@
+"""The cpu backend's fast paths (fused C++ kernels, torch's kernels) against the float64
+reference, in every dtype, layout and activation they take: outputs and the gradients of x,
+weight, bias and residual.
+
+The C++ library is compiled once per machine (cached under ``GROUPNORM_CACHE_DIR``, by default
+``~/.cache/groupnorm``); the first test to need it pays the few seconds of that build.
+
+Tolerance: at most twice torch's own error against float64 on the same data (torch's unfused
+group_norm then activation, in the same dtype), plus a small absolute slack per dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import groupnorm
+from groupnorm import functional as gf
+from groupnorm.kernels import cpu, cpu_ext
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ACTIVATIONS = [None, "silu", "gelu", "relu"]
+ATOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+TORCH_ACT = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return t.contiguous()
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t.transpose(1, 2).contiguous().transpose(1, 2)  # (N, L, C) in memory
+
+
+def _data(shape, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = _layout((torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.7).to(dtype), layout)
+    res = _layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    dy = _layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    return x, res, dy, w, b
+
+
+def _run(fn, dy, *tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy)
+    return out.detach(), grads
+
+
+def _err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+def _check_against_reference(shape, groups, dtype, layout, activation, residual, seed=0):
+    x, res, dy, w, b = _data(shape, dtype, layout, seed)
+    args = (x, w, b, res) if residual else (x, w, b)
+
+    def ours(x_, w_, b_, r_=None):
+        return gf.group_norm(x_, groups, w_, b_, activation=activation, residual=r_)
+
+    def ref(x_, w_, b_, r_=None):
+        return groupnorm.reference_norm(
+            x_,
+            "group",
+            num_groups=groups,
+            weight=w_,
+            bias=b_,
+            activation=activation,
+            residual=r_,
+        ).output
+
+    def torch_fn(x_, w_, b_, r_=None):
+        src = x_ + r_ if r_ is not None else x_
+        return TORCH_ACT[activation](F.group_norm(src, groups, w_, b_))
+
+    out, grads = _run(ours, dy, *args)
+    ref_out, ref_grads = _run(ref, dy.double(), *(t.double() for t in args))
+    try:
+        t_out, t_grads = _run(torch_fn, dy, *args)
+    except RuntimeError:  # torch lacks this dtype on CPU
+        t_out, t_grads = None, None
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.stride() == x.stride(), "output must keep the input's memory layout"
+    names = ["y", "dx", "dweight", "dbias", "dresidual"][: 1 + len(args)]
+    for i, (name, got, want) in enumerate(
+        zip(names, (out, *grads), (ref_out, *ref_grads), strict=True)
+    ):
+        torch_err = 0.0
+        if t_out is not None:
+            torch_err = _err((t_out, *t_grads)[i], want)
+        scale = want.abs().max().item()
+        tol = 2 * torch_err + ATOL[dtype] * max(1.0, scale)
+        assert torch.isfinite(got).all(), name
+        assert _err(got, want) <= tol, (
+            f"{name}: error {_err(got, want):.3g} > tolerance {tol:.3g} (torch's {torch_err:.3g})"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_group_norm_matches_reference(dtype, layout, activation):
+    _check_against_reference((3, 12, 5, 7), 4, dtype, layout, activation, residual=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_residual_gradients(dtype, layout, activation):
+    _check_against_reference((2, 8, 6, 5), 2, dtype, layout, activation, residual=True, seed=1)
+
+
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        ((4, 6, 50), 3),
+        ((2, 8, 3, 4, 5), 4),
+        ((3, 5, 7, 7), 1),
+        ((3, 5, 7, 7), 5),
+        ((1, 64, 9, 9), 32),
+        ((2, 80, 3, 5), 8),
+    ],
+    ids=["1d", "3d", "layer", "instance", "G32", "C80"],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ranks_and_modes(shape, groups, layout):
+    _check_against_reference(shape, groups, torch.float32, layout, "silu", residual=False, seed=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_path_matches_reference(dtype, layout):
+    """BN goes to torch's native kernels (plus our running-stat update): outputs, gradients and
+    running statistics against the float64 reference and torch."""
+    x, _, dy, w, b = _data((6, 5, 4, 3), dtype, layout, 8)
+    rm, rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+    out, grads = _run(
+        lambda a, ww, bb: gf.batch_norm(a, rm, rv, ww, bb, training=True), dy, x, w, b
+    )
+    ref_out, ref_grads = _run(
+        lambda a, ww, bb: groupnorm.reference_norm(a, "batch", weight=ww, bias=bb).output,
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+    )
+    t_rm, t_rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+    t_out, t_grads = _run(
+        lambda a, ww, bb: F.batch_norm(a, t_rm, t_rv, ww, bb, training=True), dy, x, w, b
+    )
+    assert out.stride() == x.stride()
+    for got, want, theirs in zip(
+        (out, *grads), (ref_out, *ref_grads), (t_out, *t_grads), strict=True
+    ):
+        tol = 2 * _err(theirs, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert _err(got, want) <= tol
+    slack = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(rm, t_rm, atol=slack, rtol=slack)
+    torch.testing.assert_close(rv, t_rv, atol=slack, rtol=slack)
+
+
+def test_large_set_and_offset_mean_stay_accurate():
+    # one set of 2 * 10^5 values far from zero: centred variance must hold up in float32
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 200, 250, generator=g, dtype=torch.float64) * 0.1 + 100.0
+    ref = groupnorm.reference_norm(x, "group", num_groups=2)
+    for layout in ("contiguous", "channels_last"):
+        got = gf.group_norm(_layout(x.float(), layout), 2)
+        want = F.group_norm(x.float(), 2)
+        assert _err(got, ref.output) <= 2 * _err(want, ref.output) + 1e-4
+
+
+def test_weight_only_bias_only_and_no_affine():
+    x, _, dy, w, b = _data((2, 6, 4, 4), torch.float32, "contiguous", 4)
+    for weight, bias in ((w, None), (None, b), (None, None)):
+        args = [t for t in (x, weight, bias) if t is not None]
+
+        def ours(*ts, weight=weight, bias=bias):
+            it = iter(ts[1:])
+            ww = next(it) if weight is not None else None
+            bb = next(it) if bias is not None else None
+            return gf.group_norm(ts[0], 3, ww, bb, activation="silu")
+
+        def ref(*ts, weight=weight, bias=bias):
+            it = iter(ts[1:])
+            ww = next(it) if weight is not None else None
+            bb = next(it) if bias is not None else None
+            return groupnorm.reference_norm(
+                ts[0], "group", num_groups=3, weight=ww, bias=bb, activation="silu"
+            ).output
+
+        out, grads = _run(ours, dy, *args)
+        ref_out, ref_grads = _run(ref, dy.double(), *(t.double() for t in args))
+        for got, want in zip((out, *grads), (ref_out, *ref_grads), strict=True):
+            assert _err(got, want) <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_low_precision_input_with_float32_params():
+    x, _, dy, w, b = _data((2, 8, 5, 5), torch.bfloat16, "channels_last", 5)
+    w32, b32 = w.float(), b.float()
+    out, (dx, dw, db) = _run(
+        lambda a, ww, bb: gf.group_norm(a, 4, ww, bb, activation="silu"), dy, x, w32, b32
+    )
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32 and dx.dtype == torch.bfloat16
+    ref_out, (rdx, rdw, rdb) = _run(
+        lambda a, ww, bb: (
+            groupnorm.reference_norm(
+                a, "group", num_groups=4, weight=ww, bias=bb, activation="silu"
+            ).output
+        ),
+        dy.double(),
+        x.double(),
+        w32.double(),
+        b32.double(),
+    )
+    assert _err(out, ref_out) < 0.05 and _err(dx, rdx) < 0.05
+    assert _err(dw, rdw) < 1e-3 * rdw.abs().max().item() + 1e-3
+
+
+def test_fused_path_is_used_and_saves_only_x_mean_rstd():
+    if cpu_ext.library() is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    from groupnorm.bench.memory import retained_bytes
+
+    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    ours = retained_bytes(lambda: gf.group_norm(x, 8, w, b, activation="silu"))
+    theirs = retained_bytes(lambda: F.silu(F.group_norm(x, 8, w, b)))
+    x_bytes = x.numel() * 4
+    assert x_bytes <= ours <= x_bytes + 64 * 4 * 2 + 4 * 8 * 4 * 2
+    assert ours <= 0.55 * theirs
+
+
+def test_launchers_without_autograd():
+    lib = cpu_ext.library()
+    if lib is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    x, _, dy, w, b = _data((2, 6, 3, 3), torch.float32, "contiguous", 6)
+    y, mean, rstd = cpu_ext.forward(lib, x, w, b, 3, 1e-5, "relu", 0)
+    ref = groupnorm.reference_norm(x, "group", num_groups=3, weight=w, bias=b, activation="relu")
+    assert _err(y, ref.output) < 1e-5
+    assert _err(mean, ref.mean) < 1e-6 and _err(rstd, ref.rstd) < 1e-5
+    dx, dw, db = cpu_ext.backward(lib, dy, x, w, b, mean, rstd, 3, "relu", 0, True, False, True)
+    assert dx is not None and dw is None and db is not None
+
+
+def test_fallback_without_compiler(monkeypatch):
+    """No compiler: one warning, then the torch-only path, still correct."""
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpu_ext, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
+        assert cpu_ext.library() is None
+    assert "compiler" in cpu_ext.unavailable_reason()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once only
+        assert cpu_ext.library() is None
+        _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", True)
+
+
+def test_fallback_on_failed_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_ext, "_SOURCE", broken)
+    with pytest.warns(RuntimeWarning, match="build or load failed"):
+        assert cpu_ext.library() is None
+
+
+def test_env_switch_uses_torch_kernels(monkeypatch):
+    monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
+    assert cpu._ext_params(torch.randn(2, 4, 3), None, None) is None
+    _check_against_reference((2, 6, 4, 4), 3, torch.bfloat16, "contiguous", "gelu", False)
+
+
+def test_eager_path_matches_custom_op():
+    """The dispatcher-free eager path and the registered op give the same values and grads."""
+    from groupnorm.ops import norm_forward
+
+    x, res, dy, w, b = _data((2, 6, 4, 4), torch.float64, "contiguous", 7)
+    args = (None, None, 3, False, 1e-5, "silu", "auto")
+    out1, g1 = _run(
+        lambda a, ww, bb, r: gf.group_norm(a, 3, ww, bb, activation="silu", residual=r),
+        dy,
+        x,
+        w,
+        b,
+        res,
+    )
+    out2, g2 = _run(lambda a, ww, bb, r: norm_forward(a, ww, bb, r, *args)[0], dy, x, w, b, res)
+    assert torch.equal(out1, out2)
+    for a, c in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, c)
+    xs = x.clone().requires_grad_()
+    y = gf.group_norm(xs, 3, activation="silu")
+    (gx,) = torch.autograd.grad(y.sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError):  # double backward is not supported, loudly
+        gx.sum().backward()
+
+
+def test_compile_still_traces_the_op():
+    f = torch.compile(
+        lambda t: gf.group_norm(t, 2, activation="silu"), fullgraph=True, backend="eager"
+    )
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(f(x), gf.group_norm(x, 2, activation="silu"))
