@@ -66,8 +66,26 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def known_bad_on(backend: str, bad: str, reason: str):
-    """The backend ``bad`` is wrong here (measured); the others must pass."""
+def _fused_cpu_kernels() -> bool:
+    from groupnorm.kernels import cpu_ext
+
+    return cpu_ext.library() is not None
+
+
+# The cpu backend runs group/layer/instance norm in this project's fused C++ kernels (centred,
+# shifted statistics) when they compile; without a compiler it falls back to torch's kernel, whose
+# measured flaws the cases marked torch_only_bad document.
+TORCH_KERNEL_IN_USE = not _fused_cpu_kernels()
+
+
+def known_bad_on(backend: str, bad: str, reason: str, torch_only: bool = False):
+    """The backend ``bad`` is wrong here (measured); the others must pass.
+
+    ``torch_only``: the flaw is torch's kernel's, so it applies only when the cpu backend falls
+    back to it (no fused C++ kernels).
+    """
+    if torch_only and not TORCH_KERNEL_IN_USE:
+        return ()
     if backend == bad:
         return pytest.mark.xfail(strict=True, reason=reason)
     return ()
@@ -91,7 +109,10 @@ def _large_mean_input() -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param(b, marks=known_bad_on(b, "cpu", TORCH_CPU_MOMENTS)) for b in BACKENDS],
+    [
+        pytest.param(b, marks=known_bad_on(b, "cpu", TORCH_CPU_MOMENTS, torch_only=True))
+        for b in BACKENDS
+    ],
 )
 def test_large_mean_small_std_statistics_hold(backend):
     x = _large_mean_input()
@@ -150,7 +171,7 @@ CPU_ROUNDS_BETA = (
     ("backend", "value"),
     [
         pytest.param(
-            b, v, marks=known_bad_on(b, "cpu", CPU_ROUNDS_BETA) if v != 0.0 else ()
+            b, v, marks=known_bad_on(b, "cpu", CPU_ROUNDS_BETA, torch_only=True) if v != 0.0 else ()
         )  # x = 0 is exact even in torch's formulation
         for b in BACKENDS
         for v in CONSTANTS
@@ -322,6 +343,7 @@ def test_one_group_of_2_pow_24_elements(backend, huge_set):
                 b,
                 "cpu",
                 "torch's kernel: beta + one rounding of x*rstd (|y-beta| ~1e-3 at |x|~100)",
+                torch_only=True,
             ),
         )
         for b in BACKENDS

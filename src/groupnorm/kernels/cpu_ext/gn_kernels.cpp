@@ -8,12 +8,13 @@
 // D*S values, D = C/G); "nhwc" means (N, S, C) contiguous (channels-last).
 //
 // Forward, per set (n, g) with mean mu and r = 1/sqrt(var + eps):
-//   a_c = r * w_c,  h_c = b_c - mu * a_c,  z = a_c * x + h_c,  y = f(z).
+//   a_c = r * w_c,  z = a_c * (x - mu) + b_c,  y = f(z).
+//   (centred: x * a_c + (b_c - mu * a_c) would lose all digits when |mu| >> sigma)
 // Backward, with dz = dy * f'(z) and m = D*S values per set:
 //   db_c  = sum_{n,s} dz,                 dw_c = sum_{n,s} dz * (x - mu) * r,
 //   M1    = sum_{c,s} w_c dz / m,         M2   = sum_{c,s} w_c dz (x - mu) r / m,
-//   dx    = r * (w_c dz - M1 - (x - mu) r M2) = A_c dz + B x + K
-//   with A_c = r w_c, B = -r^2 M2, K = r (r M2 mu - M1).
+//   dx    = r * (w_c dz - M1 - (x - mu) r M2) = A_c dz + B (x - mu) + K
+//   with A_c = r w_c, B = -r^2 M2, K = -r M1.
 // nchw keeps dz of the current set in a per-thread buffer between the two passes (the set is
 // cache-sized); nhwc recomputes it in the second pass (its sets span the whole sample).
 //
@@ -143,18 +144,21 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     T* py = y + item * L;
     // runs of kRun values: exact two-pass (mean, then centred squares) while the run is in L1,
     // combined across runs with Chan et al.'s formula; one pass over the set from L2
+    // values are shifted by the set's first value, so float32 run sums stay small when
+    // |mean| >> std (mean 1e4, std 1e-3 would otherwise lose the variance)
+    const float pivot = load(px[0]);
     double count = 0.0, mean_d = 0.0, m2 = 0.0;
     for (i64 start = 0; start < L; start += kRun) {
       const i64 end = start + kRun < L ? start + kRun : L;
       const float nr = static_cast<float>(end - start);
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-      for (i64 i = start; i < end; ++i) s += load(px[i]);
+      for (i64 i = start; i < end; ++i) s += load(px[i]) - pivot;
       const float mr = s / nr;
       float q = 0.0f;
 #pragma omp simd reduction(+ : q)
       for (i64 i = start; i < end; ++i) {
-        const float d = load(px[i]) - mr;
+        const float d = (load(px[i]) - pivot) - mr;
         q += d * d;
       }
       const double delta = static_cast<double>(mr) - mean_d;
@@ -163,18 +167,18 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
       m2 += static_cast<double>(q) + delta * delta * count * nr / total;
       count = total;
     }
-    const float mu = static_cast<float>(mean_d);
+    const float mu = static_cast<float>(static_cast<double>(pivot) + mean_d);
     const float r = static_cast<float>(1.0 / std::sqrt(m2 / static_cast<double>(L) + eps));
     mean_out[item] = mu;
     rstd_out[item] = r;
     for (i64 d = 0; d < D; ++d) {
       const i64 c = g * D + d;
       const float a = w ? r * w[c] : r;
-      const float h = (b ? b[c] : 0.0f) - mu * a;
+      const float h = b ? b[c] : 0.0f;
       const T* qx = px + d * S;
       T* qy = py + d * S;
 #pragma omp simd
-      for (i64 s = 0; s < S; ++s) store(qy + s, act_fwd<ACT>(load(qx[s]) * a + h));
+      for (i64 s = 0; s < S; ++s) store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h));
     }
   }
 }
@@ -203,7 +207,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         const i64 c = g * D + d;
         const float wc = w ? w[c] : 1.0f;
         const float a = r * wc;
-        const float h = (b ? b[c] : 0.0f) - mu * a;
+        const float h = b ? b[c] : 0.0f;
         const T* qx = px + d * S;
         const T* qdy = pdy + d * S;
         float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + d * S;
@@ -214,7 +218,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
 #pragma omp simd reduction(+ : s1, s2)
           for (i64 s = start; s < end; ++s) {
             const float xv = load(qx[s]);
-            const float dz = load(qdy[s]) * act_grad<ACT>(xv * a + h);
+            const float dz = load(qdy[s]) * act_grad<ACT>((xv - mu) * a + h);
             if constexpr (ACT != ACT_NONE) qdz[s] = dz;
             s1 += dz;
             s2 += dz * (xv - mu);
@@ -231,7 +235,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       m1 /= static_cast<double>(L);
       m2 /= static_cast<double>(L);
       const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
-      const float K = static_cast<float>(r * (r * m2 * mu - m1));
+      const float K = static_cast<float>(-static_cast<double>(r) * m1);
       T* pdx = dx + item * L;
       for (i64 d = 0; d < D; ++d) {
         const i64 c = g * D + d;
@@ -241,11 +245,11 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         if constexpr (ACT == ACT_NONE) {
           const T* qdy = pdy + d * S;
 #pragma omp simd
-          for (i64 s = 0; s < S; ++s) store(qdx + s, a * load(qdy[s]) + B * load(qx[s]) + K);
+          for (i64 s = 0; s < S; ++s) store(qdx + s, a * load(qdy[s]) + B * (load(qx[s]) - mu) + K);
         } else {
           const float* qdz = dz_buf.data() + d * S;
 #pragma omp simd
-          for (i64 s = 0; s < S; ++s) store(qdx + s, a * qdz[s] + B * load(qx[s]) + K);
+          for (i64 s = 0; s < S; ++s) store(qdx + s, a * qdz[s] + B * (load(qx[s]) - mu) + K);
         }
       }
     }
@@ -324,7 +328,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     }
   }
   // per (n, c): coefficients a, h of z = a x + h
-  std::vector<float> coef_a(N * C), coef_h(N * C);
+  std::vector<float> coef_a(N * C), coef_h(N * C), coef_m(N * C);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 n = 0; n < N; ++n) {
     const T* pivot = x + n * S * C;
@@ -357,7 +361,8 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
         const i64 c = g * D + d;
         const float a = w ? r * w[c] : r;
         coef_a[n * C + c] = a;
-        coef_h[n * C + c] = (b ? b[c] : 0.0f) - muf * a;
+        coef_h[n * C + c] = b ? b[c] : 0.0f;
+        coef_m[n * C + c] = muf;
       }
     }
   }
@@ -366,12 +371,14 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     const i64 n = item / chunks, k = item % chunks;
     const float* a = coef_a.data() + n * C;
     const float* h = coef_h.data() + n * C;
+    const float* m = coef_m.data() + n * C;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
     for (i64 s = k * rows; s < end; ++s) {
       const T* row = x + (n * S + s) * C;
       T* out = y + (n * S + s) * C;
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c) store(out + c, act_fwd<ACT>(load(row[c]) * a[c] + h[c]));
+      for (i64 c = 0; c < C; ++c)
+        store(out + c, act_fwd<ACT>((load(row[c]) - m[c]) * a[c] + h[c]));
     }
   }
 }
@@ -390,7 +397,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
       const float r = rstd[n * G + g], mu = mean[n * G + g];
       const float a = w ? r * w[c] : r;
       coef_a[n * C + c] = a;
-      coef_h[n * C + c] = (b ? b[c] : 0.0f) - mu * a;
+      coef_h[n * C + c] = b ? b[c] : 0.0f;
       mu_c[n * C + c] = mu;
     }
   }
@@ -411,7 +418,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
 #pragma omp simd
       for (i64 c = 0; c < C; ++c) {
         const float xv = load(row[c]);
-        const float dz = load(drow[c]) * act_grad<ACT>(xv * a[c] + h[c]);
+        const float dz = load(drow[c]) * act_grad<ACT>((xv - mu[c]) * a[c] + h[c]);
         s1[c] += dz;
         s2[c] += dz * (xv - mu[c]);
       }
@@ -440,10 +447,10 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
       }
       m1 /= static_cast<double>(D * S);
       m2 /= static_cast<double>(D * S);
-      const double r = rstd[n * G + g], mu = mean[n * G + g];
+      const double r = rstd[n * G + g];
       for (i64 d = 0; d < D; ++d) {
         coef_b[n * C + g * D + d] = static_cast<float>(-r * r * m2);
-        coef_k[n * C + g * D + d] = static_cast<float>(r * (r * m2 * mu - m1));
+        coef_k[n * C + g * D + d] = static_cast<float>(-r * m1);
       }
     }
   }
@@ -464,6 +471,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     const float* h = coef_h.data() + n * C;
     const float* cb = coef_b.data() + n * C;
     const float* ck = coef_k.data() + n * C;
+    const float* mu = mu_c.data() + n * C;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
     for (i64 s = k * rows; s < end; ++s) {
       const T* row = x + (n * S + s) * C;
@@ -472,8 +480,8 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
 #pragma omp simd
       for (i64 c = 0; c < C; ++c) {
         const float xv = load(row[c]);
-        const float dz = load(drow[c]) * act_grad<ACT>(xv * a[c] + h[c]);
-        store(out + c, a[c] * dz + cb[c] * xv + ck[c]);
+        const float dz = load(drow[c]) * act_grad<ACT>((xv - mu[c]) * a[c] + h[c]);
+        store(out + c, a[c] * dz + cb[c] * (xv - mu[c]) + ck[c]);
       }
     }
   }
