@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -296,9 +297,16 @@ def _ddp_worker(
         start = time.perf_counter()
         model = build_model(protocol, run)
         set_virtual_workers(model, protocol.workers // world)
-        # Buffers are not broadcast: each worker keeps the running statistics of its own
-        # batches, and they are averaged once at the end (see average_bn_buffers).
-        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        # Buffers are not broadcast at each step: each worker keeps the running statistics of
+        # its own batches, and they are averaged once at the end (see average_bn_buffers).
+        # (Newer torch names the switch forward_sync_buffers; the old name warns there.)
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in params
+            else {"broadcast_buffers": False}
+        )
+        ddp = nn.parallel.DistributedDataParallel(model, **no_sync)
         info = _train_loop(
             ddp,
             protocol,
