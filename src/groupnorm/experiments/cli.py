@@ -123,7 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="J",
         help="runs trained at the same time in separate processes (default: the number of "
-        "CPU cores, at most 2; 1 shows a progress bar per run). Results do not depend on it",
+        "CPU cores, at most 2; 1 shows a progress bar per run). With the same --threads, results "
+        "do not depend on it",
     )
     parser.add_argument(
         "--threads",
