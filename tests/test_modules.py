@@ -139,3 +139,14 @@ def test_compile_fullgraph_traces_without_breaks():
     assert torch.allclose(x1.grad, x2.grad, atol=1e-4)
     for g, p in zip(grads, model.parameters(), strict=True):
         assert torch.allclose(g, p.grad, atol=1e-4)
+
+
+def test_compile_dynamic_shapes_without_breaks():
+    # dynamic=True makes sizes (and float arguments such as eps) symbolic: validation must not
+    # call functions that need concrete values.
+    torch.manual_seed(0)
+    model = _model()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (2, 3):
+        x = make_input((n, 3, 6, 5), torch.float32, seed=n)
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)

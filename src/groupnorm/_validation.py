@@ -104,7 +104,9 @@ def check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float such as 1e-5, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) eps can be a
+    # symbolic float, which comparisons handle and math.isfinite does not. NaN fails both.
+    if not (0.0 <= eps < math.inf):
         raise ValueError(f"eps must be a finite number >= 0 (typically 1e-5), got {eps}")
     return eps
 
