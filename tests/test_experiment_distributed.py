@@ -11,13 +11,13 @@ import torch.multiprocessing as mp
 
 from groupnorm.experiments.data import Dataset
 from groupnorm.experiments.model import SyncBatchNorm
-from groupnorm.experiments.train import Protocol, RunSpec, train_run, train_run_ddp
+from groupnorm.experiments.train import Protocol, RunSpec, _free_port, train_run, train_run_ddp
 
 WORLD = 2
 
 
-def _sync_bn_worker(rank, world, init_file, cases, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _sync_bn_worker(rank, world, init_method, cases, out_dir):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         for i, (x, dy, weight, bias) in enumerate(cases):
             bn = SyncBatchNorm(x.shape[1], dtype=x.dtype)
@@ -40,6 +40,7 @@ def _sync_bn_worker(rank, world, init_file, cases, out_dir):
             )
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip C++ teardown, which gloo sometimes aborts in (see train._ddp_worker)
 
 
 def test_sync_bn_matches_bn_on_concatenated_batch(tmp_path):
@@ -59,7 +60,9 @@ def test_sync_bn_matches_bn_on_concatenated_batch(tmp_path):
             )
         )
     mp.spawn(
-        _sync_bn_worker, args=(WORLD, str(tmp_path / "rdv"), cases, str(tmp_path)), nprocs=WORLD
+        _sync_bn_worker,
+        args=(WORLD, f"tcp://127.0.0.1:{_free_port()}", cases, str(tmp_path)),
+        nprocs=WORLD,
     )
     for i, (x, dy, weight, bias) in enumerate(cases):
         parts = [torch.load(tmp_path / f"case{i}-rank{r}.pt") for r in range(WORLD)]

@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -281,7 +282,7 @@ def _record(run: RunSpec, info: dict, error: float, wall: float, mode: str) -> d
 def _ddp_worker(
     rank: int,
     world: int,
-    init_file: str,
+    init_method: str,
     protocol: Protocol,
     run: RunSpec,
     tensors: tuple[Tensor, Tensor, Tensor, Tensor],
@@ -291,7 +292,7 @@ def _ddp_worker(
     state_file: str | None,
 ) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         train_x, train_y, test_x, test_y = tensors
         start = time.perf_counter()
@@ -325,9 +326,27 @@ def _ddp_worker(
             Path(result_file).write_text(json.dumps(record))
             if state_file is not None:
                 torch.save(model.state_dict(), state_file)
+        # Drop DDP's reducer (and its communication work) before the group goes away: tearing
+        # the group down under a live reducer can abort the process in gloo.
+        del ddp
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Everything is written. Leave without running C++ static destructors: with gloo, about one
+    # process exit in 15 aborts there ("terminate called without an active exception", after
+    # this function has returned), which mp.spawn would report as a failed run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for the rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def train_run_ddp(
@@ -355,14 +374,14 @@ def train_run_ddp(
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="groupnorm-ddp-") as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
         result_file = os.path.join(tmp, "result.json")
         tensors = (data.train_x, data.train_y, data.test_x, data.test_y)
         mp.spawn(
             _ddp_worker,
             args=(
                 processes,
-                init_file,
+                init_method,
                 protocol,
                 run,
                 tensors,
