@@ -164,11 +164,11 @@ def resolve_num_groups(
     return num_groups
 
 
-def check_param(
-    t: torch.Tensor | None, name: str, num_channels: int, x: torch.Tensor
+def _check_per_channel(
+    t: object, name: str, num_channels: int, x: torch.Tensor, dtype_error
 ) -> torch.Tensor | None:
-    """A per-channel weight, bias or statistic: shape (C,), a float dtype the kernels accept,
-    on the input's device. float32 is accepted with float16/bfloat16 input (mixed precision)."""
+    """Shared checks for a per-channel tensor: kind, shape (C,), dtype (``dtype_error`` returns
+    a message when the dtype is wrong, else None) and device, in that order."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -181,46 +181,49 @@ def check_param(
             f"{name} must have shape ({num_channels},) to match the input's {num_channels} "
             f"channels, got shape {tuple(t.shape)}"
         )
-    allowed = {x.dtype, torch.float32} if x.dtype in LOW_PRECISION else {x.dtype}
-    if t.dtype not in allowed:
-        names = " or ".join(sorted(str(d) for d in allowed))
-        raise TypeError(
-            f"{name} has dtype {t.dtype} but the input is {x.dtype}; {name} must be {names} "
-            f"(use .to({x.dtype}) on one of them)"
-        )
+    message = dtype_error(t)
+    if message:
+        raise TypeError(message)
     if t.device != x.device:
         raise ValueError(
             f"{name} is on {t.device} but the input is on {x.device}; move both to one device"
         )
     return t
+
+
+def check_param(
+    t: torch.Tensor | None, name: str, num_channels: int, x: torch.Tensor
+) -> torch.Tensor | None:
+    """A per-channel weight, bias or statistic: shape (C,), a float dtype the kernels accept,
+    on the input's device. float32 is accepted with float16/bfloat16 input (mixed precision)."""
+    allowed = {x.dtype, torch.float32} if x.dtype in LOW_PRECISION else {x.dtype}
+
+    def dtype_error(t: torch.Tensor) -> str | None:
+        if t.dtype in allowed:
+            return None
+        names = " or ".join(sorted(str(d) for d in allowed))
+        return (
+            f"{name} has dtype {t.dtype} but the input is {x.dtype}; {name} must be {names} "
+            f"(use .to({x.dtype}) on one of them)"
+        )
+
+    return _check_per_channel(t, name, num_channels, x, dtype_error)
 
 
 def check_stat(
     t: torch.Tensor | None, name: str, num_channels: int, x: torch.Tensor
 ) -> torch.Tensor | None:
     """A running statistic: shape (C,), any float dtype, the input's device."""
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor or None, got {type(t).__name__}; wrap it with "
-            f"torch.tensor(...)"
-        )
-    if t.shape != (num_channels,):
-        raise ValueError(
-            f"{name} must have shape ({num_channels},) to match the input's {num_channels} "
-            f"channels, got shape {tuple(t.shape)}"
-        )
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+
+    def dtype_error(t: torch.Tensor) -> str | None:
+        if t.dtype in FLOAT_DTYPES:
+            return None
+        return (
             f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with "
             f"{name}.float()"
         )
-    if t.device != x.device:
-        raise ValueError(
-            f"{name} is on {t.device} but the input is on {x.device}; move both to one device"
-        )
-    return t
+
+    return _check_per_channel(t, name, num_channels, x, dtype_error)
 
 
 def check_residual(residual: object, x: torch.Tensor) -> torch.Tensor | None:
