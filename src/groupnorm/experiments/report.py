@@ -220,7 +220,13 @@ def write_report(
     out = Path(out_dir)
     (out / "table.txt").write_text(format_table(records) + "\n")
     (out / "table.md").write_text(markdown_table(records) + "\n")
-    plot(records, out / "error_vs_batch.png", title=f"preset {preset.name}: {preset.description}")
+    # The title says what the records hold (options such as --batch-sizes change the grid).
+    norms = ", ".join(sorted({r["norm"].upper() for r in records}))
+    sizes = ", ".join(
+        str(b) for b in sorted({r["images_per_worker"] for r in records}, reverse=True)
+    )
+    title = f"preset {preset.name}: {norms} at {sizes} images per worker"
+    plot(records, out / "error_vs_batch.png", title=title)
     p = preset.protocol
     machine = machine_info()
     seeds = sorted({r["seed"] for r in records})
