@@ -52,7 +52,7 @@ fuzz: setup
 test-large: setup
 	GROUPNORM_LARGE_TESTS=1 $(PY) -m pytest -q tests/test_large.py
 
-# The paper's Figure 1 in miniature (BN vs GN at 32 and 2 images per worker, a few minutes):
+# The paper's Figure 1 in miniature (BN vs GN at 32 and 1 images per worker, a few minutes):
 # writes runs/quick/{results.jsonl,table.txt,error_vs_batch.png,report.md}. A second call
 # reuses the finished runs (--resume) and only redraws the table and plot.
 demo: setup data

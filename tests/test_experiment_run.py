@@ -241,7 +241,7 @@ def test_cli_help_lists_every_option(capsys):
 
 def test_presets_fit_their_promises():
     quick, default, paper = (runner.PRESETS[k] for k in ("quick", "default", "paper"))
-    assert quick.norms == ("bn", "gn") and set(quick.batch_sizes) == {32, 2}
+    assert quick.norms == ("bn", "gn") and set(quick.batch_sizes) == {32, 1}
     assert default.norms == ("bn", "gn", "ln", "in") and default.batch_sizes == (32, 16, 8, 4, 2)
     assert paper.seeds >= 3 and paper.sweep_groups == (1, 2, 4, 8, 16, 32)
     assert len(runner.plan_runs(paper)) == 6 * 5 * 3 + 6 * 3
@@ -249,4 +249,4 @@ def test_presets_fit_their_promises():
         assert p.protocol.train_size % (p.protocol.workers * max(p.batch_sizes)) < (
             p.protocol.workers * max(p.batch_sizes)
         )
-        assert torch.tensor(p.batch_sizes).min() >= 2
+        assert torch.tensor(p.batch_sizes).min() >= 1

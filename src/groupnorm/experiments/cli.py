@@ -17,7 +17,7 @@ from pathlib import Path
 from .data import DEFAULT_DATA_DIR
 
 PRESET_HELP = {
-    "quick": "BN and GN at 32 and 2 images/worker, 2 seeds; at most 3 min on 2 cores",
+    "quick": "BN and GN at 32 and 1 images/worker, 2 seeds; at most 3 min on 2 cores",
     "default": "BN, GN, LN, IN at 32,16,8,4,2 images/worker, 2 seeds; at most 15 min",
     "paper": "all norms incl. synchronized BN and none, 3 seeds, wider net, all 60k images, "
     "plus the GN group-count sweep G=1..32; hours",
