@@ -70,6 +70,40 @@ def _(
     )
 
 
+def _direct_backward(
+    dy,
+    x,
+    weight,
+    bias,
+    mean,
+    rstd,
+    num_groups,
+    pool_batch,
+    stats_given,
+    activation,
+    need_dx,
+    need_dw,
+    need_db,
+    backend,
+):
+    """The backend's (dx, dweight, dbias), ``None`` where not asked for. The ``backward`` op
+    wraps this; the eager fast path calls it directly."""
+    impl = get_backend(backend, x.device)
+    return impl.backward(
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        (need_dx, need_dw, need_db),
+    )
+
+
 @torch.library.custom_op("groupnorm::backward", mutates_args=())
 def norm_backward(
     dy: Tensor,
@@ -88,8 +122,7 @@ def norm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias); a gradient not asked for comes back as an empty tensor."""
-    impl = get_backend(backend, x.device)
-    dx, dw, db = impl.backward(
+    grads = _direct_backward(
         dy,
         x,
         weight,
@@ -100,10 +133,13 @@ def norm_backward(
         pool_batch,
         stats_given,
         activation,
-        (need_dx, need_dweight, need_dbias),
+        need_dx,
+        need_dweight,
+        need_dbias,
+        backend,
     )
     # Outputs may not alias each other: a fresh empty tensor for each gradient not computed.
-    return tuple(g if g is not None else x.new_empty(0) for g in (dx, dw, db))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @norm_backward.register_fake
@@ -204,26 +240,6 @@ torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_
 # subclass tensors, functorch transforms, dispatch/function modes, other devices) keeps the op.
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _direct_backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, *rest
-):
-    need_dx, need_dw, need_db, backend = rest
-    impl = get_backend(backend, x.device)
-    return impl.backward(
-        dy,
-        x,
-        weight,
-        bias,
-        mean,
-        rstd,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        (need_dx, need_dw, need_db),
-    )
 
 
 class _EagerNorm(torch.autograd.Function):
