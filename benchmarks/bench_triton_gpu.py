@@ -11,6 +11,14 @@ backward reads x and dy and writes dx (3 tensors), forward+backward 5; copy read
 Timings are the median (and 20th/80th percentiles) of ``triton.testing.do_bench``. The input
 requires grad in every mode, so the forward is timed as in training (autograd records it).
 
+Two clocks, both in every run: the eager modes (``forward``, ``backward``, ``full``) time each
+call the way a Python loop pays it, host work included; on small tensors that is the cost of
+Python and kernel launches, not of the GPU. ``forward_graph`` captures the same forward calls in
+a CUDA graph and times its replays (``do_bench_cudagraph``): the GPU's time alone, what a model
+captured in a graph or compiled pays; ``copy_graph`` is its ceiling. (Capturing the backward
+through autograd failed on torch 2.11: AccumulateGrad nodes kept from the eager modes sit on
+another stream, so the backward has no graph clock yet.)
+
 Before timing, each provider's output is compared with torch eager's; a provider that disagrees
 is reported and its timings are still written, with the error, so a fast wrong kernel is visible.
 
@@ -26,12 +34,13 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("forward", "backward", "full")
-TRAFFIC = {"forward": 2, "backward": 3, "full": 5, "copy": 2}
+MODES = ("forward", "backward", "full", "forward_graph")
+TRAFFIC = {"forward": 2, "backward": 3, "full": 5, "forward_graph": 2}
 PROVIDERS = ("groupnorm", "torch", "torch.compile", "liger")
 
 
@@ -53,31 +62,48 @@ class Shape:
 def shapes() -> list[Shape]:
     """The benchmarked shapes: SD UNet, ResNet-50 stages, video, one tensor >= 256 MB."""
     out: list[Shape] = []
-    for n in (1, 2, 8):
+    for n in (1, 2):
         for c in (320, 640, 1280):
             for hw in (64, 32, 16, 8):
                 out.append(Shape("sd-unet", (n, c, hw, hw), 32, ("float16", "bfloat16")))
+    # >= 256 MB: sets of 262144 elements (two passes over x), and sets that fit one tile (one).
+    out.append(Shape("large", (16, 512, 128, 128), 32, ("float16",)))  # 268 MB in fp16
+    out.append(Shape("large", (1024, 512, 16, 16), 32, ("float16",)))  # 268 MB, 4096 per set
     for n in (32, 8, 2):
         for c, hw in ((256, 56), (512, 28), (1024, 14), (2048, 7)):
             out.append(Shape("resnet50", (n, c, hw, hw), 32, ("float32", "bfloat16")))
     out.append(Shape("video", (2, 256, 8, 56, 56), 32, ("float16", "bfloat16")))
-    # >= 256 MB: sets of 262144 elements (two passes over x), and sets that fit one tile (one).
-    out.append(Shape("large", (16, 512, 128, 128), 32, ("float16",)))  # 268 MB in fp16
-    out.append(Shape("large", (1024, 512, 16, 16), 32, ("float16",)))  # 268 MB, 4096 per set
+    # Liger-Kernel's own group-norm benchmark layout: (M, C, H) with H = 512, 4 channels a group.
+    for m in (4, 32):
+        for c in (512, 2048, 4096):
+            out.append(Shape("liger", (m, c, 512), c // 4, ("float32", "bfloat16")))
+    for c in (320, 640, 1280):
+        for hw in (64, 32, 16, 8):
+            out.append(Shape("sd-unet", (8, c, hw, hw), 32, ("float16", "bfloat16")))
     return out
 
 
 def _git_commit() -> str:
+    """The short commit, with "+dirty" when the checkout has changes the commit does not hold."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(
+        commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).resolve().parent,
+            cwd=here,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=here,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--family",
         action="append",
-        choices=("sd-unet", "resnet50", "video", "large"),
+        choices=("sd-unet", "resnet50", "video", "liger", "large"),
         help="only these shape families (repeatable; default all)",
     )
     parser.add_argument(
@@ -95,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="N<=2 SD shapes and the large one")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
+    parser.add_argument(
+        "--rep", type=int, default=100, help="milliseconds of timed repeats per measurement"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
         "--dry-run", action="store_true", help="list shapes and providers; needs no GPU"
@@ -123,8 +152,9 @@ def _provider_fns(name, groups, c, dtype, device):
     import torch
     import torch.nn.functional as F
 
-    w = torch.randn(c, device=device, dtype=dtype).requires_grad_()
-    b = torch.randn(c, device=device, dtype=dtype).requires_grad_()
+    # Random data is drawn on the CPU: a failed graph capture cannot then break the CUDA RNG.
+    w = torch.randn(c, dtype=dtype).to(device).requires_grad_()
+    b = torch.randn(c, dtype=dtype).to(device).requires_grad_()
     params = [w, b]
     if name == "torch":
         return (lambda x: F.group_norm(x, groups, w, b, 1e-5)), params
@@ -149,10 +179,29 @@ def _provider_fns(name, groups, c, dtype, device):
     raise ValueError(name)
 
 
-def _bench(fn):
-    from triton.testing import do_bench
+def _channels_last(t):
+    """Channel stride 1 at any rank: torch's memory formats for 4-D/5-D, a permuted copy else."""
+    if t.dim() in (4, 5):
+        import torch
 
-    ms = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        return t.contiguous(memory_format=fmt)
+    order = (0, *range(2, t.dim()), 1)
+    back = (0, t.dim() - 1, *range(1, t.dim() - 1))
+    return t.permute(order).contiguous().permute(back)
+
+
+def _bench(fn, rep=100, graph=False):
+    """(median, p20, p80) in ms. Eager: each call as a user's loop pays it, host work (Python,
+    launches) included, with the L2 cache flushed before each call. Graph: the calls captured in
+    a CUDA graph and replayed, so the time is the GPU's alone (what a captured or compiled model
+    pays); the L2 cache is not flushed there."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if graph:
+        ms = do_bench_cudagraph(fn, rep=max(5, rep // 5), quantiles=[0.5, 0.2, 0.8])
+    else:
+        ms = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=rep)
     return ms if isinstance(ms, (list, tuple)) else (ms, ms, ms)
 
 
@@ -187,16 +236,25 @@ def run(args: argparse.Namespace) -> Path:
             )
         )
 
+    fields = ["op", "provider", "mode", "shape", "dtype", "layout", "metric", "value"]
+    fields += ["gpu", "date", "commit"]
+    fh = open(out, "w", newline="")  # rows are appended as they come: a killed run keeps them
+    writer = csv.DictWriter(fh, fieldnames=fields)
+    writer.writeheader()
+    written = 0
+    started = time.perf_counter()
     for shape in selected_shapes(args):
         for dtype_name in shape.dtypes:
             dtype = getattr(torch, dtype_name)
             nbytes = shape.nbytes(dtype_name)
-            base = torch.randn(shape.dims, device=device, dtype=dtype)
-            dy = torch.randn_like(base)
+            base = torch.randn(shape.dims, dtype=dtype).to(device)
+            dy = torch.randn(shape.dims, dtype=dtype).to(device)
             dst = torch.empty_like(base)
-            ms = _bench(lambda dst=dst, base=base: dst.copy_(base))
-            emit("copy", "copy", shape, dtype_name, "contiguous", "ms_median", ms[0])
-            emit("copy", "copy", shape, dtype_name, "contiguous", "GB/s", 2 * nbytes / ms[0] / 1e6)
+            for mode, graph in (("copy", False), ("copy_graph", True)):
+                ms = _bench(lambda dst=dst, base=base: dst.copy_(base), args.rep, graph=graph)
+                emit("copy", mode, shape, dtype_name, "contiguous", "ms_median", ms[0])
+                gbs = 2 * nbytes / ms[0] / 1e6
+                emit("copy", mode, shape, dtype_name, "contiguous", "GB/s", gbs)
             layouts = ["contiguous", "channels_last"]
             for provider in providers:
                 try:
@@ -212,9 +270,7 @@ def run(args: argparse.Namespace) -> Path:
                         continue  # Liger reshapes to (N, G, -1): channels-last would copy
                     x, grad = base, dy
                     if layout == "channels_last":
-                        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-                        x = x.contiguous(memory_format=fmt)
-                        grad = dy.contiguous(memory_format=fmt)
+                        x, grad = _channels_last(x), _channels_last(dy)
                     x = x.detach().requires_grad_()
                     try:
                         y = fn(x)
@@ -226,6 +282,7 @@ def run(args: argparse.Namespace) -> Path:
                         inputs = [x, *params]
                         timings = {
                             "forward": lambda fn=fn, x=x: fn(x),
+                            "forward_graph": lambda fn=fn, x=x: fn(x),
                             "backward": lambda y=y, inputs=inputs, g=grad: torch.autograd.grad(
                                 y, inputs, g, retain_graph=True
                             ),
@@ -234,7 +291,16 @@ def run(args: argparse.Namespace) -> Path:
                             ),
                         }
                         for mode in MODES:
-                            med, p20, p80 = _bench(timings[mode])
+                            if mode.endswith("_graph") and provider == "torch.compile":
+                                continue  # its own graphs and guards; not captured here
+                            try:
+                                med, p20, p80 = _bench(
+                                    timings[mode], args.rep, graph=mode.endswith("_graph")
+                                )
+                            except Exception as exc:  # e.g. a provider that cannot be captured
+                                print(f"{provider} {mode} failed on {shape.label}: {exc}")
+                                emit(provider, mode, shape, dtype_name, layout, "failed", 1)
+                                continue
                             for metric, value in (
                                 ("ms_median", med),
                                 ("ms_p20", p20),
@@ -245,6 +311,8 @@ def run(args: argparse.Namespace) -> Path:
                         print(
                             f"{shape.label:>18} {dtype_name:>8} {layout:>13} {provider:>13} "
                             f"fwd {TRAFFIC['forward'] * nbytes / _ms(rows, 'forward') / 1e6:7.0f}"
+                            f" GB/s, in a graph "
+                            f"{TRAFFIC['forward'] * nbytes / _ms(rows, 'forward_graph') / 1e6:7.0f}"
                             f" GB/s  err {err:.2e}"
                         )
                     except Exception as exc:  # record and carry on with the other providers
@@ -253,14 +321,17 @@ def run(args: argparse.Namespace) -> Path:
                     del x, grad
             del base, dy, dst
             torch.cuda.empty_cache()
+            writer.writerows(rows[written:])
+            fh.flush()
+            written = len(rows)
+            print(f"  [{time.perf_counter() - started:6.1f} s] {shape.label} {dtype_name} done")
 
-    rows.extend(speedups(rows))
+    extra = speedups(rows)
+    writer.writerows(extra)
+    fh.close()
+    rows.extend(extra)
     if not rows:
         raise SystemExit("nothing was measured")
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {out}")
     if not args.no_plot:
         plot(out)
@@ -308,12 +379,15 @@ def plot(csv_path: Path) -> Path:
         rows = [r for r in csv.DictReader(fh) if r["metric"] == "GB/s"]
     keys = sorted({(r["shape"], r["dtype"]) for r in rows}, key=lambda k: (k[1], k[0]))
     index = {k: i for i, k in enumerate(keys)}
-    fig, axes = plt.subplots(3, 1, figsize=(max(10, len(keys) * 0.3), 12), sharex=True)
+    fig, axes = plt.subplots(
+        len(MODES), 1, figsize=(max(10, len(keys) * 0.3), 4 * len(MODES)), sharex=True
+    )
     for ax, mode in zip(axes, MODES, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
+        copy_mode = "copy_graph" if mode.endswith("_graph") else "copy"
         for r in rows:
-            if r["mode"] in (mode, "copy"):
-                name = "copy" if r["mode"] == "copy" else f"{r['provider']} ({r['layout']})"
+            if r["mode"] in (mode, copy_mode):
+                name = "copy" if r["mode"] == copy_mode else f"{r['provider']} ({r['layout']})"
                 series.setdefault(name, []).append(
                     (index[(r["shape"], r["dtype"])], float(r["value"]))
                 )

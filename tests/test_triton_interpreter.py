@@ -1,4 +1,8 @@
-"""The Triton backend, run on CPU in Triton's interpreter, against the float64 reference.
+"""The Triton backend against the float64 reference: on CPU in Triton's interpreter, or on a GPU.
+
+With ``TRITON_INTERPRET=1`` (the default here, and what ``make test`` sets) every case runs on CPU
+tensors in the interpreter. With ``TRITON_INTERPRET=0`` and a CUDA device the same cases run
+compiled on the GPU (``make test-gpu``); without either the module is skipped.
 
 Every launcher-allocated buffer (outputs and workspaces) is poisoned with NaN first
 (``GROUPNORM_TRITON_POISON=1``), so an element no kernel writes fails the comparison. Tiles and
@@ -38,10 +42,15 @@ from groupnorm.kernels.triton.plan import (  # noqa: E402
 )
 from groupnorm.ops import norm_forward  # noqa: E402
 
-if not isinstance(tk._fwd_fused_kernel, InterpretedFunction):
+INTERPRETED = isinstance(tk._fwd_fused_kernel, InterpretedFunction)
+if INTERPRETED:
+    DEVICE = torch.device("cpu")
+elif torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+else:
     pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set; run pytest with "
-        "TRITON_INTERPRET=1 in the environment (make test does)",
+        "triton was imported before TRITON_INTERPRET=1 was set and there is no GPU; run pytest "
+        "with TRITON_INTERPRET=1 in the environment (make test does)",
         allow_module_level=True,
     )
 
@@ -131,11 +140,11 @@ def test_strides_of_layouts():
 
 def test_offset_helpers_are_64_bit():
     """The kernels' offset helpers, run on indices whose offsets pass 2**31 (and 2**32)."""
-    n = torch.tensor([3, 0, 1, 2], dtype=torch.int32)
-    c = torch.tensor([0, 70_000, 5, 1], dtype=torch.int32)
-    s = torch.tensor([0, 0, 2_000_000_000, 7], dtype=torch.int32)
+    n = torch.tensor([3, 0, 1, 2], dtype=torch.int32, device=DEVICE)
+    c = torch.tensor([0, 70_000, 5, 1], dtype=torch.int32, device=DEVICE)
+    s = torch.tensor([0, 0, 2_000_000_000, 7], dtype=torch.int32, device=DEVICE)
     strides = (2**30, 40_000, 3, 1)
-    out = torch.zeros(4, dtype=torch.int64)
+    out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     for stride_n, stride_c, stride_s in [(2**30, 40_000, 3), (2**31 + 5, 1, 2)]:
         tk._offset_probe_kernel[(1,)](out, n, c, s, stride_n, stride_c, stride_s, BLOCK=4)
         want = [
@@ -143,7 +152,7 @@ def test_offset_helpers_are_64_bit():
             for a, b, d in zip(n, c, s, strict=True)
         ]
         assert max(want) > 2**31
-        assert out.tolist() == want
+        assert out.cpu().tolist() == want
     assert strides  # documented case: 3 * 2**30 overflows int32
 
 
@@ -412,10 +421,54 @@ CASES = [
     ),
 ]
 
+# Compiled on a GPU only: the shapes people run, with the planner's default tiles (no forcing), so
+# the real split counts, one-tile sets and long fused loops are what gets checked.
+GPU_CASES = [
+    Case("gpu-sd-n1-f16-silu", (1, 320, 64, 64), F16, "group", 32, act="silu", path="split"),
+    Case(
+        "gpu-sd-n1-bf16-cl-silu",
+        (1, 640, 64, 64),
+        BF16,
+        "group",
+        32,
+        "channels_last",
+        "silu",
+        path="split",
+    ),
+    Case("gpu-sd-n2-f16-cl-8x8", (2, 1280, 8, 8), F16, "group", 32, "channels_last"),
+    Case("gpu-sd-n1-f16-small-fused", (1, 320, 16, 16), F16, "group", 32, path="fused"),
+    Case("gpu-sd-n64-f16-onetile", (64, 320, 16, 16), F16, "group", 32, path="fused"),
+    Case("gpu-sd-n16-f16-fusedloop", (16, 256, 64, 64), F16, "group", 32, path="fused"),
+    Case("gpu-resnet-f32", (8, 256, 56, 56), F32, "group", 32, affine="f32"),
+    Case("gpu-resnet-bf16-cl", (4, 512, 28, 28), BF16, "group", 32, "channels_last"),
+    Case(
+        "gpu-video-bf16-cl3d-gelu-res",
+        (2, 256, 8, 28, 28),
+        BF16,
+        "group",
+        32,
+        "channels_last",
+        "gelu",
+        residual=True,
+        affine="f32",
+    ),
+    Case("gpu-bn-f32", (16, 64, 28, 28), F32, "batch", path="split"),
+    Case("gpu-bn-bf16-cl-relu", (8, 128, 14, 14), BF16, "batch", 0, "channels_last", "relu"),
+    Case("gpu-bn-2d-f32", (4096, 512), F32, "batch", path="split"),
+    Case("gpu-bneval-f16-cl", (8, 128, 14, 14), F16, "batch_eval", 0, "channels_last"),
+    Case("gpu-ln-f16", (4, 512, 16, 16), F16, "layer"),
+    Case("gpu-in-f32", (2, 64, 32, 32), F32, "instance"),
+    Case("gpu-gn-1d-f32", (8, 256, 1000), F32, "group", 32),
+    Case("gpu-gn-one-big-set-f16", (1, 32, 256, 256), F16, "group", 1, path="split"),
+    Case("gpu-gn-sliced-f32", (2, 64, 16, 16), F32, "group", 8, "sliced"),
+]
+if DEVICE.type == "cuda":
+    CASES = CASES + GPU_CASES
+
 
 def _make_inputs(case: Case, gen: torch.Generator):
     def rand(*shape, scale=1.0, shift=0.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE) * scale + shift
 
     c = case.shape[1]
     x = rand(*case.shape, scale=1.5, shift=0.3).to(case.dtype)
@@ -544,8 +597,9 @@ def test_backward_launcher_only_what_is_needed(monkeypatch):
     """needs=(False, True, False) computes dweight alone (on the fused path's fallback plan)."""
     monkeypatch.setenv("GROUPNORM_TRITON_POISON", "1")
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 3, 3, generator=gen)
-    w, b, dy = torch.randn(4, generator=gen), torch.randn(4, generator=gen), torch.randn_like(x)
+    x = torch.randn(2, 4, 3, 3, generator=gen).to(DEVICE)
+    w, b = torch.randn(4, generator=gen).to(DEVICE), torch.randn(4, generator=gen).to(DEVICE)
+    dy = torch.randn_like(x)
     y, _, mean, rstd = norm_forward(x, w, b, None, None, None, 2, False, 1e-5, "", "triton")
     dx, dw, db = norm_backward(dy, x, w, b, mean, rstd, 2, False, False, "", (False, True, False))
     assert dx is None and db is None
@@ -559,8 +613,9 @@ def test_sum_backward_with_an_expanded_gradient(monkeypatch):
     """``y.sum().backward()`` may hand the backward a stride-0 dy; it is read in place."""
     monkeypatch.setenv("GROUPNORM_TRITON_POISON", "1")
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 6, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    x = torch.randn(2, 6, 3, 5, generator=gen).to(DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, generator=gen).to(DEVICE), torch.randn(6, generator=gen).to(DEVICE)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     y = groupnorm.group_norm(
         leaves[0], 3, leaves[1], leaves[2], activation="gelu", backend="triton"
@@ -578,7 +633,7 @@ def test_sum_backward_with_an_expanded_gradient(monkeypatch):
     ref.output.sum().backward()
     for got, want in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
-    dy = torch.ones(()).expand(x.shape)
+    dy = torch.ones((), device=DEVICE).expand(x.shape)
     assert nc_s_strides(dy) == (0, 0, 0)
 
 
@@ -589,6 +644,7 @@ def test_large_mean_small_spread_is_stable(path, monkeypatch):
     monkeypatch.setenv("GROUPNORM_TRITON_BLOCK", "64")
     gen = torch.Generator().manual_seed(11)
     x = (1e4 + 1e-3 * torch.randn(2, 8, 16, 16, generator=gen, dtype=torch.float64)).float()
+    x = x.to(DEVICE)
     y, _, mean, rstd = norm_forward(x, None, None, None, None, None, 4, False, 0.0, "", "triton")
     ref = reference_norm(x, "group", num_groups=4, eps=0.0)
     torch.testing.assert_close(rstd.double(), ref.rstd, rtol=1e-3, atol=0)
@@ -597,9 +653,80 @@ def test_large_mean_small_spread_is_stable(path, monkeypatch):
     _check("y", y, ref.output, torch_y, torch.float32)
 
 
+gpu_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs the kernels compiled on a GPU")
+
+
+@gpu_only
+def test_more_than_2_31_elements_on_gpu():
+    """A float16 tensor of 2**31 + 512 elements (about 4.3 GB): the statistics of every set and
+    the output and dx at the far end of the tensor, where 32-bit offsets would wrap."""
+    n, g, length = 2, 2, 2**28 + 64
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(n, 4, length, device="cuda", dtype=F16, generator=gen)
+    assert x.numel() > 2**31
+    w = torch.randn(4, device="cuda", generator=gen) * 0.5 + 1.0
+    b = torch.randn(4, device="cuda", generator=gen)
+    y, _, mean, rstd = norm_forward(x, w, b, None, None, None, g, False, 1e-5, "", "triton")
+    sets = x.view(n, g, -1)
+    want_mean = torch.stack([sets[i, j].double().mean() for i in range(n) for j in range(g)])
+    want_var = torch.stack(
+        [sets[i, j].double().var(correction=0) for i in range(n) for j in range(g)]
+    )
+    want_rstd = (want_var + 1e-5).rsqrt()
+    torch.testing.assert_close(mean.double().flatten(), want_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rstd.double().flatten(), want_rstd, rtol=1e-5, atol=0)
+    tail = slice(length - 4096, length)  # the last positions of the last sample: offsets > 2**31
+    xt = x[1, :, tail].double()
+    k = (torch.arange(4, device="cuda") // 2) + g  # set index of each channel in sample 1
+    xhat = (xt - want_mean[k, None]) * want_rstd[k, None]
+    want_y = xhat * w.double()[:, None] + b.double()[:, None]
+    assert (y[1, :, tail].double() - want_y).abs().max().item() < 1e-2
+    del y
+    dy = torch.randn_like(x)
+    dx, dw, db = norm_backward(dy, x, w, b, mean, rstd, g, False, False, "", (True, True, True))
+    # dx of a set = rstd * (g - mean(g) - xhat * mean(g * xhat)), with g = dy * w.
+    gsum = torch.zeros(n * g, device="cuda", dtype=torch.float64)
+    gxsum = torch.zeros_like(gsum)
+    for i in range(n):
+        for c in range(4):
+            j = i * g + c // 2
+            d = dy[i, c].double() * w[c].double()
+            xh = (x[i, c].double() - want_mean[j]) * want_rstd[j]
+            gsum[j] += d.sum()
+            gxsum[j] += (d * xh).sum()
+    count = 2 * length
+    want_dx = want_rstd[k, None] * (
+        dy[1, :, tail].double() * w.double()[:, None]
+        - gsum[k, None] / count
+        - xhat * gxsum[k, None] / count
+    )
+    assert (dx[1, :, tail].double() - want_dx).abs().max().item() < 2e-2
+    want_db = dy.double().sum(dim=(0, 2))
+    torch.testing.assert_close(db.double(), want_db, rtol=1e-4, atol=1.0)
+
+
+@gpu_only
+def test_torch_compile_fullgraph_on_gpu():
+    """A GroupNormAct module on the triton backend compiles with no graph break and matches eager,
+    forward and gradients."""
+    torch.manual_seed(0)
+    module = groupnorm.GroupNormAct(32, 320, activation="silu").cuda().half()
+    x = torch.randn(2, 320, 16, 16, device="cuda", dtype=F16, requires_grad=True)
+    eager = module(x)
+    (gx,) = torch.autograd.grad(eager.float().square().sum(), x)
+    compiled = torch.compile(module, fullgraph=True)
+    x2 = x.detach().clone().requires_grad_()
+    out = compiled(x2)
+    (gx2,) = torch.autograd.grad(out.float().square().sum(), x2)
+    # Same kernels, but the compiled graph may hand the op differently laid-out operands, so
+    # compare within float16 rounding rather than bit for bit.
+    torch.testing.assert_close(out, eager, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(gx2, gx, rtol=2e-3, atol=2e-3)
+
+
 def test_functional_api_dispatches_to_triton(monkeypatch):
     monkeypatch.setenv("GROUPNORM_BACKEND", "triton")
-    x = torch.randn(2, 6, 4, 4)
+    x = torch.randn(2, 6, 4, 4, device=DEVICE)
     y = groupnorm.group_norm(x, 3, activation="silu")
     ref = reference_norm(x, "group", num_groups=3, activation="silu").output
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
@@ -607,7 +734,7 @@ def test_functional_api_dispatches_to_triton(monkeypatch):
 
 
 def test_empty_input_falls_back():
-    x = torch.randn(0, 4, 3, 3)
+    x = torch.randn(0, 4, 3, 3, device=DEVICE)
     y = groupnorm.group_norm(x, 2, backend="triton")
     assert y.shape == x.shape
 

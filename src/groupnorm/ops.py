@@ -236,10 +236,12 @@ torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_
 # Going through the torch.library dispatcher costs tens of microseconds per call, several times
 # torch's own group_norm on small tensors. In plain eager mode on CPU tensors we call the same
 # backend functions directly (no autograd needed) or through a thin autograd.Function with the
-# same saved tensors and backward. Everything else (torch.compile/export tracing, fake or
+# same saved tensors and backward. The same holds on CUDA, where the op's overhead is paid on
+# every launch of a small kernel. Everything else (torch.compile/export tracing, fake or
 # subclass tensors, functorch transforms, dispatch/function modes, other devices) keeps the op.
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_EAGER_DEVICES = ("cpu", "cuda")
 
 
 class _EagerNorm(torch.autograd.Function):
@@ -261,7 +263,9 @@ def _eager_ok(tensors: tuple[Tensor | None, ...]) -> bool:
     if _get_current_dispatch_mode() is not None:
         return False
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TYPES or not t.is_cpu or _is_wrapped(t)):
+        if t is not None and (
+            type(t) not in _PLAIN_TYPES or t.device.type not in _EAGER_DEVICES or _is_wrapped(t)
+        ):
             return False
     return True
 
@@ -279,7 +283,7 @@ def normalize_op(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same result as :func:`norm_forward`, without the dispatcher in plain eager CPU mode."""
+    """Same result as :func:`norm_forward`, without the dispatcher in plain eager mode."""
     args = (x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps)
     if not _eager_ok((x, weight, bias, residual, given_mean, given_var)):  # ~1 us
         return norm_forward(*args, activation, backend)

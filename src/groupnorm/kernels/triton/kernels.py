@@ -809,8 +809,10 @@ def _bwd_fused_kernel(
         b = tl.load(B + c, mask=cmask & HAS_BIAS, other=0.0).to(ACC)
         x_rows = _row_offsets(n, c, sxn, sxc)
         d_rows = _row_offsets(n, c, sdn, sdc)
-        sdw = tl.zeros([BLOCK_C], ACC)
-        sdb = tl.zeros([BLOCK_C], ACC)
+        # Element-wise accumulators, reduced once after the loop: fewer shuffles per tile, and
+        # Triton 3.6's thread-locality pass crashes on float32 reductions inside this loop.
+        tdw = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+        tdb = tl.zeros([BLOCK_C, BLOCK_S], ACC)
         for s0 in range(0, S, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (s < S)[None, :]
@@ -829,8 +831,10 @@ def _bwd_fused_kernel(
                 ACTIVATION,
                 ACC,
             )
-            sdb += tl.sum(dz, axis=1)
-            sdw += tl.sum(dz * xhat, axis=1)
+            tdb += dz
+            tdw += dz * xhat  # dz is 0 off the mask
+        sdw = tl.sum(tdw, axis=1)
+        sdb = tl.sum(tdb, axis=1)
         ws = n.to(tl.int64) * C + c
         tl.store(PDW + ws, sdw, mask=cmask)
         tl.store(PDB + ws, sdb, mask=cmask)

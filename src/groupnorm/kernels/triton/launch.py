@@ -129,6 +129,9 @@ def _check_dtype(x: torch.Tensor) -> None:
         )
 
 
+_plan_cached = functools.lru_cache(maxsize=4096)(make_plan)  # pure and called on every launch
+
+
 def plan_for(
     x: torch.Tensor,
     num_groups: int,
@@ -152,7 +155,7 @@ def plan_for(
         poison=config.poison,
     )
     wide = x.dtype == torch.float64
-    return make_plan(
+    return _plan_cached(
         n,
         c,
         s,
