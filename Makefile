@@ -9,7 +9,7 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groupnorm-installed
 
-.PHONY: setup test lint format demo reproduce data bench bench-gpu fuzz test-large figures clean
+.PHONY: setup test test-gpu lint format demo reproduce data bench bench-gpu fuzz test-large figures clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ fuzz: setup
 	GROUPNORM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s tests/test_properties.py
 
 # Tensors beyond 2^31 elements on the CPU path (about 13 GiB of RAM, a few minutes).
+# The Triton tests compiled on a CUDA GPU instead of the interpreter. Needs a CUDA build of
+# torch: e.g. make test-gpu TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+test-gpu: setup
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests/test_triton_interpreter.py
+
 test-large: setup
 	GROUPNORM_LARGE_TESTS=1 $(PY) -m pytest -q tests/test_large.py
 
