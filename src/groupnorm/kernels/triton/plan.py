@@ -32,9 +32,9 @@ DEFAULT_BLOCK = 4096
 #: A set up to this many (padded) elements is kept in registers and read once.
 MAX_ONE_TILE = 8192
 #: Up to this many elements in the whole tensor, one launch (the fused path) beats filling the
-#: GPU with the split path's three. Measured on an H100 (2026-11-25, Triton 3.6): each launch
-#: costs the host about 40 us, while the whole split forward of a (1, 320, 16, 16) tensor ran
-#: in 7.5 us of GPU time; a fused program streams a set of up to ~32k elements in a few us.
+#: GPU with the split path's three. Measured on an H100 host (2026-11-25, Triton 3.6): a small
+#: call costs the host 130-170 us, tens of us of it per extra launch, while the whole split
+#: forward of a (1, 320, 16, 16) tensor ran in 7.5 us of GPU time and the fused one in 3.8 us.
 SMALL_TENSOR = 1 << 20
 #: CUDA's limit on the second grid dimension (channel tiles on the split path).
 MAX_GRID_Y = 65535
