@@ -123,6 +123,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.gn_forward.restype = i32
     lib.gn_backward.argtypes = [i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, i32]
     lib.gn_backward.restype = i32
+    lib.gn_activation.argtypes = [i32, i32, p, p, i64]
+    lib.gn_activation.restype = i32
     return lib
 
 
@@ -203,6 +205,19 @@ def forward(
     if rc:
         raise RuntimeError(f"gn_forward returned {rc}")
     return y, mean, rstd
+
+
+def activation(lib: ctypes.CDLL, z: torch.Tensor, name: str, grad: bool = False) -> torch.Tensor:
+    """The fused kernels' activation (or, with ``grad``, its derivative) applied elementwise to
+    a float32 tensor, with the same inlined code; used to test their accuracy on their own."""
+    z = z.contiguous()
+    if z.dtype != torch.float32:
+        raise TypeError(f"activation() takes float32, got {z.dtype}")
+    out = torch.empty_like(z)
+    rc = lib.gn_activation(ACT_CODES[name], int(grad), z.data_ptr(), out.data_ptr(), z.numel())
+    if rc:
+        raise RuntimeError(f"gn_activation returned {rc}")
+    return out
 
 
 def backward(

@@ -62,28 +62,37 @@ inline void store(_Float16* p, float v) { *p = static_cast<_Float16>(v); }
 
 enum { ACT_NONE = 0, ACT_SILU = 1, ACT_GELU = 2, ACT_RELU = 3 };
 
-// exp for float32 by range reduction and a degree-6 polynomial (about 1 ulp in the clamped
-// range); written with plain arithmetic so that the compiler vectorizes the loops that call it.
-inline float exp_approx(float x) {
-  // comparisons, not fmin/fmax/floor: those are library calls (NaN and rounding-mode rules)
-  // that stop vectorization. A NaN input stays NaN through the polynomial.
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const int32_t ni = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));  // round to nearest
-  const float n = static_cast<float>(ni);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+// e^x for x <= 0 (every exp here has a non-positive argument: SiLU's sigmoid is written with
+// e^-|z|, erf and GELU's density with -z^2). Range reduction x = n ln2 + r, |r| <= ln2/2, and
+// Cephes' degree-6 polynomial for e^r (about 1 ulp). Written with plain arithmetic and
+// comparisons only (no floor/fmin/fmax, which are library calls), so that the loops calling it
+// vectorize; the inner loop is about 15 vector instructions.
+//  * n = round(x / ln2) comes from one float addition of 1.5 * 2^23 (+127, the exponent bias):
+//    that sum rounds to nearest and leaves n + 127 in the low mantissa bits, so 2^n is those
+//    bits shifted into the exponent field, with no float-to-int conversion.
+//  * below -87 (e^x < 1.7e-38, the normal range ends at 1.2e-38) the result is 0, so
+//    silu(-100) = -0 and sigmoid(-100) = 0; x is clamped first to keep 2^n a normal number.
+//  * NaN stays NaN (comparisons with NaN are false, and NaN propagates through the polynomial).
+inline float exp_nonpos(float x) {
+  constexpr float kLow = -87.0f;
+  constexpr float kShift = 12583039.0f;  // 1.5 * 2^23 + 127
+  const float xc = x < kLow ? kLow : x;
+  const float k = xc * 1.44269504088896341f + kShift;
+  const float n = k - kShift;  // round(x / ln2), exact
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite: ln2 in two parts
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (ni + 127) << 23;
+  const float e = p * (r * r) + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &k, 4);
+  bits <<= 23;  // n + 127 into the exponent field; the shift drops the 1.5 * 2^23
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return e * scale;
+  return x < kLow ? 0.0f : e * scale;
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), branch-free.
@@ -95,14 +104,19 @@ inline float erf_approx(float x) {
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  float v = 1.0f - p * t * exp_approx(-ax * ax);
+  float v = 1.0f - p * t * exp_nonpos(-ax * ax);
   return std::copysign(v, x);
 }
 
+// SiLU through e = e^-|z| in (0, 1], which never overflows:
+//   sigmoid(z) = 1 / (1 + e) for z >= 0,  e / (1 + e) for z < 0.
+// silu(100) = 100, silu(-100) = -0 (e is 0 there), silu(NaN) = NaN, silu(-inf) = NaN (as torch's
+// x / (1 + exp(-x))), silu(inf) = inf.
 template <int ACT>
 inline float act_fwd(float z) {
   if constexpr (ACT == ACT_SILU) {
-    return z / (1.0f + exp_approx(-z));
+    const float e = exp_nonpos(-std::fabs(z));
+    return (z < 0.0f ? z * e : z) / (1.0f + e);
   } else if constexpr (ACT == ACT_GELU) {
     return 0.5f * z * (1.0f + erf_approx(z * 0.70710678118654752f));
   } else if constexpr (ACT == ACT_RELU) {
@@ -112,15 +126,20 @@ inline float act_fwd(float z) {
   }
 }
 
-// f'(z)
+// f'(z); for SiLU, s (1 + z (1 - s)) with s = sigmoid(z) and 1 - s both from e = e^-|z|, so
+// 1 - s keeps its digits where s is close to 1.
 template <int ACT>
 inline float act_grad(float z) {
   if constexpr (ACT == ACT_SILU) {
-    float s = 1.0f / (1.0f + exp_approx(-z));
-    return s * (1.0f + z * (1.0f - s));
+    const float e = exp_nonpos(-std::fabs(z));
+    const float q = 1.0f / (1.0f + e);
+    const float eq = e * q;
+    const float s = z < 0.0f ? eq : q;
+    const float sc = z < 0.0f ? q : eq;
+    return s * (1.0f + z * sc);
   } else if constexpr (ACT == ACT_GELU) {
     float cdf = 0.5f * (1.0f + erf_approx(z * 0.70710678118654752f));
-    return cdf + z * exp_approx(-0.5f * z * z) * 0.39894228040143268f;
+    return cdf + z * exp_nonpos(-0.5f * z * z) * 0.39894228040143268f;
   } else if constexpr (ACT == ACT_RELU) {
     return z <= 0.0f ? 0.0f : 1.0f;
   } else {
@@ -129,6 +148,54 @@ inline float act_grad(float z) {
 }
 
 constexpr i64 kRun = 2048;  // values summed in float32 before the sum moves to double
+
+// Sums with kLanes independent accumulators: one vector accumulator is a chain of dependent
+// adds (3-4 cycles each), which made the statistics pass latency-bound; 64 lanes are 4 zmm (or
+// 8 ymm) registers whose adds overlap.
+constexpr int kLanes = 64;
+
+inline float lanes_total(float* acc) {
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0];
+}
+
+// sum of (p[i] - shift), i < n
+template <typename T>
+inline float shifted_sum(const T* p, i64 n, float shift) {
+  float acc[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) acc[j] += load(p[i + j]) - shift;
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += load(p[i]) - shift;
+  return lanes_total(acc) + tail;
+}
+
+// sum of ((p[i] - shift) - mean)^2, i < n (two subtractions: shift + mean could round away
+// the digits of a small variance around a large mean)
+template <typename T>
+inline float shifted_sum_sq(const T* p, i64 n, float shift, float mean) {
+  float acc[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const float d = (load(p[i + j]) - shift) - mean;
+      acc[j] += d * d;
+    }
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) {
+    const float d = (load(p[i]) - shift) - mean;
+    tail += d * d;
+  }
+  return lanes_total(acc) + tail;
+}
 
 // ---- nchw: one set is one contiguous block --------------------------------------------------
 
@@ -151,16 +218,8 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     for (i64 start = 0; start < L; start += kRun) {
       const i64 end = start + kRun < L ? start + kRun : L;
       const float nr = static_cast<float>(end - start);
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (i64 i = start; i < end; ++i) s += load(px[i]) - pivot;
-      const float mr = s / nr;
-      float q = 0.0f;
-#pragma omp simd reduction(+ : q)
-      for (i64 i = start; i < end; ++i) {
-        const float d = (load(px[i]) - pivot) - mr;
-        q += d * d;
-      }
+      const float mr = shifted_sum(px + start, end - start, pivot) / nr;
+      const float q = shifted_sum_sq(px + start, end - start, pivot, mr);
       const double delta = static_cast<double>(mr) - mean_d;
       const double total = count + nr;
       mean_d += delta * nr / total;
@@ -565,6 +624,27 @@ int gn_backward(int dtype, const void* dy, const void* x, const float* w, const 
                                     nthreads);
     default: return 2;
   }
+}
+
+// The activation alone, elementwise on float32 (grad=1: its derivative), with the same inlined
+// code as the fused kernels; for the accuracy tests of exp_nonpos and the activations.
+int gn_activation(int act, int grad, const float* z, float* out, i64 n) {
+#define GN_ACT(A)                                                      \
+  do {                                                                 \
+    if (grad) {                                                        \
+      _Pragma("omp simd") for (i64 i = 0; i < n; ++i) out[i] = act_grad<A>(z[i]); \
+    } else {                                                           \
+      _Pragma("omp simd") for (i64 i = 0; i < n; ++i) out[i] = act_fwd<A>(z[i]);  \
+    }                                                                  \
+  } while (0)
+  switch (act) {
+    case ACT_NONE: GN_ACT(ACT_NONE); return 0;
+    case ACT_SILU: GN_ACT(ACT_SILU); return 0;
+    case ACT_GELU: GN_ACT(ACT_GELU); return 0;
+    case ACT_RELU: GN_ACT(ACT_RELU); return 0;
+    default: return 1;
+  }
+#undef GN_ACT
 }
 
 int gn_abi_version(void) { return 1; }
