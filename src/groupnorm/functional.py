@@ -12,9 +12,21 @@ from torch import Tensor
 from . import _validation as v
 from . import export
 from .kernels import check_backend
+from .kernels.cpu import fast_forward
 from .ops import normalize_op
 
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
+
+# Modes the no-autograd fast path (kernels.cpu.fast_forward) takes, by the names check_mode
+# accepts in lower case
+_FAST_MODES = {
+    "group": "group",
+    "gn": "group",
+    "layer": "layer",
+    "ln": "layer",
+    "instance": "instance",
+    "in": "instance",
+}
 
 
 def normalize(
@@ -84,6 +96,29 @@ def normalize(
         >>> torch.equal(s, 2 * x)
         True
     """
+    fast_mode = _FAST_MODES.get(mode) if type(mode) is str else None
+    if (
+        fast_mode is not None
+        and group_size is None
+        and residual is None
+        and running_mean is None
+        and running_var is None
+        and training is True
+        and not return_sum
+        and (num_groups is None) != (fast_mode == "group")
+    ):
+        y = fast_forward(
+            input,
+            num_groups if fast_mode == "group" else 1,
+            weight,
+            bias,
+            eps,
+            activation,
+            backend,
+            per_channel=fast_mode == "instance",
+        )
+        if y is not None:
+            return y
     mode = v.check_mode(mode)
     v.check_input(input)
     num_channels = input.shape[1]
@@ -217,6 +252,10 @@ def group_norm(
     >>> torch.allclose(group_norm(x, None, group_size=6), group_norm(x, 5))
     True
     """
+    if group_size is None and residual is None and not return_sum:
+        y = fast_forward(input, num_groups, weight, bias, eps, activation, backend)
+        if y is not None:
+            return y
     return normalize(
         input,
         "group",
@@ -290,6 +329,10 @@ def layer_norm(
     >>> torch.allclose(layer_norm(x), torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
     True
     """
+    if residual is None:
+        y = fast_forward(input, 1, weight, bias, eps, activation, backend)
+        if y is not None:
+            return y
     return normalize(
         input,
         "layer",
@@ -318,6 +361,10 @@ def instance_norm(
     >>> torch.allclose(instance_norm(x), torch.nn.functional.instance_norm(x), atol=1e-5)
     True
     """
+    if residual is None:
+        y = fast_forward(input, 1, weight, bias, eps, activation, backend, per_channel=True)
+        if y is not None:
+            return y
     return normalize(
         input,
         "instance",
