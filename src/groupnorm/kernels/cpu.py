@@ -208,6 +208,22 @@ def _float32_params(x, weight, bias):
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
+    if pool_batch and (
+        given_mean is None
+        or (given_mean.dtype == torch.float32 and given_var.dtype == torch.float32)
+    ):
+        ext = _ext_params(x, weight, bias)
+        if ext is not None:
+            lib, layout, w, b = ext
+            src = x + residual if residual is not None else x
+            if _ext_layout(src) == layout:
+                n, c = src.shape[0], src.shape[1]
+                rows = bool(layout) or src.numel() == n * c  # (N, C) is rows of C values
+                gm = given_mean.contiguous() if given_mean is not None else None
+                gv = given_var.contiguous() if given_var is not None else None
+                y, mean, rstd = cpu_ext.batch_forward(lib, src, w, b, gm, gv, eps, activation, rows)
+                total = src if residual is not None else x.new_empty(0)
+                return y, total, mean, rstd
     if not pool_batch and given_mean is None:
         ext = _ext_params(x, weight, bias)
         if ext is not None:
