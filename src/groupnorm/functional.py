@@ -119,6 +119,44 @@ def normalize(
         )
         if y is not None:
             return y
+    return _normalize(
+        input,
+        mode,
+        num_groups=num_groups,
+        group_size=group_size,
+        weight=weight,
+        bias=bias,
+        eps=eps,
+        activation=activation,
+        residual=residual,
+        running_mean=running_mean,
+        running_var=running_var,
+        training=training,
+        momentum=momentum,
+        return_sum=return_sum,
+        backend=backend,
+    )
+
+
+def _normalize(
+    input: Tensor,
+    mode: str,
+    *,
+    num_groups: int | None = None,
+    group_size: int | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    residual: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    return_sum: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`normalize` without its fast path: full validation, then the op."""
     mode = v.check_mode(mode)
     v.check_input(input)
     num_channels = input.shape[1]
@@ -256,7 +294,7 @@ def group_norm(
         y = fast_forward(input, num_groups, weight, bias, eps, activation, backend)
         if y is not None:
             return y
-    return normalize(
+    return _normalize(
         input,
         "group",
         num_groups=num_groups,
@@ -333,7 +371,7 @@ def layer_norm(
         y = fast_forward(input, 1, weight, bias, eps, activation, backend)
         if y is not None:
             return y
-    return normalize(
+    return _normalize(
         input,
         "layer",
         weight=weight,
@@ -365,7 +403,7 @@ def instance_norm(
         y = fast_forward(input, 1, weight, bias, eps, activation, backend, per_channel=True)
         if y is not None:
             return y
-    return normalize(
+    return _normalize(
         input,
         "instance",
         weight=weight,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
-from .functional import normalize, update_running_stats
+from .functional import _normalize, normalize, update_running_stats
 from .kernels.cpu import fast_forward
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -131,7 +131,7 @@ class GroupNorm(nn.GroupNorm):
                 f"input of shape {tuple(input.shape)}; build the layer with "
                 f"num_channels={input.shape[1]} or fix the layer that feeds it"
             )
-        return normalize(
+        return _normalize(
             input,
             "group",
             num_groups=self.num_groups,

@@ -39,7 +39,19 @@ _INPLACE = {
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
+# against 0.5 us for os.environ.get (it encodes the key on every call). Only used to see that
+# neither variable is set; when one is, or elsewhere, os.environ is read as usual.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in ("GROUPNORM_BACKEND", "GROUPNORM_CPU_EXT"))
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
+
+
 def _use_ext() -> bool:
+    if _ENV_DATA is not None and _ENV_KEYS[1] not in _ENV_DATA:
+        return True  # (see _env_allows_fast)
     return os.environ.get("GROUPNORM_CPU_EXT", "1") != "0"
 
 
@@ -78,14 +90,6 @@ def _ext_params(x, weight, bias):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _FAST_ACT = {None: "", "": "", "silu": "silu", "gelu": "gelu", "relu": "relu"}
 _F32 = torch.float32
-# CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
-# against 0.5 us for os.environ.get (it encodes the key on every call). Only used to see that
-# neither variable is set; when one is, or elsewhere, os.environ is read as usual.
-_ENV_DATA = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in ("GROUPNORM_BACKEND", "GROUPNORM_CPU_EXT"))
-except AttributeError:  # pragma: no cover - not CPython's os.environ
-    _ENV_DATA = None
 
 
 def _env_allows_fast() -> bool:
@@ -104,9 +108,10 @@ def _plain_param(p, c: int) -> bool:
 
 
 def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_channel=False):
-    """The output of a group/layer/instance norm call that needs no autograd, computed by the
-    fused kernels with as little Python around them as possible; ``None`` for any other call,
-    which then takes the full path (validation, custom op or eager path, backend).
+    """The output of a plain eager group/layer/instance norm call on CPU, computed by the fused
+    kernels with as little Python around them as possible (through :class:`_FusedNorm` when
+    autograd is needed); ``None`` for any other call, which then takes the full path
+    (validation, custom op or eager path, backend).
 
     Each check below only lets through arguments that the full validation accepts, in plain
     eager mode, and the kernel call is the one the full path makes, so both give the same
@@ -119,12 +124,11 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
     c = x.shape[1]
     if not _plain_param(weight, c) or not _plain_param(bias, c):
         return None
-    if torch.is_grad_enabled() and (
+    needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
-    ):
-        return None
+    )
     code = cpu_ext.DTYPE_CODES.get(x.dtype)
     if code is None or not x.is_cpu or x.numel() == 0:
         return None
@@ -157,7 +161,48 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
     lib = cpu_ext.library()
     if lib is None:
         return None
+    if needs_grad:
+        return _FusedNorm.apply(x, weight, bias, (lib, num_groups, eps, act, layout))
     return cpu_ext.forward_output(lib, x, weight, bias, num_groups, eps, act, layout)
+
+
+class _FusedNorm(torch.autograd.Function):
+    """The fast path's autograd: the fused kernels forward and backward, saving what the op's
+    autograd saves (x, weight, bias, mean, rstd), with one non-tensor argument (``meta``:
+    library, groups, eps, activation, layout) instead of the op's eleven."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta):
+        lib, num_groups, eps, act, layout = meta
+        y, mean, rstd = cpu_ext.forward(lib, x, weight, bias, num_groups, eps, act, layout)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.meta = meta
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        lib, num_groups, _eps, act, layout = ctx.meta
+        if dy.dtype != x.dtype or dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        need_dx, need_dw, need_db, _ = ctx.needs_input_grad
+        dx, dw, db = cpu_ext.backward(
+            lib,
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            num_groups,
+            act,
+            layout,
+            need_dx,
+            need_dw and weight is not None,
+            need_db and bias is not None,
+        )
+        return dx, dw, db, None
 
 
 def _dense(t):

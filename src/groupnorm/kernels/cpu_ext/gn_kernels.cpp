@@ -728,8 +728,10 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
       rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
     }
   } else {
-    // rows in chunks of at most 256 (float32 partial sums), enough chunks for every thread
-    i64 rows = (R + 4 * nthreads - 1) / (4 * nthreads);
+    // rows in chunks of at most 256 (float32 partial sums), 8 or more chunks for the threads;
+    // the chunks do not depend on the thread count, so neither do the sums (bit-identical
+    // results with 1 or 2 threads)
+    i64 rows = (R + 7) / 8;
     if (rows > 256) rows = 256;
     if (rows < 1) rows = 1;
     const i64 chunks = (R + rows - 1) / rows;
