@@ -227,13 +227,13 @@ inline void for_each_vec(i64 n, F&& body) {
 // Sums over s < n of the two terms body(s, t1, t2) returns, with kLanes accumulators; values
 // of the overlapping last block that were already summed add zero. body may also store
 // per-element results (the same values when called twice).
-template <typename F>
-inline void sum_two(i64 n, F&& body, float& out1, float& out2) {
-  float a1[kLanes] = {}, a2[kLanes] = {};
+template <int W, typename F>
+inline void sum_two_lanes(i64 n, F&& body, float& out1, float& out2) {
+  float a1[W] = {}, a2[W] = {};
   i64 i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (; i + W <= n; i += W) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) {
+    for (int j = 0; j < W; ++j) {
       float t1, t2;
       body(i + j, t1, t2);
       a1[j] += t1;
@@ -267,12 +267,20 @@ inline void sum_two(i64 n, F&& body, float& out1, float& out2) {
       a2[0] += t2;
     }
   }
-  if (n >= kLanes) {
-    out1 = lanes_total(a1);
-    out2 = lanes_total(a2);
-  } else {  // only the first kVec lanes were used
-    out1 = lanes_total<kVec>(a1);
-    out2 = lanes_total<kVec>(a2);
+  out1 = lanes_total<W>(a1);
+  out2 = lanes_total<W>(a2);
+}
+
+// Sums over s < n of the two terms body(s, t1, t2) returns, with kLanes accumulators (kVec
+// for short runs, whose setup and final reduction would otherwise dominate); values of the
+// overlapping last block that were already summed add zero. body may also store per-element
+// results (the same values when called twice).
+template <typename F>
+inline void sum_two(i64 n, F&& body, float& out1, float& out2) {
+  if (n >= 4 * kLanes) {
+    sum_two_lanes<kLanes>(n, body, out1, out2);
+  } else {
+    sum_two_lanes<kVec>(n, body, out1, out2);
   }
 }
 
