@@ -12,7 +12,7 @@ from torch import Tensor
 from . import _validation as v
 from . import export
 from .kernels import check_backend
-from .kernels.cpu import fast_forward
+from .kernels.cpu import fast_batch_forward, fast_forward
 from .ops import normalize_op
 
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
@@ -331,7 +331,22 @@ def batch_norm(
     >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-6)
     True
     """
-    return normalize(
+    if residual is None:
+        y = fast_batch_forward(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            activation,
+            backend,
+        )
+        if y is not None:
+            return y
+    return _normalize(
         input,
         "batch",
         weight=weight,

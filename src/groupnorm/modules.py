@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
-from .functional import _normalize, normalize, update_running_stats
-from .kernels.cpu import fast_forward
+from .functional import _normalize, update_running_stats
+from .kernels.cpu import fast_batch_forward, fast_forward
 
 _PLAIN = (Tensor, nn.Parameter)
 
@@ -318,7 +318,24 @@ class BatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        y = normalize(
+        running_mean = self.running_mean if (update or not use_batch) else None
+        running_var = self.running_var if (update or not use_batch) else None
+        if residual is None:  # a no-autograd call: the fast path (None when it does not apply)
+            y = fast_batch_forward(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                use_batch,
+                momentum,
+                self.eps,
+                self._activation,
+                None,
+            )
+            if y is not None:
+                return y
+        y = _normalize(
             input,
             "batch",
             weight=self.weight,
@@ -326,8 +343,8 @@ class BatchNorm(_BatchNorm):
             eps=self.eps,
             activation=self._activation,
             residual=residual,
-            running_mean=self.running_mean if (update or not use_batch) else None,
-            running_var=self.running_var if (update or not use_batch) else None,
+            running_mean=running_mean,
+            running_var=running_var,
             training=use_batch,
             momentum=momentum,
         )

@@ -166,6 +166,74 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
     return cpu_ext.forward_output(lib, x, weight, bias, num_groups, eps, act, layout)
 
 
+def fast_batch_forward(
+    x, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
+):
+    """:func:`fast_forward` for batch norm, for calls that need no autograd: the fused kernel
+    with the running statistics (float32) updated inside it; ``None`` for any other call."""
+    if torch.compiler.is_compiling() or type(x) not in _PLAIN or x.dim() < 2:
+        return None
+    c = x.shape[1]
+    if not (
+        _plain_param(weight, c)
+        and _plain_param(bias, c)
+        and _plain_param(running_mean, c)
+        and _plain_param(running_var, c)
+    ):
+        return None
+    if (running_mean is None) != (running_var is None) or type(training) is not bool:
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return None
+    code = cpu_ext.DTYPE_CODES.get(x.dtype)
+    if code is None or not x.is_cpu or x.numel() == 0:
+        return None
+    if training:
+        if x.numel() // c == 1:
+            return None  # one value per channel: the full path explains the error
+        if running_mean is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
+            return None
+    elif running_mean is None:
+        return None
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if activation is not None and type(activation) is not str:
+        return None
+    act = _FAST_ACT.get(activation)
+    if act is None or (backend is not None and backend != "auto" and backend != "cpu"):
+        return None
+    if (
+        torch.compiler.is_exporting()
+        or torch._C._is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or _get_current_dispatch_mode() is not None
+        or _is_wrapped(x)
+        or not _env_allows_fast()
+    ):
+        return None
+    layout = _ext_layout(x)
+    if layout is None:
+        return None
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    rows = bool(layout) or x.numel() == x.shape[0] * c
+    if training:
+        running = (running_mean, running_var, momentum) if running_mean is not None else None
+        given = (None, None)
+    else:
+        running, given = None, (running_mean, running_var)
+    y, _, _ = cpu_ext.batch_forward(
+        lib, x, weight, bias, *given, eps, act, rows, running, statistics=False
+    )
+    return y
+
+
 class _FusedNorm(torch.autograd.Function):
     """The fast path's autograd: the fused kernels forward and backward, saving what the op's
     autograd saves (x, weight, bias, mean, rstd), with one non-tensor argument (``meta``:

@@ -178,7 +178,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 # gn_kernels.cpp): one packed buffer instead of 15-17 ctypes conversions (~1.5 us per call).
 _FORWARD_ARGS = struct.Struct("=12qd2q")
 _BACKWARD_ARGS = struct.Struct("=17q")
-_BATCH_FORWARD_ARGS = struct.Struct("=13qd2q")
+_BATCH_FORWARD_ARGS = struct.Struct("=13qd4qd")
 
 
 def forward(
@@ -233,16 +233,21 @@ def batch_forward(
     eps: float,
     activation: str,
     rows: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    statistics: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Batch norm: y, mean, rstd (float32, shape (C,)) for ``x`` (N, C, *).
 
     Training statistics, or with ``given_mean``/``given_var`` (float32, contiguous) those.
     ``rows`` means x is (N * S, C) in memory (channels-last, or S = 1), else (N, C, S).
-    ``weight``/``bias`` must be contiguous float32 (or None)."""
+    ``weight``/``bias`` must be contiguous float32 (or None). ``running`` (running mean,
+    running var, momentum; float32 contiguous) are updated in place in training. Without
+    ``statistics`` mean and rstd are not returned (None)."""
     n, c = x.shape[0], x.shape[1]
     y = torch.empty_like(x)
-    mean = torch.empty(c, dtype=torch.float32)
-    rstd = torch.empty(c, dtype=torch.float32)
+    mean = torch.empty(c, dtype=torch.float32) if statistics else None
+    rstd = torch.empty(c, dtype=torch.float32) if statistics else None
+    run_mean, run_var, momentum = running if running is not None else (None, None, 0.0)
     rc = lib.bn_forward_packed(
         _BATCH_FORWARD_ARGS.pack(
             DTYPE_CODES[x.dtype],
@@ -252,8 +257,8 @@ def batch_forward(
             _ptr(bias),
             _ptr(given_mean),
             _ptr(given_var),
-            mean.data_ptr(),
-            rstd.data_ptr(),
+            _ptr(mean),
+            _ptr(rstd),
             n,
             c,
             x.numel() // (n * c),
@@ -261,6 +266,9 @@ def batch_forward(
             eps,
             ACT_CODES[activation],
             torch.get_num_threads(),
+            _ptr(run_mean),
+            _ptr(run_var),
+            momentum,
         )
     )
     if rc:

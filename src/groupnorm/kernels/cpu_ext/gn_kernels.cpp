@@ -675,20 +675,36 @@ inline void add_shifted(const T* p, i64 n, float pivot, float* a1, float* a2) {
   }
 }
 
-// mean and 1/sqrt(var + eps) from shifted sums t1 = sum (x - pivot), t2 = sum (x - pivot)^2
+// Running statistics, updated in place when given (training): as torch.nn.BatchNorm does,
+// running = (1 - momentum) * running + momentum * batch value, with the unbiased variance.
+struct Running {
+  float* mean;
+  float* var;
+  double momentum;
+};
+
+// mean and 1/sqrt(var + eps) from shifted sums t1 = sum (x - pivot), t2 = sum (x - pivot)^2,
+// and the update of channel c's running statistics
 inline void shifted_stats(double t1, double t2, double count, float pivot, float eps, float* mean,
-                          float* rstd) {
+                          float* rstd, const Running& run, i64 c) {
   const double mc = t1 / count;
   double m2 = t2 - t1 * mc;
   if (m2 < 0.0) m2 = 0.0;
-  *mean = static_cast<float>(static_cast<double>(pivot) + mc);
+  const double mean_d = static_cast<double>(pivot) + mc;
+  *mean = static_cast<float>(mean_d);
   *rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + eps));
+  if (run.mean) {
+    const double m = run.momentum;
+    const double unbiased = m2 / (count > 1.0 ? count - 1.0 : 1.0);
+    run.mean[c] = static_cast<float>((1.0 - m) * run.mean[c] + m * mean_d);
+    run.var[c] = static_cast<float>((1.0 - m) * run.var[c] + m * unbiased);
+  }
 }
 
 template <typename T, int ACT>
 void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const float* given_mean,
                      const float* given_var, float* mean_out, float* rstd_out, i64 N, i64 C,
-                     i64 S, float eps, int nthreads) {
+                     i64 S, float eps, const Running& run, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 c = 0; c < C; ++c) {
     float mu, r;
@@ -710,7 +726,7 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
           pending = 0;
         }
       }
-      shifted_stats(t1, t2, static_cast<double>(N * S), pivot, eps, &mu, &r);
+      shifted_stats(t1, t2, static_cast<double>(N * S), pivot, eps, &mu, &r, run, c);
     }
     mean_out[c] = mu;
     rstd_out[c] = r;
@@ -728,7 +744,7 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
 template <typename T, int ACT>
 void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const float* given_mean,
                      const float* given_var, float* mean_out, float* rstd_out, i64 R, i64 C,
-                     float eps, int nthreads) {
+                     float eps, const Running& run, int nthreads) {
   std::vector<float> coef_a(C), coef_h(C), coef_m(C);
   if (given_mean) {
     for (i64 c = 0; c < C; ++c) {
@@ -766,7 +782,8 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
         t1 += part1[k * C + c];
         t2 += part2[k * C + c];
       }
-      shifted_stats(t1, t2, static_cast<double>(R), load(x[c]), eps, &mean_out[c], &rstd_out[c]);
+      shifted_stats(t1, t2, static_cast<double>(R), load(x[c]), eps, &mean_out[c], &rstd_out[c],
+                    run, c);
     }
   }
   for (i64 c = 0; c < C; ++c) {
@@ -789,12 +806,19 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
 template <typename T>
 int bn_forward_any(const void* x, void* y, const float* w, const float* b, const float* gm,
                    const float* gv, float* mean, float* rstd, i64 N, i64 C, i64 S, int nhwc,
-                   float eps, int act, int nthreads) {
+                   float eps, const Running& run, int act, int nthreads) {
   const T* px = static_cast<const T*>(x);
   T* py = static_cast<T*>(y);
-#define BN_FWD(A)                                                                            \
-  (nhwc ? bn_forward_nhwc<T, A>(px, py, w, b, gm, gv, mean, rstd, N * S, C, eps, nthreads) \
-        : bn_forward_nchw<T, A>(px, py, w, b, gm, gv, mean, rstd, N, C, S, eps, nthreads))
+  std::vector<float> scratch;
+  if (!mean) {  // the caller needs no statistics; the kernels still do
+    scratch.resize(2 * C);
+    mean = scratch.data();
+    rstd = mean + C;
+  }
+#define BN_FWD(A)                                                                        \
+  (nhwc ? bn_forward_nhwc<T, A>(px, py, w, b, gm, gv, mean, rstd, N * S, C, eps, run,  \
+                                nthreads)                                                \
+        : bn_forward_nchw<T, A>(px, py, w, b, gm, gv, mean, rstd, N, C, S, eps, run, nthreads))
   switch (act) {
     case ACT_NONE: BN_FWD(ACT_NONE); return 0;
     case ACT_SILU: BN_FWD(ACT_SILU); return 0;
@@ -860,7 +884,8 @@ struct ForwardArgs {
 struct BatchForwardArgs {
   i64 dtype, x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, nhwc;
   double eps;
-  i64 act, nthreads;
+  i64 act, nthreads, running_mean, running_var;
+  double momentum;
 };
 
 struct BackwardArgs {
@@ -890,20 +915,24 @@ int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b
 
 // Batch norm forward (training when given_mean is null, else eval with the given statistics);
 // writes mean and rstd of shape (C,). Same dtype codes and return values as gn_forward.
+// running_mean/running_var (float32, or null) are updated in place with momentum in training;
+// mean/rstd may be null when the caller needs no statistics.
 int bn_forward(int dtype, const void* x, void* y, const float* w, const float* b,
                const float* given_mean, const float* given_var, float* mean, float* rstd, i64 N,
-               i64 C, i64 S, int nhwc, float eps, int act, int nthreads) {
+               i64 C, i64 S, int nhwc, float eps, int act, int nthreads, float* running_mean,
+               float* running_var, double momentum) {
   if (N * C * S < kSerialBelow) nthreads = 1;
+  const Running run{given_mean ? nullptr : running_mean, running_var, momentum};
   switch (dtype) {
     case 0:
       return bn_forward_any<float>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, nhwc,
-                                   eps, act, nthreads);
+                                   eps, run, act, nthreads);
     case 1:
       return bn_forward_any<BF16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, nhwc,
-                                  eps, act, nthreads);
+                                  eps, run, act, nthreads);
     case 2:
       return bn_forward_any<_Float16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S,
-                                      nhwc, eps, act, nthreads);
+                                      nhwc, eps, run, act, nthreads);
     default: return 2;
   }
 }
@@ -942,7 +971,8 @@ int bn_forward_packed(const BatchForwardArgs* a) {
                     ptr<const float>(a->w), ptr<const float>(a->b), ptr<const float>(a->given_mean),
                     ptr<const float>(a->given_var), ptr<float>(a->mean), ptr<float>(a->rstd), a->N,
                     a->C, a->S, static_cast<int>(a->nhwc), static_cast<float>(a->eps),
-                    static_cast<int>(a->act), static_cast<int>(a->nthreads));
+                    static_cast<int>(a->act), static_cast<int>(a->nthreads),
+                    ptr<float>(a->running_mean), ptr<float>(a->running_var), a->momentum);
 }
 
 int gn_backward_packed(const BackwardArgs* a) {
