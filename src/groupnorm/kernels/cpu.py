@@ -6,10 +6,16 @@ What runs where (``benchmarks/README.md`` has the numbers behind each choice):
   channels-last, forward and backward, with or without a fused activation -> the fused C++
   kernels of :mod:`groupnorm.kernels.cpu_ext` (compiled on first use, cached on disk). The fused
   backward recomputes the activation's input from x, mean and rstd, so nothing else is saved;
+* batch norm forward (training or eval, same dtypes and layouts) -> the fused C++ kernel too
+  (torch's CPU batch norm kernel is several times slower here); its backward ->
+  ``aten::native_batch_norm_backward`` with the kernel's mean and rstd;
+* plain eager calls (no compile/export/tracing, modes or functorch transforms, float32
+  weight/bias) enter through :func:`fast_forward` / :func:`fast_batch_forward`, which skip the
+  custom op and most of the Python around it and give the same results;
 * when those kernels are unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the
   case is outside them (float64, other strides, empty tensors, mixed weight/bias dtypes):
   group/layer/instance forward -> ``aten::native_group_norm`` then the activation in place;
-  batch norm -> ``aten::native_batch_norm`` (torch's own kernel is the fastest thing here);
+  batch norm -> ``aten::native_batch_norm``;
   backward without an activation -> ``aten::native_group_norm_backward`` /
   ``aten::native_batch_norm_backward``;
 * everything else (activation backward off the fused path, given statistics with mixed dtypes)
