@@ -512,3 +512,41 @@ def test_batch_norm_fast_path_matches_torch(layout, momentum):
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         with torch.no_grad():
             gf.batch_norm(torch.randn(1, 6), rm, rv, training=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_autograd_fast_path_matches_reference(dtype, layout):
+    """BatchNorm (float32 parameters) in training with autograd: our forward kernel and torch's
+    backward kernel, outputs and gradients of x, weight and bias against float64."""
+    _ext_or_skip()
+    x, _, dy, _, _ = _data((4, 6, 5, 7), dtype, layout, 23)
+    m = groupnorm.BatchNorm(6)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(6) + 0.5)
+        m.bias.copy_(torch.randn(6))
+    w, b = m.weight.detach(), m.bias.detach()
+
+    xs = x.detach().clone().requires_grad_()
+    out = m(xs)
+    gx, gw, gb = torch.autograd.grad(out, (xs, m.weight, m.bias), dy)
+    ref_out, ref_grads = _run(
+        lambda x_, w_, b_: groupnorm.reference_norm(x_, "batch", weight=w_, bias=b_).output,
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+    )
+    t_out, t_grads = _run(
+        lambda x_, w_, b_: F.batch_norm(x_, None, None, w_, b_, training=True), dy, x, w, b
+    )
+    assert out.stride() == x.stride() and out.dtype == dtype
+    for name, got, want, theirs in zip(
+        ("y", "dx", "dweight", "dbias"),
+        (out.detach(), gx, gw, gb),
+        (ref_out, *ref_grads),
+        (t_out, *t_grads),
+        strict=True,
+    ):
+        tol = 2 * _err(theirs, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert _err(got, want) <= tol, f"{name}: {_err(got, want):.3g} > {tol:.3g}"

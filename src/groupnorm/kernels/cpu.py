@@ -175,8 +175,9 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
 def fast_batch_forward(
     x, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
 ):
-    """:func:`fast_forward` for batch norm, for calls that need no autograd: the fused kernel
-    with the running statistics (float32) updated inside it; ``None`` for any other call."""
+    """:func:`fast_forward` for batch norm: the fused kernel with the running statistics
+    (float32) updated inside it, through :class:`_FusedBatchNorm` when autograd is needed
+    (training, no activation); ``None`` for any other call."""
     if torch.compiler.is_compiling() or type(x) not in _PLAIN or x.dim() < 2:
         return None
     c = x.shape[1]
@@ -189,12 +190,13 @@ def fast_batch_forward(
         return None
     if (running_mean is None) != (running_var is None) or type(training) is not bool:
         return None
-    if torch.is_grad_enabled() and (
+    needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
-    ):
-        return None
+    )
+    if needs_grad and (not training or activation or (weight is None and bias is not None)):
+        return None  # (the full path: the portable core for these backwards)
     code = cpu_ext.DTYPE_CODES.get(x.dtype)
     if code is None or not x.is_cpu or x.numel() == 0:
         return None
@@ -229,6 +231,11 @@ def fast_batch_forward(
     if lib is None:
         return None
     rows = bool(layout) or x.numel() == x.shape[0] * c
+    if needs_grad:
+        if _dense(x) is not x:  # torch's backward kernel reads contiguous or channels-last
+            return None
+        running = (running_mean, running_var, momentum) if running_mean is not None else None
+        return _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows))
     if training:
         running = (running_mean, running_var, momentum) if running_mean is not None else None
         given = (None, None)
@@ -238,6 +245,32 @@ def fast_batch_forward(
         lib, x, weight, bias, *given, eps, act, rows, running, statistics=False
     )
     return y
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """Batch norm in training through the fast path: our forward kernel, torch's
+    ``native_batch_norm_backward`` (as the full path), saving x, weight, mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta):
+        lib, running, eps, rows = meta
+        y, mean, rstd = cpu_ext.batch_forward(
+            lib, x, weight, bias, None, None, eps, "", rows, running
+        )
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db, _ = ctx.needs_input_grad
+        mask = [need_dx, need_dw and weight is not None, need_db]
+        dy = _like(dy.to(x.dtype), x)
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, rstd, True, 0.0, mask
+        )
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None)
 
 
 class _FusedNorm(torch.autograd.Function):
