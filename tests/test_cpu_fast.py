@@ -313,3 +313,240 @@ def test_compile_still_traces_the_op():
     )
     x = torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(f(x), gf.group_norm(x, 2, activation="silu"))
+
+
+# ---- the kernels' exp and activations, on their own -------------------------------------------
+
+_ULP = 2.0**-23  # float32 spacing at 1
+
+
+def _activation_grid() -> torch.Tensor:
+    dense = torch.linspace(-110.0, 110.0, 400_001, dtype=torch.float64)
+    near_zero = torch.logspace(-45, 0, 2001, dtype=torch.float64)  # float32 denormals and up
+    tail = torch.linspace(-92.0, -84.0, 8001, dtype=torch.float64)  # where e^z leaves float32
+    return torch.cat([dense, near_zero, -near_zero, tail]).float()
+
+
+def _ext_or_skip():
+    lib = cpu_ext.library()
+    if lib is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    return lib
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+@pytest.mark.parametrize("grad", [False, True], ids=["value", "derivative"])
+def test_activation_accuracy_against_float64(name, grad):
+    """The inlined activation (and its derivative) over -110..110, float32 denormals and the
+    range where e^z underflows, against float64: within a few ulp where the value is a
+    normal float32 (and at most 2x torch's own largest error), flushed to zero only where the
+    true value is below 1e-35 (torch flushes earlier)."""
+    lib = _ext_or_skip()
+    z = _activation_grid()
+    ours = cpu_ext.activation(lib, z, name, grad).double()
+    zd = z.double().requires_grad_(grad)
+    tz = z.clone().requires_grad_(grad)
+    if name == "silu":
+        ref, theirs = zd * torch.sigmoid(zd), F.silu(tz)
+    else:
+        ref, theirs = F.gelu(zd), F.gelu(tz)
+    if grad:
+        ref = torch.autograd.grad(ref.sum(), zd)[0]
+        theirs = torch.autograd.grad(theirs.sum(), tz)[0]
+    ref, theirs = ref.detach(), theirs.detach().double()
+    err, torch_err = (ours - ref).abs(), (theirs - ref).abs()
+    assert not torch.isnan(ours).any()
+    assert err.max() <= 2 * torch_err.max() + 1e-7
+    if name == "silu":
+        # few ulp of the value, or of 1 where the derivative crosses zero (z = -1.278)
+        scale = ref.abs().clamp_min(1.0) if grad else ref.abs()
+        normal = ref.abs() > 1e-30
+        assert (err[normal] <= 8 * _ULP * scale[normal]).all(), err[normal].max()
+        assert (err[~normal] <= 1e-35).all()
+
+
+def test_activation_special_values():
+    lib = _ext_or_skip()
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([100.0, -100.0, inf, -inf, nan, 0.0, -0.0, 1e-40, -1e-40, 88.0, -88.0])
+    y = cpu_ext.activation(lib, z, "silu")
+    assert y[0] == 100.0 and y[2] == inf and y[9] == 88.0
+    assert y[1] == 0.0 and torch.signbit(y[1]) and y[10] == 0.0  # -0: e^-100 is flushed
+    assert torch.isnan(y[3]) and torch.isnan(y[4])  # as torch: -inf / (1 + inf), NaN in
+    assert y[5] == 0.0 and not torch.signbit(y[5]) and torch.signbit(y[6])
+    assert y[7].item() == pytest.approx(5e-41, rel=1e-3)  # denormal in, half of it out
+    torch.testing.assert_close(y, F.silu(z), equal_nan=True, rtol=1e-6, atol=1e-30)
+    g = cpu_ext.activation(lib, z, "silu", grad=True)
+    assert g[0] == 1.0 and g[1] == 0.0 and torch.isnan(g[4]) and g[5] == 0.5
+    yg = cpu_ext.activation(lib, z, "gelu")
+    assert yg[0] == 100.0 and yg[1] == 0.0 and yg[2] == inf and torch.isnan(yg[4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_silu_with_large_pre_activations(dtype, layout):
+    """GN+SiLU where the affine output reaches +-100 (large weights): outputs and gradients
+    against float64 within the usual tolerances, in every dtype the fused kernels take."""
+    g = torch.Generator().manual_seed(11)
+    shape, groups = (2, 8, 9, 30), 4  # S = 270: the 64-lane sums and the overlapping tail
+    x = _layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    dy = _layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    w = (40 * (torch.rand(8, generator=g, dtype=torch.float64) + 0.5)).to(dtype)
+    b = (20 * torch.randn(8, generator=g, dtype=torch.float64)).to(dtype)
+    out, grads = _run(
+        lambda x_, w_, b_: gf.group_norm(x_, groups, w_, b_, activation="silu"), dy, x, w, b
+    )
+    ref_out, ref_grads = _run(
+        lambda x_, w_, b_: (
+            groupnorm.reference_norm(
+                x_, "group", num_groups=groups, weight=w_, bias=b_, activation="silu"
+            ).output
+        ),
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+    )
+    t_out, t_grads = _run(lambda x_, w_, b_: F.silu(F.group_norm(x_, groups, w_, b_)), dy, x, w, b)
+    for name, got, want, theirs in zip(
+        ("y", "dx", "dweight", "dbias"),
+        (out, *grads),
+        (ref_out, *ref_grads),
+        (t_out, *t_grads),
+        strict=True,
+    ):
+        tol = 2 * _err(theirs, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert _err(got, want) <= tol, f"{name}: {_err(got, want):.3g} > {tol:.3g}"
+
+
+# ---- the eager fast paths (kernels/cpu.py: fast_forward, fast_batch_forward) ------------------
+
+
+def test_fast_path_gives_the_ops_results_bit_for_bit():
+    """No-grad and autograd fast paths against the registered custom op (the full path)."""
+    from groupnorm.ops import norm_forward
+
+    _ext_or_skip()
+    x, _, dy, w, b = _data((2, 12, 5, 7), torch.float32, "channels_last", 21)
+    for act in ("", "silu"):
+        op_args = (None, None, None, 4, False, 1e-5, act, "auto")
+
+        def fast(a, ww, bb, act=act):
+            return gf.group_norm(a, 4, ww, bb, activation=act)
+
+        def op(a, ww, bb, op_args=op_args):
+            return norm_forward(a, ww, bb, *op_args)[0]
+
+        with torch.no_grad():
+            assert torch.equal(fast(x, w, b), op(x, w, b))
+        out1, g1 = _run(fast, dy, x, w, b)
+        out2, g2 = _run(op, dy, x, w, b)
+        assert torch.equal(out1, out2)
+        for a, c in zip(g1, g2, strict=True):
+            assert torch.equal(a, c)
+
+
+def test_fast_path_is_taken_only_where_it_applies(monkeypatch):
+    _ext_or_skip()
+    calls = []
+    real = cpu_ext.forward_output
+    monkeypatch.setattr(cpu_ext, "forward_output", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(2, 6, 4, 4), torch.rand(6)
+    m = groupnorm.GroupNorm(3, 6)
+    with torch.no_grad():
+        gf.group_norm(x, 3, w)
+        gf.layer_norm(x)
+        gf.instance_norm(x, activation="silu")
+        groupnorm.normalize(x, "gn", num_groups=3)
+        m(x)
+        assert len(calls) == 5
+        gf.group_norm(x, 3, w, backend="portable")
+        gf.group_norm(x.double(), 3)
+        gf.group_norm(x, 3, w.double().float()[::1], residual=x)
+        gf.group_norm(x[:, :, ::2], 3)  # strided: the full path copies first
+        monkeypatch.setenv("GROUPNORM_BACKEND", "portable")
+        gf.group_norm(x, 3)
+        monkeypatch.setenv("GROUPNORM_BACKEND", "cpu")
+        gf.group_norm(x, 3)
+        assert len(calls) == 6
+    with pytest.raises(ValueError, match="divisible"):
+        gf.group_norm(x, 4)  # bad input still gets the full path's message
+    with pytest.raises(TypeError, match="eps"):
+        gf.group_norm(x, 3, eps="1e-5")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_fast_path_matches_torch(layout, momentum):
+    """The no-grad batch norm path (running statistics updated in the kernel) against
+    torch.nn.BatchNorm2d, in training and eval, and against our own autograd path."""
+    _ext_or_skip()
+    ours = groupnorm.BatchNorm(6, momentum=momentum)
+    theirs = torch.nn.BatchNorm2d(6, momentum=momentum)
+    slow = groupnorm.BatchNorm(6, momentum=momentum)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    with torch.no_grad():
+        for m in (ours, theirs, slow):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    for step in range(3):
+        x = _layout(torch.randn(4, 6, 5, 7) * (step + 1) + 3.0, layout)
+        with torch.no_grad():
+            y, t = ours(x), theirs(x)
+        y_slow = slow(x.clone().requires_grad_())
+        assert y.stride() == x.stride()
+        torch.testing.assert_close(y, t, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(y, y_slow.detach(), rtol=1e-5, atol=2e-5)
+        for a, b in (
+            (ours.running_mean, theirs.running_mean),
+            (ours.running_var, theirs.running_var),
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.running_var, slow.running_var, rtol=1e-5, atol=1e-6)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(4, 6, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=2e-5)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        with torch.no_grad():
+            gf.batch_norm(torch.randn(1, 6), rm, rv, training=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_autograd_fast_path_matches_reference(dtype, layout):
+    """BatchNorm (float32 parameters) in training with autograd: our forward kernel and torch's
+    backward kernel, outputs and gradients of x, weight and bias against float64."""
+    _ext_or_skip()
+    x, _, dy, _, _ = _data((4, 6, 5, 7), dtype, layout, 23)
+    m = groupnorm.BatchNorm(6)
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(6) + 0.5)
+        m.bias.copy_(torch.randn(6))
+    w, b = m.weight.detach(), m.bias.detach()
+
+    xs = x.detach().clone().requires_grad_()
+    out = m(xs)
+    gx, gw, gb = torch.autograd.grad(out, (xs, m.weight, m.bias), dy)
+    ref_out, ref_grads = _run(
+        lambda x_, w_, b_: groupnorm.reference_norm(x_, "batch", weight=w_, bias=b_).output,
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+    )
+    t_out, t_grads = _run(
+        lambda x_, w_, b_: F.batch_norm(x_, None, None, w_, b_, training=True), dy, x, w, b
+    )
+    assert out.stride() == x.stride() and out.dtype == dtype
+    for name, got, want, theirs in zip(
+        ("y", "dx", "dweight", "dbias"),
+        (out.detach(), gx, gw, gb),
+        (ref_out, *ref_grads),
+        (t_out, *t_grads),
+        strict=True,
+    ):
+        tol = 2 * _err(theirs, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert _err(got, want) <= tol, f"{name}: {_err(got, want):.3g} > {tol:.3g}"

@@ -12,9 +12,21 @@ from torch import Tensor
 from . import _validation as v
 from . import export
 from .kernels import check_backend
+from .kernels.cpu import fast_batch_forward, fast_forward
 from .ops import normalize_op
 
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
+
+# Modes the no-autograd fast path (kernels.cpu.fast_forward) takes, by the names check_mode
+# accepts in lower case
+_FAST_MODES = {
+    "group": "group",
+    "gn": "group",
+    "layer": "layer",
+    "ln": "layer",
+    "instance": "instance",
+    "in": "instance",
+}
 
 
 def normalize(
@@ -84,6 +96,67 @@ def normalize(
         >>> torch.equal(s, 2 * x)
         True
     """
+    fast_mode = _FAST_MODES.get(mode) if type(mode) is str else None
+    if (
+        fast_mode is not None
+        and group_size is None
+        and residual is None
+        and running_mean is None
+        and running_var is None
+        and training is True
+        and not return_sum
+        and (num_groups is None) != (fast_mode == "group")
+    ):
+        y = fast_forward(
+            input,
+            num_groups if fast_mode == "group" else 1,
+            weight,
+            bias,
+            eps,
+            activation,
+            backend,
+            per_channel=fast_mode == "instance",
+        )
+        if y is not None:
+            return y
+    return _normalize(
+        input,
+        mode,
+        num_groups=num_groups,
+        group_size=group_size,
+        weight=weight,
+        bias=bias,
+        eps=eps,
+        activation=activation,
+        residual=residual,
+        running_mean=running_mean,
+        running_var=running_var,
+        training=training,
+        momentum=momentum,
+        return_sum=return_sum,
+        backend=backend,
+    )
+
+
+def _normalize(
+    input: Tensor,
+    mode: str,
+    *,
+    num_groups: int | None = None,
+    group_size: int | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    residual: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    return_sum: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`normalize` without its fast path: full validation, then the op."""
     mode = v.check_mode(mode)
     v.check_input(input)
     num_channels = input.shape[1]
@@ -217,7 +290,11 @@ def group_norm(
     >>> torch.allclose(group_norm(x, None, group_size=6), group_norm(x, 5))
     True
     """
-    return normalize(
+    if group_size is None and residual is None and not return_sum:
+        y = fast_forward(input, num_groups, weight, bias, eps, activation, backend)
+        if y is not None:
+            return y
+    return _normalize(
         input,
         "group",
         num_groups=num_groups,
@@ -254,7 +331,22 @@ def batch_norm(
     >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-6)
     True
     """
-    return normalize(
+    if residual is None:
+        y = fast_batch_forward(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            activation,
+            backend,
+        )
+        if y is not None:
+            return y
+    return _normalize(
         input,
         "batch",
         weight=weight,
@@ -290,7 +382,11 @@ def layer_norm(
     >>> torch.allclose(layer_norm(x), torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
     True
     """
-    return normalize(
+    if residual is None:
+        y = fast_forward(input, 1, weight, bias, eps, activation, backend)
+        if y is not None:
+            return y
+    return _normalize(
         input,
         "layer",
         weight=weight,
@@ -318,7 +414,11 @@ def instance_norm(
     >>> torch.allclose(instance_norm(x), torch.nn.functional.instance_norm(x), atol=1e-5)
     True
     """
-    return normalize(
+    if residual is None:
+        y = fast_forward(input, 1, weight, bias, eps, activation, backend, per_channel=True)
+        if y is not None:
+            return y
+    return _normalize(
         input,
         "instance",
         weight=weight,

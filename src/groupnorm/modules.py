@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
-from .functional import normalize, update_running_stats
+from .functional import _normalize, update_running_stats
+from .kernels.cpu import fast_batch_forward, fast_forward
+
+_PLAIN = (Tensor, nn.Parameter)
 
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
@@ -110,6 +113,17 @@ class GroupNorm(nn.GroupNorm):
         _channel_count_hint(self, state_dict, prefix, self.num_channels, "num_channels", args[-1])
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if (
+            residual is None
+            and type(input) in _PLAIN
+            and input.dim() >= 2
+            and input.shape[1] == self.num_channels
+        ):  # a no-autograd call on valid input: the fast path (None when it does not apply)
+            y = fast_forward(
+                input, self.num_groups, self.weight, self.bias, self.eps, self._activation, None
+            )
+            if y is not None:
+                return y
         v.check_input(input)
         if input.shape[1] != self.num_channels:
             raise ValueError(
@@ -117,7 +131,7 @@ class GroupNorm(nn.GroupNorm):
                 f"input of shape {tuple(input.shape)}; build the layer with "
                 f"num_channels={input.shape[1]} or fix the layer that feeds it"
             )
-        return normalize(
+        return _normalize(
             input,
             "group",
             num_groups=self.num_groups,
@@ -304,7 +318,24 @@ class BatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        y = normalize(
+        running_mean = self.running_mean if (update or not use_batch) else None
+        running_var = self.running_var if (update or not use_batch) else None
+        if residual is None:  # a no-autograd call: the fast path (None when it does not apply)
+            y = fast_batch_forward(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                use_batch,
+                momentum,
+                self.eps,
+                self._activation,
+                None,
+            )
+            if y is not None:
+                return y
+        y = _normalize(
             input,
             "batch",
             weight=self.weight,
@@ -312,8 +343,8 @@ class BatchNorm(_BatchNorm):
             eps=self.eps,
             activation=self._activation,
             residual=residual,
-            running_mean=self.running_mean if (update or not use_batch) else None,
-            running_var=self.running_var if (update or not use_batch) else None,
+            running_mean=running_mean,
+            running_var=running_var,
             training=use_batch,
             momentum=momentum,
         )

@@ -6,10 +6,16 @@ What runs where (``benchmarks/README.md`` has the numbers behind each choice):
   channels-last, forward and backward, with or without a fused activation -> the fused C++
   kernels of :mod:`groupnorm.kernels.cpu_ext` (compiled on first use, cached on disk). The fused
   backward recomputes the activation's input from x, mean and rstd, so nothing else is saved;
+* batch norm forward (training or eval, same dtypes and layouts) -> the fused C++ kernel too
+  (torch's CPU batch norm kernel is several times slower here); its backward ->
+  ``aten::native_batch_norm_backward`` with the kernel's mean and rstd;
+* plain eager calls (no compile/export/tracing, modes or functorch transforms, float32
+  weight/bias) enter through :func:`fast_forward` / :func:`fast_batch_forward`, which skip the
+  custom op and most of the Python around it and give the same results;
 * when those kernels are unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the
   case is outside them (float64, other strides, empty tensors, mixed weight/bias dtypes):
   group/layer/instance forward -> ``aten::native_group_norm`` then the activation in place;
-  batch norm -> ``aten::native_batch_norm`` (torch's own kernel is the fastest thing here);
+  batch norm -> ``aten::native_batch_norm``;
   backward without an activation -> ``aten::native_group_norm_backward`` /
   ``aten::native_batch_norm_backward``;
 * everything else (activation backward off the fused path, given statistics with mixed dtypes)
@@ -24,6 +30,8 @@ import math
 import os
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import cpu_ext, portable
 from .portable import acc_dtype, apply_activation
@@ -37,7 +45,19 @@ _INPLACE = {
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
+# against 0.5 us for os.environ.get (it encodes the key on every call). Only used to see that
+# neither variable is set; when one is, or elsewhere, os.environ is read as usual.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = tuple(os.environ.encodekey(k) for k in ("GROUPNORM_BACKEND", "GROUPNORM_CPU_EXT"))
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
+
+
 def _use_ext() -> bool:
+    if _ENV_DATA is not None and _ENV_KEYS[1] not in _ENV_DATA:
+        return True  # (see _env_allows_fast)
     return os.environ.get("GROUPNORM_CPU_EXT", "1") != "0"
 
 
@@ -71,6 +91,225 @@ def _ext_params(x, weight, bias):
     if lib is None:
         return None
     return lib, layout, _as_float32(weight), _as_float32(bias)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_FAST_ACT = {None: "", "": "", "silu": "silu", "gelu": "gelu", "relu": "relu"}
+_F32 = torch.float32
+
+
+def _env_allows_fast() -> bool:
+    """Neither GROUPNORM_BACKEND nor GROUPNORM_CPU_EXT steers calls away from the kernels."""
+    data = _ENV_DATA
+    if data is not None and _ENV_KEYS[0] not in data and _ENV_KEYS[1] not in data:
+        return True
+    backend = os.environ.get("GROUPNORM_BACKEND")
+    return (not backend or backend == "auto" or backend == "cpu") and _use_ext()
+
+
+def _plain_param(p, c: int) -> bool:
+    return p is None or (
+        type(p) in _PLAIN and p.dtype == _F32 and p.shape == (c,) and p.is_cpu and p.is_contiguous()
+    )
+
+
+def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_channel=False):
+    """The output of a plain eager group/layer/instance norm call on CPU, computed by the fused
+    kernels with as little Python around them as possible (through :class:`_FusedNorm` when
+    autograd is needed); ``None`` for any other call, which then takes the full path
+    (validation, custom op or eager path, backend).
+
+    Each check below only lets through arguments that the full validation accepts, in plain
+    eager mode, and the kernel call is the one the full path makes, so both give the same
+    output bit for bit. ``per_channel`` (instance norm) means one group per channel. This is
+    what makes small calls cost about what torch's own group_norm costs (benchmarks/README.md,
+    approach 18).
+    """
+    if torch.compiler.is_compiling() or type(x) not in _PLAIN or x.dim() < 2:
+        return None  # (compiling first: under torch.compile the rest is not traced)
+    c = x.shape[1]
+    if not _plain_param(weight, c) or not _plain_param(bias, c):
+        return None
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    code = cpu_ext.DTYPE_CODES.get(x.dtype)
+    if code is None or not x.is_cpu or x.numel() == 0:
+        return None
+    if per_channel:
+        num_groups = c
+    if type(num_groups) is not int or num_groups <= 0 or c % num_groups:
+        return None
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if activation is not None and type(activation) is not str:
+        return None
+    act = _FAST_ACT.get(activation)
+    if act is None:
+        return None
+    if backend is not None and backend != "auto" and backend != "cpu":
+        return None
+    if (
+        torch.compiler.is_exporting()
+        or torch._C._is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or _get_current_dispatch_mode() is not None
+        or _is_wrapped(x)
+        or not _env_allows_fast()
+    ):
+        return None
+    layout = _ext_layout(x)
+    if layout is None:
+        return None
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    if needs_grad:
+        return _FusedNorm.apply(x, weight, bias, (lib, num_groups, eps, act, layout))
+    return cpu_ext.forward_output(lib, x, weight, bias, num_groups, eps, act, layout)
+
+
+def fast_batch_forward(
+    x, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
+):
+    """:func:`fast_forward` for batch norm: the fused kernel with the running statistics
+    (float32) updated inside it, through :class:`_FusedBatchNorm` when autograd is needed
+    (training, no activation); ``None`` for any other call."""
+    if torch.compiler.is_compiling() or type(x) not in _PLAIN or x.dim() < 2:
+        return None
+    c = x.shape[1]
+    if not (
+        _plain_param(weight, c)
+        and _plain_param(bias, c)
+        and _plain_param(running_mean, c)
+        and _plain_param(running_var, c)
+    ):
+        return None
+    if (running_mean is None) != (running_var is None) or type(training) is not bool:
+        return None
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad and (not training or activation or (weight is None and bias is not None)):
+        return None  # (the full path: the portable core for these backwards)
+    code = cpu_ext.DTYPE_CODES.get(x.dtype)
+    if code is None or not x.is_cpu or x.numel() == 0:
+        return None
+    if training:
+        if x.numel() // c == 1:
+            return None  # one value per channel: the full path explains the error
+        if running_mean is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
+            return None
+    elif running_mean is None:
+        return None
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if activation is not None and type(activation) is not str:
+        return None
+    act = _FAST_ACT.get(activation)
+    if act is None or (backend is not None and backend != "auto" and backend != "cpu"):
+        return None
+    if (
+        torch.compiler.is_exporting()
+        or torch._C._is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or _get_current_dispatch_mode() is not None
+        or _is_wrapped(x)
+        or not _env_allows_fast()
+    ):
+        return None
+    layout = _ext_layout(x)
+    if layout is None:
+        return None
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    rows = bool(layout) or x.numel() == x.shape[0] * c
+    if needs_grad:
+        if _dense(x) is not x:  # torch's backward kernel reads contiguous or channels-last
+            return None
+        running = (running_mean, running_var, momentum) if running_mean is not None else None
+        return _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows))
+    if training:
+        running = (running_mean, running_var, momentum) if running_mean is not None else None
+        given = (None, None)
+    else:
+        running, given = None, (running_mean, running_var)
+    y, _, _ = cpu_ext.batch_forward(
+        lib, x, weight, bias, *given, eps, act, rows, running, statistics=False
+    )
+    return y
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """Batch norm in training through the fast path: our forward kernel, torch's
+    ``native_batch_norm_backward`` (as the full path), saving x, weight, mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta):
+        lib, running, eps, rows = meta
+        y, mean, rstd = cpu_ext.batch_forward(
+            lib, x, weight, bias, None, None, eps, "", rows, running
+        )
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db, _ = ctx.needs_input_grad
+        mask = [need_dx, need_dw and weight is not None, need_db]
+        dy = _like(dy.to(x.dtype), x)
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, None, None, mean, rstd, True, 0.0, mask
+        )
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None)
+
+
+class _FusedNorm(torch.autograd.Function):
+    """The fast path's autograd: the fused kernels forward and backward, saving what the op's
+    autograd saves (x, weight, bias, mean, rstd), with one non-tensor argument (``meta``:
+    library, groups, eps, activation, layout) instead of the op's eleven."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta):
+        lib, num_groups, eps, act, layout = meta
+        y, mean, rstd = cpu_ext.forward(lib, x, weight, bias, num_groups, eps, act, layout)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.meta = meta
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        lib, num_groups, _eps, act, layout = ctx.meta
+        if dy.dtype != x.dtype or dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        need_dx, need_dw, need_db, _ = ctx.needs_input_grad
+        dx, dw, db = cpu_ext.backward(
+            lib,
+            dy,
+            x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            num_groups,
+            act,
+            layout,
+            need_dx,
+            need_dw and weight is not None,
+            need_db and bias is not None,
+        )
+        return dx, dw, db, None
 
 
 def _dense(t):
@@ -121,6 +360,22 @@ def _float32_params(x, weight, bias):
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
+    if pool_batch and (
+        given_mean is None
+        or (given_mean.dtype == torch.float32 and given_var.dtype == torch.float32)
+    ):
+        ext = _ext_params(x, weight, bias)
+        if ext is not None:
+            lib, layout, w, b = ext
+            src = x + residual if residual is not None else x
+            if _ext_layout(src) == layout:
+                n, c = src.shape[0], src.shape[1]
+                rows = bool(layout) or src.numel() == n * c  # (N, C) is rows of C values
+                gm = given_mean.contiguous() if given_mean is not None else None
+                gv = given_var.contiguous() if given_var is not None else None
+                y, mean, rstd = cpu_ext.batch_forward(lib, src, w, b, gm, gv, eps, activation, rows)
+                total = src if residual is not None else x.new_empty(0)
+                return y, total, mean, rstd
     if not pool_batch and given_mean is None:
         ext = _ext_params(x, weight, bias)
         if ext is not None:
