@@ -403,6 +403,12 @@ def test_short_rows_match_reference(shape, groups, activation, dtype):
     _check_against_reference(shape, groups, dtype, "contiguous", activation, False, seed=5)
 
 
+def test_tensor_past_the_prefetch_threshold_matches_reference():
+    """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
+    backward fetch the next set ahead (hints only, which must not change a value)."""
+    _check_against_reference((16, 512, 8, 16), 32, torch.float32, "contiguous", "silu", False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize(
