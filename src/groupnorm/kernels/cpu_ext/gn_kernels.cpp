@@ -587,8 +587,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
       const float K = static_cast<float>(-static_cast<double>(r) * m1);
       T* pdx = dx + item * L;
-      // last channel first: pass 1 left the last channels' x and dz in L1
-      for (i64 d = D - 1; d >= 0; --d) {
+      for (i64 d = 0; d < D; ++d) {
         const i64 c = g * D + d;
         const float a = r * (w ? w[c] : 1.0f);
         const T* qx = px + d * S;
