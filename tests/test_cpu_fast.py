@@ -388,15 +388,15 @@ def test_activation_special_values():
         ((2, 6, 7), 2),  # S = 7: scalar loops; a set of 21 values: one vector and a tail of 5
         ((2, 16, 7, 7), 4),  # 7x7: blocks of 16 and a masked last block per channel
         ((2, 32, 8, 8), 8),  # 8x8: whole blocks (float32 forward keeps the per-channel loop)
-        ((1, 8, 127), 2),  # the longest row of the short-row path
-        ((1, 8, 128), 2),  # the shortest row of the per-channel path
+        ((1, 8, 16, 16), 2),  # the longest row of the short-row path (256)
+        ((1, 8, 257), 2),  # the shortest row of the per-channel path
     ],
-    ids=["S7", "7x7", "8x8", "S127", "S128"],
+    ids=["S7", "7x7", "8x8", "16x16", "S257"],
 )
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_short_rows_match_reference(shape, groups, activation, dtype):
-    """The short-row kernels (rows of fewer than 128 values, contiguous, SiLU or GELU: the
+    """The short-row kernels (rows of at most 256 values, contiguous, SiLU or GELU: the
     activation over the whole set in one loop, per-channel sums from float32 buffers) and the
     per-channel kernels on either side of the switch: outputs and the gradients of x, weight
     and bias against float64."""

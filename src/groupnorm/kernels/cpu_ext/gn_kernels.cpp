@@ -299,11 +299,13 @@ inline void sum_two(i64 n, F&& body, float& out1, float& out2) {
 
 // ---- nchw: one set is one contiguous block --------------------------------------------------
 
-// Maps shorter than this (7x7 to 11x11) take the short-row paths: the activation, the costly
-// part, runs as one loop over the whole set (n, g) instead of D loops of S values, each with its
-// own setup and a partly wasted last block (49 values take four 16-wide blocks). At 14x14 and
-// 16x16 the extra pass over the set cost more than this saved (benchmarks/README.md, #31).
-constexpr i64 kShortRow = 128;
+// Rows of up to this many values (7x7 to 16x16 maps) take the short-row paths: the activation,
+// the costly part, runs as one loop over the whole set (n, g) instead of D loops of S values,
+// each with its own setup and a partly wasted last block (49 values take four 16-wide blocks).
+// Measured against the per-channel loops (benchmarks/README.md, #31-#35): 22-30 % less
+// backward time at 7x7/8x8, 2-9 % at 14x14/16x16 (once the next set is prefetched, below;
+// without that 16x16 lost 6 %), 15 % more at 28x28 and 32x32.
+constexpr i64 kShortRowMax = 256;
 
 // The short-row paths first make a cheap pass over the set (memory-bound when the tensor is
 // larger than the cache) and then a costly one over data already in L1; without help the
@@ -331,9 +333,10 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
   const i64 D = C / G;
   const i64 L = D * S;
   // short rows with an activation: z of the whole set first, then f over it in one loop (see
-  // kShortRow); z goes straight into y for float32, else into a float32 buffer. Not for float32
-  // rows of whole 16-value blocks (8x8), where nothing is wasted and the extra pass cost 2 %.
-  const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S < kShortRow &&
+  // kShortRowMax); z goes straight into y for float32, else into a float32 buffer. Not for
+  // float32 rows of whole 16-value blocks (8x8, 16x16), where nothing is wasted (8x8: the extra
+  // pass cost 2 %).
+  const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S <= kShortRowMax &&
                           (!std::is_same_v<T, float> || S % kVec != 0);
   // With an activation, the output pass fetches the next set's x ahead (the statistics pass of
   // that set then reads it from cache) where the tensor comes from memory (4 MiB or more:
@@ -452,7 +455,7 @@ inline void short_sums(const float* u, const float* v, i64 n, float& s1, float& 
 #endif
 }
 
-// Short rows (S < kShortRow) with SiLU or GELU, whose derivative is the costly part of the
+// Short rows (S <= kShortRowMax) with SiLU or GELU, whose derivative is the costly part of the
 // backward. One set (n, g) goes through four passes over two float32 buffers of its D*S values
 // (more: a next set follows, whose x and dy pass 2 prefetches):
 //   1. per channel: xc = x - mu, z = a_c xc + h_c (cheap);
@@ -531,7 +534,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
   {
     // dz of the current set, kept for the second pass (the set is cache-sized), so f'(z) is
     // computed once per element
-    const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S < kShortRow;
+    const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S <= kShortRowMax;
     std::vector<float> dz_buf(ACT == ACT_NONE ? 0 : L), xc_buf(short_rows ? L : 0);
 #pragma omp for schedule(static)
     for (i64 item = 0; item < N * G; ++item) {
