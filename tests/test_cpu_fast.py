@@ -382,13 +382,45 @@ def test_activation_special_values():
     assert yg[0] == 100.0 and yg[1] == 0.0 and yg[2] == inf and torch.isnan(yg[4])
 
 
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        ((2, 6, 7), 2),  # S = 7: scalar loops; a set of 21 values: one vector and a tail of 5
+        ((2, 16, 7, 7), 4),  # 7x7: blocks of 16 and a masked last block per channel
+        ((2, 32, 8, 8), 8),  # 8x8: whole blocks (float32 forward keeps the per-channel loop)
+        ((1, 8, 16, 16), 2),  # the longest row of the short-row path (256)
+        ((1, 8, 257), 2),  # the shortest row of the per-channel path
+    ],
+    ids=["S7", "7x7", "8x8", "16x16", "S257"],
+)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_short_rows_match_reference(shape, groups, activation, dtype):
+    """The short-row kernels (rows of at most 256 values, contiguous, SiLU or GELU: the
+    activation over the whole set in one loop, per-channel sums from float32 buffers) and the
+    per-channel kernels on either side of the switch: outputs and the gradients of x, weight
+    and bias against float64."""
+    _check_against_reference(shape, groups, dtype, "contiguous", activation, False, seed=5)
+
+
+def test_tensor_past_the_prefetch_threshold_matches_reference():
+    """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
+    backward fetch the next set ahead (hints only, which must not change a value)."""
+    _check_against_reference((16, 512, 8, 16), 32, torch.float32, "contiguous", "silu", False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_silu_with_large_pre_activations(dtype, layout):
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 8, 9, 30), (2, 8, 7, 7)],
+    ids=["S270", "7x7"],  # 64-lane sums and the overlapping tail; the short-row path
+)
+def test_silu_with_large_pre_activations(dtype, layout, shape):
     """GN+SiLU where the affine output reaches +-100 (large weights): outputs and gradients
     against float64 within the usual tolerances, in every dtype the fused kernels take."""
     g = torch.Generator().manual_seed(11)
-    shape, groups = (2, 8, 9, 30), 4  # S = 270: the 64-lane sums and the overlapping tail
+    groups = 4
     x = _layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
     dy = _layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
     w = (40 * (torch.rand(8, generator=g, dtype=torch.float64) + 0.5)).to(dtype)

@@ -24,9 +24,19 @@
 
 #include <omp.h>
 
+#if defined(__AVX512F__)
+// GCC 12's AVX-512 header trips its own -Wmaybe-uninitialized (a known false positive about
+// the undefined vectors it starts shuffles from)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -128,8 +138,12 @@ inline float act_fwd(float z) {
   }
 }
 
-// f'(z); for SiLU, s (1 + z (1 - s)) with s = sigmoid(z) and 1 - s both from e = e^-|z|, so
-// 1 - s keeps its digits where s is close to 1.
+// f'(z); for SiLU, s + z s (1 - s) with s = sigmoid(z). With e = e^-|z| and q = 1 / (1 + e),
+// s (1 - s) = e q^2 for either sign of z (s is q or e q, 1 - s the other), so it needs no
+// subtraction from 1 (no lost digits where s is close to 1) and no second select: one multiply,
+// one select and one multiply-add after the division (s (1 + z (1 - s)) took two selects and
+// two multiplies: 13 % slower in a loop of the backward's shape, and 1.97e-7 against 1.66e-7
+// largest absolute error on -110..110).
 template <int ACT>
 inline float act_grad(float z) {
   if constexpr (ACT == ACT_SILU) {
@@ -137,8 +151,7 @@ inline float act_grad(float z) {
     const float q = 1.0f / (1.0f + e);
     const float eq = e * q;
     const float s = z < 0.0f ? eq : q;
-    const float sc = z < 0.0f ? q : eq;
-    return s * (1.0f + z * sc);
+    return s + z * (eq * q);
   } else if constexpr (ACT == ACT_GELU) {
     float cdf = 0.5f * (1.0f + erf_approx(z * 0.70710678118654752f));
     return cdf + z * exp_nonpos(-0.5f * z * z) * 0.39894228040143268f;
@@ -286,12 +299,52 @@ inline void sum_two(i64 n, F&& body, float& out1, float& out2) {
 
 // ---- nchw: one set is one contiguous block --------------------------------------------------
 
+// Rows of up to this many values (7x7 to 16x16 maps) take the short-row paths: the activation,
+// the costly part, runs as one loop over the whole set (n, g) instead of D loops of S values,
+// each with its own setup and a partly wasted last block (49 values take four 16-wide blocks).
+// Measured against the per-channel loops (benchmarks/README.md, #31-#35): 22-30 % less
+// backward time at 7x7/8x8, 2-9 % at 14x14/16x16 (once the next set is prefetched, below;
+// without that 16x16 lost 6 %), 15 % more at 28x28 and 32x32.
+constexpr i64 kShortRowMax = 256;
+
+// The short-row paths first make a cheap pass over the set (memory-bound when the tensor is
+// larger than the cache) and then a costly one over data already in L1; without help the
+// memory stalls of the first no longer overlap with the arithmetic (32x2048x7x7, 12.8 MB:
+// 5-17 % slower than the per-channel loops). So the costly pass goes in chunks of this many
+// values, each after prefetching the same stretch of the next set's data. (Chunks of 16, one
+// prefetch per vector, made the bfloat16 forward 35-50 % slower: GCC vectorizes the bfloat16
+// stores poorly in a 16-trip loop; 256 made float32 at 32x2048x7x7 4 % slower than 64.)
+constexpr i64 kPrefetchChunk = 64;
+
+// every 64-byte line of p[0..n) (the next set's share of a chunk or of a channel, fetched
+// ahead of the costly loop)
+template <typename T>
+inline void prefetch_range(const T* p, i64 n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const i64 bytes = n * static_cast<i64>(sizeof(T));
+  for (i64 k = 0; k < bytes; k += 64) __builtin_prefetch(c + k);
+}
+
 template <typename T, int ACT>
 void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_out,
                   float* rstd_out, i64 N, i64 C, i64 S, i64 G, float eps, int nthreads) {
   const i64 D = C / G;
   const i64 L = D * S;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+  // short rows with an activation: z of the whole set first, then f over it in one loop (see
+  // kShortRowMax); z goes straight into y for float32, else into a float32 buffer. Not for
+  // float32 rows of whole 16-value blocks (8x8, 16x16), where nothing is wasted (8x8: the extra
+  // pass cost 2 %).
+  const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S <= kShortRowMax &&
+                          (!std::is_same_v<T, float> || S % kVec != 0);
+  // With an activation, the output pass fetches the next set's x ahead (the statistics pass of
+  // that set then reads it from cache) where the tensor comes from memory (4 MiB or more:
+  // 8x512x28x28 -21 %, 32x1024x14x14 -24 %, 8x256x56x56 -11 %; within +-4 % below).
+  const bool prefetch =
+      ACT != ACT_NONE && N * C * S * static_cast<i64>(sizeof(T)) >= (i64{4} << 20);
+#pragma omp parallel num_threads(nthreads)
+  {
+  std::vector<float> z_buf(short_rows && !std::is_same_v<T, float> ? L : 0);
+#pragma omp for schedule(static)
   for (i64 item = 0; item < N * G; ++item) {
     const i64 g = item % G;
     const T* px = x + item * L;
@@ -317,14 +370,157 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     const float r = static_cast<float>(1.0 / std::sqrt(m2 / static_cast<double>(L) + eps));
     if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
     if (rstd_out) rstd_out[item] = r;
+    if (short_rows) {
+      float* zb;
+      if constexpr (std::is_same_v<T, float>) {
+        zb = py;
+      } else {
+        zb = z_buf.data();
+      }
+      for (i64 d = 0; d < D; ++d) {
+        const i64 c = g * D + d;
+        const float a = w ? r * w[c] : r;
+        const float h = b ? b[c] : 0.0f;
+        const T* qx = px + d * S;
+        float* qz = zb + d * S;
+        for_each_vec(S, [&](i64 s) { qz[s] = (load(qx[s]) - mu) * a + h; });
+      }
+      // the next set's x and y are fetched while this one computes (see kPrefetchChunk)
+      const bool more = item + 1 < N * G;
+      for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
+        const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
+        if (more) {
+          prefetch_range(px + L + i0, n);
+          prefetch_range(py + L + i0, n);
+        }
+        const i64 whole = n - n % kVec;
+        T* qy = py + i0;
+        const float* qz = zb + i0;
+#pragma omp simd
+        for (i64 j = 0; j < whole; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+        for (i64 j = whole; j < n; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+      }
+      continue;
+    }
+    const bool more = prefetch && item + 1 < N * G;
     for (i64 d = 0; d < D; ++d) {
       const i64 c = g * D + d;
       const float a = w ? r * w[c] : r;
       const float h = b ? b[c] : 0.0f;
       const T* qx = px + d * S;
       T* qy = py + d * S;
+      if (more) prefetch_range(qx + L, S);
       for_each_vec(S, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
     }
+  }
+  }
+}
+
+// Sums over s < n of u[s] and u[s] * v[s] (float32 arrays, n short): for the per-channel sums
+// of the short-row backward below. With AVX-512 the sums stay in two registers and the last
+// partial block is a masked load, so a channel of 49 or 64 values costs a few vector adds and
+// two horizontal reductions; the generic code keeps its lanes in memory (approaches 18, 25, 27).
+#if defined(__AVX512F__)
+// the 16 lanes' total: halves, then quarters, pairs and neighbours added
+inline float lanes_total16(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));
+  return _mm512_cvtss_f32(v);
+}
+#endif
+
+inline void short_sums(const float* u, const float* v, i64 n, float& s1, float& s2) {
+#if defined(__AVX512F__)
+  __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+  i64 i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 du = _mm512_loadu_ps(u + i);
+    a1 = _mm512_add_ps(a1, du);
+    a2 = _mm512_fmadd_ps(du, _mm512_loadu_ps(v + i), a2);
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 du = _mm512_maskz_loadu_ps(m, u + i);
+    a1 = _mm512_add_ps(a1, du);
+    a2 = _mm512_fmadd_ps(du, _mm512_maskz_loadu_ps(m, v + i), a2);
+  }
+  s1 = lanes_total16(a1);
+  s2 = lanes_total16(a2);
+#else
+  sum_two(
+      n,
+      [&](i64 s, float& t1, float& t2) {
+        t1 = u[s];
+        t2 = u[s] * v[s];
+      },
+      s1, s2);
+#endif
+}
+
+// Short rows (S <= kShortRowMax) with SiLU or GELU, whose derivative is the costly part of the
+// backward. One set (n, g) goes through four passes over two float32 buffers of its D*S values
+// (more: a next set follows, whose x and dy pass 2 prefetches):
+//   1. per channel: xc = x - mu, z = a_c xc + h_c (cheap);
+//   2. the whole set at once: dz = dy f'(z), one long vector loop;
+//   3. per channel: sum dz and sum dz xc (short_sums);
+//   4. per channel: dx = A_c dz + B xc + K.
+// Same formulas as the general path; the sums are in a different order.
+
+template <typename T, int ACT>
+void backward_short_set(const T* dy, const T* x, const float* w, const float* b, float mu, float r,
+                        i64 g, i64 D, i64 S, float* zb, float* xb, double* part_db,
+                        double* part_dw, T* dx, bool more) {
+  for (i64 d = 0; d < D; ++d) {
+    const i64 c = g * D + d;
+    const float a = w ? r * w[c] : r;
+    const float h = b ? b[c] : 0.0f;
+    const T* qx = x + d * S;
+    float* qz = zb + d * S;
+    float* qc = xb + d * S;
+    for_each_vec(S, [&](i64 s) {
+      const float xc = load(qx[s]) - mu;
+      qc[s] = xc;
+      qz[s] = xc * a + h;
+    });
+  }
+  const i64 L = D * S;
+  for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
+    const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
+    if (more) {
+      prefetch_range(x + L + i0, n);
+      prefetch_range(dy + L + i0, n);
+    }
+    const i64 whole = n - n % kVec;
+    const T* qdy = dy + i0;
+    float* qz = zb + i0;
+#pragma omp simd
+    for (i64 j = 0; j < whole; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
+    for (i64 j = whole; j < n; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
+  }
+  double m1 = 0.0, m2 = 0.0;
+  for (i64 d = 0; d < D; ++d) {
+    const i64 c = g * D + d;
+    const float wc = w ? w[c] : 1.0f;
+    float s1, s2;
+    short_sums(zb + d * S, xb + d * S, S, s1, s2);
+    part_db[d] = s1;
+    part_dw[d] = static_cast<double>(s2) * r;
+    m1 += wc * static_cast<double>(s1);
+    m2 += wc * static_cast<double>(s2) * r;
+  }
+  if (!dx) return;
+  m1 /= static_cast<double>(L);
+  m2 /= static_cast<double>(L);
+  const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
+  const float K = static_cast<float>(-static_cast<double>(r) * m1);
+  for (i64 d = 0; d < D; ++d) {
+    const float a = r * (w ? w[g * D + d] : 1.0f);
+    const float* qz = zb + d * S;
+    const float* qc = xb + d * S;
+    T* qdx = dx + d * S;
+    for_each_vec(S, [&](i64 s) { store(qdx + s, a * qz[s] + B * qc[s] + K); });
   }
 }
 
@@ -336,17 +532,32 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
   const i64 L = D * S;
   // per (n, c): sum dz and sum dz * (x - mu) * r
   std::vector<double> part_db(N * C), part_dw(N * C);
+  // The first pass (with an activation) fetches the next set's x and dy ahead, channel by
+  // channel, only where that was measured to pay: tensors of 4 MiB or more (they come from
+  // memory, not cache) with sets of at most 32 KiB (16x1024x14x14: -13-19 %). Smaller tensors
+  // lost 2-4 %; sets of 40-100 KiB (16x16 to 56x56) gained in one run and lost up to 17 % in
+  // others.
+  const i64 bytes = static_cast<i64>(sizeof(T));
+  const bool prefetch =
+      ACT != ACT_NONE && N * C * S * bytes >= (i64{4} << 20) && L * bytes <= (i64{32} << 10);
 #pragma omp parallel num_threads(nthreads)
   {
     // dz of the current set, kept for the second pass (the set is cache-sized), so f'(z) is
     // computed once per element
-    std::vector<float> dz_buf(ACT == ACT_NONE ? 0 : L);
+    const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S <= kShortRowMax;
+    std::vector<float> dz_buf(ACT == ACT_NONE ? 0 : L), xc_buf(short_rows ? L : 0);
 #pragma omp for schedule(static)
     for (i64 item = 0; item < N * G; ++item) {
       const i64 n = item / G, g = item % G;
       const float mu = mean[item], r = rstd[item];
       const T* px = x + item * L;
       const T* pdy = dy + item * L;
+      if (short_rows) {
+        backward_short_set<T, ACT>(pdy, px, w, b, mu, r, g, D, S, dz_buf.data(), xc_buf.data(),
+                                   part_db.data() + n * C + g * D, part_dw.data() + n * C + g * D,
+                                   dx ? dx + item * L : nullptr, item + 1 < N * G);
+        continue;
+      }
       double m1 = 0.0, m2 = 0.0;
       for (i64 d = 0; d < D; ++d) {
         const i64 c = g * D + d;
@@ -356,6 +567,10 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         const T* qx = px + d * S;
         const T* qdy = pdy + d * S;
         float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + d * S;
+        if (prefetch && item + 1 < N * G) {
+          prefetch_range(qx + L, S);
+          prefetch_range(qdy + L, S);
+        }
         double sdz = 0.0, sdzx = 0.0;
         for (i64 start = 0; start < S; start += kRun) {
           const i64 end = start + kRun < S ? start + kRun : S;
