@@ -582,3 +582,84 @@ def test_batch_norm_autograd_fast_path_matches_reference(dtype, layout):
     ):
         tol = 2 * _err(theirs, want) + ATOL[dtype] * max(1.0, want.abs().max().item())
         assert _err(got, want) <= tol, f"{name}: {_err(got, want):.3g} > {tol:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the kernels cannot see: forward-mode AD, the JIT tracer, and the fast path's own checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _jvp_reference(fn, x, t):
+    """The tangent of ``fn`` at x along t, in float64 through torch's own ops."""
+    return torch.func.jvp(fn, (x.double(),), (t.double(),))[1]
+
+
+@pytest.mark.parametrize("case", ["group", "instance", "layer", "module", "batch_eval"])
+def test_forward_mode_ad_carries_the_tangent(case):
+    """Under forward-mode AD the call takes the portable core's torch ops, so the tangent is
+    right; the C++ kernels (and the custom op) would drop it silently."""
+    import torch.autograd.forward_ad as fa
+
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 6, 4, 5, generator=gen) * 1.3 + 0.2
+    t = torch.randn(2, 6, 4, 5, generator=gen)
+    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    rm, rv = torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5
+    ours, ref = {
+        "group": (
+            lambda a: groupnorm.group_norm(a, 3, w, b, activation="silu"),
+            lambda a: F.silu(F.group_norm(a, 3, w.double(), b.double())),
+        ),
+        "instance": (
+            lambda a: groupnorm.instance_norm(a, weight=w, bias=b),
+            lambda a: F.group_norm(a, 6, w.double(), b.double()),
+        ),
+        "layer": (
+            lambda a: groupnorm.layer_norm(a, weight=w, bias=b),
+            lambda a: F.group_norm(a, 1, w.double(), b.double()),
+        ),
+        "module": (
+            groupnorm.GroupNorm(3, 6, affine=False),
+            lambda a: F.group_norm(a, 3),
+        ),
+        "batch_eval": (
+            lambda a: groupnorm.batch_norm(a, rm, rv, w, b, training=False),
+            lambda a: F.batch_norm(a, rm.double(), rv.double(), w.double(), b.double()),
+        ),
+    }[case]
+    want = _jvp_reference(ref, x, t)
+    with fa.dual_level():
+        y = ours(fa.make_dual(x, t))
+        tangent = fa.unpack_dual(y).tangent
+    assert tangent is not None, "the tangent was dropped"
+    torch.testing.assert_close(tangent.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_trace_records_the_op_not_a_constant():
+    """Tracing must not run the kernels behind the tracer's back (it would record the output
+    as a constant): a traced function gives the right answer on a new input."""
+    x = torch.randn(2, 4, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda a: groupnorm.group_norm(a, 2), (x,), check_trace=False)
+    fresh = torch.randn(2, 4, 3, 3) * 3 + 1
+    torch.testing.assert_close(traced(fresh), F.group_norm(fresh, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "training, momentum, error",
+    [
+        (False, 2.0, ValueError),
+        (False, float("nan"), ValueError),
+        (False, "abc", TypeError),
+        (True, 2.0, ValueError),
+    ],
+)
+def test_batch_norm_fast_path_checks_momentum_like_the_full_path(training, momentum, error):
+    x = torch.randn(4, 3, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(error, match="momentum"):
+        groupnorm.batch_norm(x, rm, rv, training=training, momentum=momentum)
+    if training:
+        with pytest.raises(error, match="momentum"):
+            groupnorm.batch_norm(x, None, None, training=True, momentum=momentum)

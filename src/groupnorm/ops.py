@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ._eager import forward_ad_active, plain_eager_context
 from .kernels import get_backend
 
 
@@ -258,9 +258,7 @@ class _EagerNorm(torch.autograd.Function):
 
 
 def _eager_ok(tensors: tuple[Tensor | None, ...]) -> bool:
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if _get_current_dispatch_mode() is not None:
+    if not plain_eager_context():
         return False
     for t in tensors:
         if t is not None and (
@@ -285,6 +283,8 @@ def normalize_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same result as :func:`norm_forward`, without the dispatcher in plain eager mode."""
     args = (x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps)
+    if forward_ad_active():  # tangents flow through the portable core's torch ops only
+        return get_backend("portable", x.device).forward(*args, activation)
     if not _eager_ok((x, weight, bias, residual, given_mean, given_var)):  # ~1 us
         return norm_forward(*args, activation, backend)
     impl = get_backend(backend, x.device)

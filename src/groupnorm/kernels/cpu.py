@@ -31,8 +31,8 @@ import os
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._eager import plain_eager_context
 from . import cpu_ext, portable
 from .portable import acc_dtype, apply_activation
 
@@ -151,15 +151,7 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
         return None
     if backend is not None and backend != "auto" and backend != "cpu":
         return None
-    if (
-        torch.compiler.is_exporting()
-        or torch._C._is_tracing()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or _get_current_dispatch_mode() is not None
-        or _is_wrapped(x)
-        or not _env_allows_fast()
-    ):
+    if not plain_eager_context() or _is_wrapped(x) or not _env_allows_fast():
         return None
     layout = _ext_layout(x)
     if layout is None:
@@ -203,10 +195,12 @@ def fast_batch_forward(
     if training:
         if x.numel() // c == 1:
             return None  # one value per channel: the full path explains the error
-        if running_mean is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
+        if running_mean is not None and momentum is None:
             return None
     elif running_mean is None:
         return None
+    if momentum is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
+        return None  # (the full path checks momentum on every call, and explains the error)
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         return None
     if activation is not None and type(activation) is not str:
@@ -214,15 +208,7 @@ def fast_batch_forward(
     act = _FAST_ACT.get(activation)
     if act is None or (backend is not None and backend != "auto" and backend != "cpu"):
         return None
-    if (
-        torch.compiler.is_exporting()
-        or torch._C._is_tracing()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or _get_current_dispatch_mode() is not None
-        or _is_wrapped(x)
-        or not _env_allows_fast()
-    ):
+    if not plain_eager_context() or _is_wrapped(x) or not _env_allows_fast():
         return None
     layout = _ext_layout(x)
     if layout is None:
