@@ -161,7 +161,7 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
         return None
     if needs_grad:
         return _FusedNorm.apply(x, weight, bias, (lib, num_groups, eps, act, layout))
-    return cpu_ext.forward_output(lib, x, weight, bias, num_groups, eps, act, layout)
+    return cpu_ext.forward(lib, x, weight, bias, num_groups, eps, act, layout, statistics=False)[0]
 
 
 def fast_batch_forward(

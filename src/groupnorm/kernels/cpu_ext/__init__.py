@@ -119,11 +119,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.gn_abi_version() != _ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.gn_abi_version()}, expected {_ABI_VERSION}")
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.gn_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, i32, f32, i32, i32]
-    lib.gn_forward.restype = i32
-    lib.gn_backward.argtypes = [i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32, i32, i32]
-    lib.gn_backward.restype = i32
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gn_forward_packed.argtypes = [ctypes.c_char_p]
     lib.gn_forward_packed.restype = i32
     lib.bn_forward_packed.argtypes = [ctypes.c_char_p]
@@ -190,24 +186,26 @@ def forward(
     eps: float,
     activation: str,
     channels_last: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    statistics: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """y, mean, rstd for ``x`` (N, C, *) stored as (N, C, S) or, with ``channels_last``, (N, S, C).
 
-    ``weight``/``bias`` must be contiguous float32 (or None)."""
+    ``weight``/``bias`` must be contiguous float32 (or None). Without ``statistics`` mean and
+    rstd are not written (None): what the no-autograd fast path needs."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c)
     y = torch.empty_like(x)  # keeps the layout
-    mean = torch.empty((n, num_groups), dtype=torch.float32)
-    rstd = torch.empty((n, num_groups), dtype=torch.float32)
+    mean = torch.empty((n, num_groups), dtype=torch.float32) if statistics else None
+    rstd = torch.empty((n, num_groups), dtype=torch.float32) if statistics else None
     rc = lib.gn_forward_packed(
         _FORWARD_ARGS.pack(
             DTYPE_CODES[x.dtype],
             x.data_ptr(),
             y.data_ptr(),
-            _ptr(weight),
-            _ptr(bias),
-            mean.data_ptr(),
-            rstd.data_ptr(),
+            0 if weight is None else weight.data_ptr(),  # (inlined: this is the small-call path)
+            0 if bias is None else bias.data_ptr(),
+            mean.data_ptr() if statistics else 0,
+            rstd.data_ptr() if statistics else 0,
             n,
             c,
             s,
@@ -274,44 +272,6 @@ def batch_forward(
     if rc:
         raise RuntimeError(f"bn_forward returned {rc}")
     return y, mean, rstd
-
-
-def forward_output(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    eps: float,
-    activation: str,
-    channels_last: int,
-) -> torch.Tensor:
-    """Only y of :func:`forward` (no statistics are written): the launcher of the no-autograd
-    fast path, with as little Python as possible around the kernel (arguments as there)."""
-    n, c = x.shape[0], x.shape[1]
-    y = torch.empty_like(x)
-    rc = lib.gn_forward_packed(
-        _FORWARD_ARGS.pack(
-            DTYPE_CODES[x.dtype],
-            x.data_ptr(),
-            y.data_ptr(),
-            0 if weight is None else weight.data_ptr(),
-            0 if bias is None else bias.data_ptr(),
-            0,
-            0,
-            n,
-            c,
-            x.numel() // (n * c),
-            num_groups,
-            channels_last,
-            eps,
-            ACT_CODES[activation],
-            torch.get_num_threads(),
-        )
-    )
-    if rc:
-        raise RuntimeError(f"gn_forward returned {rc}")
-    return y
 
 
 def activation(lib: ctypes.CDLL, z: torch.Tensor, name: str, grad: bool = False) -> torch.Tensor:
