@@ -12,6 +12,10 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+#: Tensor types a fast path may hand to a kernel: plain tensors and parameters (no subclasses,
+#: whose __torch_function__ or __torch_dispatch__ would be skipped).
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def forward_ad_active() -> bool:
     """A forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``). Neither the

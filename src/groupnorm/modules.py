@@ -13,10 +13,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
+from ._eager import PLAIN_TYPES
 from .functional import _normalize, update_running_stats
 from .kernels.cpu import fast_batch_forward, fast_forward
-
-_PLAIN = (Tensor, nn.Parameter)
 
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
@@ -115,7 +114,7 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if (
             residual is None
-            and type(input) in _PLAIN
+            and type(input) in PLAIN_TYPES
             and input.dim() >= 2
             and input.shape[1] == self.num_channels
         ):  # a no-autograd call on valid input: the fast path (None when it does not apply)

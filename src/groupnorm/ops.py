@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
 
-from ._eager import forward_ad_active, plain_eager_context
+from ._eager import PLAIN_TYPES, forward_ad_active, plain_eager_context
 from .kernels import get_backend
 
 
@@ -240,7 +240,6 @@ torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_
 # every launch of a small kernel. Everything else (torch.compile/export tracing, fake or
 # subclass tensors, functorch transforms, dispatch/function modes, other devices) keeps the op.
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _EAGER_DEVICES = ("cpu", "cuda")
 
 
@@ -262,7 +261,7 @@ def _eager_ok(tensors: tuple[Tensor | None, ...]) -> bool:
         return False
     for t in tensors:
         if t is not None and (
-            type(t) not in _PLAIN_TYPES or t.device.type not in _EAGER_DEVICES or _is_wrapped(t)
+            type(t) not in PLAIN_TYPES or t.device.type not in _EAGER_DEVICES or _is_wrapped(t)
         ):
             return False
     return True

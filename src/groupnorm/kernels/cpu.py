@@ -32,7 +32,7 @@ import os
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
 
-from .._eager import plain_eager_context
+from .._eager import PLAIN_TYPES, plain_eager_context
 from . import cpu_ext, portable
 from .portable import acc_dtype, apply_activation
 
@@ -93,7 +93,6 @@ def _ext_params(x, weight, bias):
     return lib, layout, _as_float32(weight), _as_float32(bias)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _FAST_ACT = {None: "", "": "", "silu": "silu", "gelu": "gelu", "relu": "relu"}
 _F32 = torch.float32
 
@@ -109,7 +108,11 @@ def _env_allows_fast() -> bool:
 
 def _plain_param(p, c: int) -> bool:
     return p is None or (
-        type(p) in _PLAIN and p.dtype == _F32 and p.shape == (c,) and p.is_cpu and p.is_contiguous()
+        type(p) in PLAIN_TYPES
+        and p.dtype == _F32
+        and p.shape == (c,)
+        and p.is_cpu
+        and p.is_contiguous()
     )
 
 
@@ -125,7 +128,7 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
     what makes small calls cost about what torch's own group_norm costs (benchmarks/README.md,
     approach 18).
     """
-    if torch.compiler.is_compiling() or type(x) not in _PLAIN or x.dim() < 2:
+    if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
         return None  # (compiling first: under torch.compile the rest is not traced)
     c = x.shape[1]
     if not _plain_param(weight, c) or not _plain_param(bias, c):
@@ -170,7 +173,7 @@ def fast_batch_forward(
     """:func:`fast_forward` for batch norm: the fused kernel with the running statistics
     (float32) updated inside it, through :class:`_FusedBatchNorm` when autograd is needed
     (training, no activation); ``None`` for any other call."""
-    if torch.compiler.is_compiling() or type(x) not in _PLAIN or x.dim() < 2:
+    if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
         return None
     c = x.shape[1]
     if not (
