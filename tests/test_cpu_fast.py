@@ -668,3 +668,42 @@ def test_batch_norm_fast_path_checks_momentum_like_the_full_path(training, momen
     if training:
         with pytest.raises(error, match="momentum"):
             groupnorm.batch_norm(x, None, None, training=True, momentum=momentum)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float16_stores_round_like_torch(layout):
+    """With weight 0 the output is the float32 bias rounded to float16 by the kernels' own
+    conversion: it must match torch's rounding bit for bit, for subnormals, ties to even, the
+    largest finite values, overflow to inf, and NaN. (No -0.0: 0 * x + -0.0 is +0.0 when x > 0,
+    which is arithmetic, not rounding.)"""
+    _ext_or_skip()
+    edges = [
+        0.0, 1e-8, 3e-8, 2.98e-8, 6.0e-8, 5.96e-8, -1e-6, 6.1e-5, 6.104e-5,
+        1.0, 1.0 + 2**-11, 1.0 + 3 * 2**-11, -2.0 - 2**-10, 3.14159, 65504.0, 65519.0,
+        65520.0, 70000.0, -1e9, float("inf"), float("-inf"), float("nan"),
+    ]  # fmt: skip
+    gen = torch.Generator().manual_seed(23)
+    bias = torch.cat([torch.tensor(edges), torch.randn(41, generator=gen) * 1e3]).float()
+    c = bias.numel()
+    x = torch.randn(2, c, 3, 3, generator=gen).half()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = gf.group_norm(x, 1, torch.zeros(c), bias)
+    want = bias.half()[None, :, None, None].expand_as(y)
+    same = (y.view(torch.int16) == want.contiguous().view(torch.int16)) | (y.isnan() & want.isnan())
+    assert same.all(), f"{(~same).sum().item()} values rounded differently from torch"
+
+
+def test_float16_loads_cover_every_bit_pattern():
+    """All 65536 float16 values through the kernels' load: instance norm over pairs (v, 0) has
+    mean v/2 and output +-1 exactly when v is finite and nonzero; the statistics say whether
+    each v was read as torch reads it."""
+    _ext_or_skip()
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    v = bits.view(torch.float16)
+    x = torch.stack([v, torch.zeros_like(v)], dim=-1).reshape(1, -1, 2)  # (1, 65536, 2)
+    y, _, mean, _ = cpu.forward(x, None, None, None, None, None, x.shape[1], False, 0.0, "")
+    want = v.float() / 2
+    finite = torch.isfinite(v)
+    torch.testing.assert_close(mean.flatten()[finite], want[finite], rtol=0, atol=0)
+    assert torch.isnan(mean.flatten()[~finite]).all()

@@ -56,7 +56,27 @@ inline float load(BF16 v) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline float load(_Float16 v) { return static_cast<float>(v); }
+// float16 as bits, converted with integer and float arithmetic that GCC vectorizes (a cast of
+// _Float16 compiled to one scalar vcvtph2ps per value and left float16 2-4x slower than torch).
+// Both conversions are exact matches of the hardware's: checked on all 65536 inputs for load,
+// and for store on 2e8 random floats plus a sweep of every 7th float below 2^17, RNE, with
+// overflow to inf and NaN kept NaN.
+struct F16 {
+  uint16_t bits;
+};
+inline float load(F16 v) {
+  uint32_t h = v.bits;
+  uint32_t mag = (h & 0x7fffu) << 13;  // exponent and mantissa in float position
+  float f;
+  std::memcpy(&f, &mag, 4);
+  f *= 0x1p112f;  // rebias 15 -> 127; exact for normals and subnormals alike
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = ((h & 0x7c00u) == 0x7c00u) ? (0x7f800000u | mag) : u;  // inf and NaN
+  u |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 inline void store(float* p, float v) { *p = v; }
 inline void store(BF16* p, float v) {
@@ -66,7 +86,23 @@ inline void store(BF16* p, float v) {
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   p->bits = (v != v) ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(rounded);
 }
-inline void store(_Float16* p, float v) { *p = static_cast<_Float16>(v); }
+inline void store(F16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t a = u & 0x7fffffffu;
+  // normal result: rebias the exponent (-112 << 23) and round the 13 dropped bits to even
+  uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  // subnormal result (|v| < 2^-14): adding 0.5 makes the FPU round |v| to a multiple of 2^-24
+  float f;
+  std::memcpy(&f, &a, 4);
+  f += 0.5f;
+  uint32_t r;
+  std::memcpy(&r, &f, 4);
+  uint32_t sub = r - 0x3f000000u;
+  uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or overflow to inf
+  uint32_t h = a >= 0x47800000u ? special : (a < 0x38800000u ? sub : normal);
+  p->bits = static_cast<uint16_t>(((u >> 16) & 0x8000u) | h);
+}
 
 // ---- activations ---------------------------------------------------------------------------
 
@@ -1123,7 +1159,7 @@ int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b
     case 0: return forward_any<float>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
     case 1: return forward_any<BF16>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
     case 2:
-      return forward_any<_Float16>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
+      return forward_any<F16>(x, y, w, b, mean, rstd, N, C, S, G, nhwc, eps, act, nthreads);
     default: return 2;
   }
 }
@@ -1146,7 +1182,7 @@ int bn_forward(int dtype, const void* x, void* y, const float* w, const float* b
       return bn_forward_any<BF16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, nhwc,
                                   eps, run, act, nthreads);
     case 2:
-      return bn_forward_any<_Float16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S,
+      return bn_forward_any<F16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S,
                                       nhwc, eps, run, act, nthreads);
     default: return 2;
   }
@@ -1164,7 +1200,7 @@ int gn_backward(int dtype, const void* dy, const void* x, const float* w, const 
       return backward_any<BF16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act,
                                 nthreads);
     case 2:
-      return backward_any<_Float16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act,
+      return backward_any<F16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act,
                                     nthreads);
     default: return 2;
   }
