@@ -116,6 +116,27 @@ def _plain_param(p, c: int) -> bool:
     )
 
 
+def _fast_kernel(x, eps, activation, backend):
+    """The checks both fast paths end with: (library, layout, activation) when the fused kernels
+    may take this plain eager call on ``x``, else None (the full path then runs and explains)."""
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if activation is not None and type(activation) is not str:
+        return None
+    act = _FAST_ACT.get(activation)
+    if act is None or (backend is not None and backend != "auto" and backend != "cpu"):
+        return None
+    if not plain_eager_context() or _is_wrapped(x) or not _env_allows_fast():
+        return None
+    layout = _ext_layout(x)
+    if layout is None:
+        return None
+    lib = cpu_ext.library()
+    if lib is None:
+        return None
+    return lib, layout, act
+
+
 def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_channel=False):
     """The output of a plain eager group/layer/instance norm call on CPU, computed by the fused
     kernels with as little Python around them as possible (through :class:`_FusedNorm` when
@@ -138,30 +159,16 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    code = cpu_ext.DTYPE_CODES.get(x.dtype)
-    if code is None or not x.is_cpu or x.numel() == 0:
+    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0:
         return None
     if per_channel:
         num_groups = c
     if type(num_groups) is not int or num_groups <= 0 or c % num_groups:
         return None
-    if type(eps) is not float or not 0.0 <= eps < math.inf:
+    kernel = _fast_kernel(x, eps, activation, backend)
+    if kernel is None:
         return None
-    if activation is not None and type(activation) is not str:
-        return None
-    act = _FAST_ACT.get(activation)
-    if act is None:
-        return None
-    if backend is not None and backend != "auto" and backend != "cpu":
-        return None
-    if not plain_eager_context() or _is_wrapped(x) or not _env_allows_fast():
-        return None
-    layout = _ext_layout(x)
-    if layout is None:
-        return None
-    lib = cpu_ext.library()
-    if lib is None:
-        return None
+    lib, layout, act = kernel
     if needs_grad:
         return _FusedNorm.apply(x, weight, bias, (lib, num_groups, eps, act, layout))
     return cpu_ext.forward(lib, x, weight, bias, num_groups, eps, act, layout, statistics=False)[0]
@@ -192,8 +199,7 @@ def fast_batch_forward(
     )
     if needs_grad and (not training or activation or (weight is None and bias is not None)):
         return None  # (the full path: the portable core for these backwards)
-    code = cpu_ext.DTYPE_CODES.get(x.dtype)
-    if code is None or not x.is_cpu or x.numel() == 0:
+    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0:
         return None
     if training:
         if x.numel() // c == 1:
@@ -204,31 +210,18 @@ def fast_batch_forward(
         return None
     if momentum is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
         return None  # (the full path checks momentum on every call, and explains the error)
-    if type(eps) is not float or not 0.0 <= eps < math.inf:
+    kernel = _fast_kernel(x, eps, activation, backend)
+    if kernel is None:
         return None
-    if activation is not None and type(activation) is not str:
-        return None
-    act = _FAST_ACT.get(activation)
-    if act is None or (backend is not None and backend != "auto" and backend != "cpu"):
-        return None
-    if not plain_eager_context() or _is_wrapped(x) or not _env_allows_fast():
-        return None
-    layout = _ext_layout(x)
-    if layout is None:
-        return None
-    lib = cpu_ext.library()
-    if lib is None:
-        return None
+    lib, layout, act = kernel
     rows = bool(layout) or x.numel() == x.shape[0] * c
+    running = (running_mean, running_var, momentum) if running_mean is not None else None
     if needs_grad:
         if _dense(x) is not x:  # torch's backward kernel reads contiguous or channels-last
             return None
-        running = (running_mean, running_var, momentum) if running_mean is not None else None
         return _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows))
-    if training:
-        running = (running_mean, running_var, momentum) if running_mean is not None else None
-        given = (None, None)
-    else:
+    given = (None, None)
+    if not training:
         running, given = None, (running_mean, running_var)
     y, _, _ = cpu_ext.batch_forward(
         lib, x, weight, bias, *given, eps, act, rows, running, statistics=False
