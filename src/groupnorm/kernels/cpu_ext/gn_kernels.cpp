@@ -24,7 +24,7 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 // GCC 12's AVX-512 header trips its own -Wmaybe-uninitialized (a known false positive about
 // the undefined vectors it starts shuffles from)
 #pragma GCC diagnostic push
@@ -102,6 +102,70 @@ inline void store(F16* p, float v) {
   uint32_t special = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, or overflow to inf
   uint32_t h = a >= 0x47800000u ? special : (a < 0x38800000u ? sub : normal);
   p->bits = static_cast<uint16_t>(((u >> 16) & 0x8000u) | h);
+}
+
+// Whole blocks of float16: the loops above convert one value at a time, which GCC cannot turn
+// into the hardware's vector conversions (vcvtph2ps/vcvtps2ph, 16 values per instruction with
+// AVX-512, 8 with F16C). The hot loops of float16 therefore convert a block into a float32
+// buffer in L1, work on float32, and convert the results back (with_f32 / via_f32 below).
+// The hardware conversions round to nearest even, as store() does.
+inline void load_block(const F16* p, i64 n, float* out) {
+  i64 i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(p + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+#endif
+  for (; i < n; ++i) out[i] = load(p[i]);
+}
+inline void store_block(F16* p, i64 n, const float* in) {
+  i64 i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) store(p + i, in[i]);
+}
+
+// Values per staged block (16 KiB of float32 in and out: well inside L1).
+constexpr i64 kStage = 2048;
+
+// body(q) with q pointing at p[0..n) as something load() reads: p itself, or for float16 a
+// float32 copy in buf (n <= kStage). float32 and bfloat16 (a shift per value, which vectorizes)
+// are read in place.
+template <typename T, typename F>
+inline void with_f32(const T* p, i64 n, float* buf, F&& body) {
+  if constexpr (std::is_same_v<T, F16>) {
+    load_block(p, n, buf);
+    body(static_cast<const float*>(buf));
+  } else {
+    (void)n;
+    (void)buf;
+    body(p);
+  }
+}
+
+// body(q) with q a place that store() writes n values to, which end up in p[0..n): p itself, or
+// for float16 a float32 buffer converted into p afterwards (n <= kStage).
+template <typename T, typename F>
+inline void via_f32(T* p, i64 n, float* buf, F&& body) {
+  if constexpr (std::is_same_v<T, F16>) {
+    body(buf);
+    store_block(p, n, buf);
+  } else {
+    (void)n;
+    (void)buf;
+    body(p);
+  }
 }
 
 // ---- activations ---------------------------------------------------------------------------
@@ -694,6 +758,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     float* s2 = part2.data() + item * C;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
     // blocks of kBlock channels: the sums stay in registers across the rows of the chunk
+    float tmp[kBlock];  // a float16 row block as float32
     i64 c0 = 0;
     for (; c0 + kBlock <= C; c0 += kBlock) {
       float a1[kBlock], a2[kBlock], piv[kBlock];
@@ -702,13 +767,14 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
         piv[j] = load(pivot[c0 + j]);
       }
       for (i64 s = k * rows; s < end; ++s) {
-        const T* row = pivot + s * C + c0;
+        with_f32(pivot + s * C + c0, kBlock, tmp, [&](const auto* row) {
 #pragma omp simd
-        for (int j = 0; j < kBlock; ++j) {
-          const float d = load(row[j]) - piv[j];
-          a1[j] += d;
-          a2[j] += d * d;
-        }
+          for (int j = 0; j < kBlock; ++j) {
+            const float d = load(row[j]) - piv[j];
+            a1[j] += d;
+            a2[j] += d * d;
+          }
+        });
       }
       for (int j = 0; j < kBlock; ++j) {
         s1[c0 + j] = a1[j];
@@ -772,12 +838,19 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     const float* h = coef_h.data() + n * C;
     const float* m = coef_m.data() + n * C;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    float in_buf[std::is_same_v<T, F16> ? kStage : 1], out_buf[std::is_same_v<T, F16> ? kStage : 1];
     for (i64 s = k * rows; s < end; ++s) {
-      const T* row = x + (n * S + s) * C;
-      T* out = y + (n * S + s) * C;
+      for (i64 c0 = 0; c0 < C; c0 += kStage) {
+        const i64 len = C - c0 < kStage ? C - c0 : kStage;
+        const float *mc = m + c0, *ac = a + c0, *hc = h + c0;
+        with_f32(x + (n * S + s) * C + c0, len, in_buf, [&](const auto* row) {
+          via_f32(y + (n * S + s) * C + c0, len, out_buf, [&](auto* out) {
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c)
-        store(out + c, act_fwd<ACT>((load(row[c]) - m[c]) * a[c] + h[c]));
+            for (i64 c = 0; c < len; ++c)
+              store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+          });
+        });
+      }
     }
   }
 }
