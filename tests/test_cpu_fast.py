@@ -454,12 +454,15 @@ def test_silu_with_large_pre_activations(dtype, layout, shape):
 # ---- the eager fast paths (kernels/cpu.py: fast_forward, fast_batch_forward) ------------------
 
 
-def test_fast_path_gives_the_ops_results_bit_for_bit():
-    """No-grad and autograd fast paths against the registered custom op (the full path)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fast_path_gives_the_ops_results_bit_for_bit(dtype):
+    """No-grad and autograd fast paths against the registered custom op (the full path), with
+    weight and bias in x's dtype (as in a model moved to float16): the gradients come back in
+    that dtype too."""
     from groupnorm.ops import norm_forward
 
     _ext_or_skip()
-    x, _, dy, w, b = _data((2, 12, 5, 7), torch.float32, "channels_last", 21)
+    x, _, dy, w, b = _data((2, 12, 5, 7), dtype, "channels_last", 21)
     for act in ("", "silu"):
         op_args = (None, None, None, 4, False, 1e-5, act, "auto")
 
@@ -475,6 +478,7 @@ def test_fast_path_gives_the_ops_results_bit_for_bit():
         out2, g2 = _run(op, dy, x, w, b)
         assert torch.equal(out1, out2)
         for a, c in zip(g1, g2, strict=True):
+            assert a.dtype == dtype
             assert torch.equal(a, c)
 
 
@@ -496,7 +500,10 @@ def test_fast_path_is_taken_only_where_it_applies(monkeypatch):
         gf.instance_norm(x, activation="silu")
         groupnorm.normalize(x, "gn", num_groups=3)
         m(x)
-        assert len(calls) == 5
+        gf.group_norm(x.half(), 3, w.half(), w.half())  # params in x's dtype
+        assert len(calls) == 6
+        with pytest.raises(TypeError, match="must be torch.float16 or torch.float32"):
+            gf.group_norm(x.half(), 3, w.bfloat16())  # a third dtype: the full path explains
         gf.group_norm(x, 3, w, backend="portable")
         gf.group_norm(x.double(), 3)
         gf.group_norm(x, 3, w.double().float()[::1], residual=x)
@@ -505,7 +512,7 @@ def test_fast_path_is_taken_only_where_it_applies(monkeypatch):
         gf.group_norm(x, 3)
         monkeypatch.setenv("GROUPNORM_BACKEND", "cpu")
         gf.group_norm(x, 3)
-        assert len(calls) == 6
+        assert len(calls) == 7
     with pytest.raises(ValueError, match="divisible"):
         gf.group_norm(x, 4)  # bad input still gets the full path's message
     with pytest.raises(TypeError, match="eps"):

@@ -9,9 +9,9 @@ What runs where (``benchmarks/README.md`` has the numbers behind each choice):
 * batch norm forward (training or eval, same dtypes and layouts) -> the fused C++ kernel too
   (torch's CPU batch norm kernel is several times slower here); its backward ->
   ``aten::native_batch_norm_backward`` with the kernel's mean and rstd;
-* plain eager calls (no compile/export/tracing, modes or functorch transforms, float32
-  weight/bias) enter through :func:`fast_forward` / :func:`fast_batch_forward`, which skip the
-  custom op and most of the Python around it and give the same results;
+* plain eager calls (no compile/export/tracing, modes or functorch transforms, weight/bias in
+  float32 or the input's dtype) enter through :func:`fast_forward` / :func:`fast_batch_forward`,
+  which skip the custom op and most of the Python around it and give the same results;
 * when those kernels are unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the
   case is outside them (float64, other strides, empty tensors, mixed weight/bias dtypes):
   group/layer/instance forward -> ``aten::native_group_norm`` then the activation in place;
@@ -106,10 +106,11 @@ def _env_allows_fast() -> bool:
     return (not backend or backend == "auto" or backend == "cpu") and _use_ext()
 
 
-def _plain_param(p, c: int) -> bool:
+def _plain_param(p, c: int, dtype=_F32) -> bool:
+    """``p`` is None or a plain contiguous CPU tensor of shape (c,) in float32 or ``dtype``."""
     return p is None or (
         type(p) in PLAIN_TYPES
-        and p.dtype == _F32
+        and (p.dtype == _F32 or p.dtype == dtype)
         and p.shape == (c,)
         and p.is_cpu
         and p.is_contiguous()
@@ -152,7 +153,8 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
     if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
         return None  # (compiling first: under torch.compile the rest is not traced)
     c = x.shape[1]
-    if not _plain_param(weight, c) or not _plain_param(bias, c):
+    # params in float32 or in x's dtype (a model moved to float16 or bfloat16 has both in it)
+    if not _plain_param(weight, c, x.dtype) or not _plain_param(bias, c, x.dtype):
         return None
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
@@ -171,7 +173,8 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
     lib, layout, act = kernel
     if needs_grad:
         return _FusedNorm.apply(x, weight, bias, (lib, num_groups, eps, act, layout))
-    return cpu_ext.forward(lib, x, weight, bias, num_groups, eps, act, layout, statistics=False)[0]
+    w, b = _as_float32(weight), _as_float32(bias)
+    return cpu_ext.forward(lib, x, w, b, num_groups, eps, act, layout, statistics=False)[0]
 
 
 def fast_batch_forward(
@@ -263,9 +266,14 @@ class _FusedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, meta):
         lib, num_groups, eps, act, layout = meta
-        y, mean, rstd = cpu_ext.forward(lib, x, weight, bias, num_groups, eps, act, layout)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        w, b = _as_float32(weight), _as_float32(bias)  # (the kernels take float32 params)
+        y, mean, rstd = cpu_ext.forward(lib, x, w, b, num_groups, eps, act, layout)
+        ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.meta = meta
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else None,
+            bias.dtype if bias is not None else None,
+        )
         return y
 
     @staticmethod
@@ -291,6 +299,11 @@ class _FusedNorm(torch.autograd.Function):
             need_dw and weight is not None,
             need_db and bias is not None,
         )
+        w_dtype, b_dtype = ctx.param_dtypes
+        if dw is not None and w_dtype != _F32:
+            dw = dw.to(w_dtype)
+        if db is not None and b_dtype != _F32:
+            db = db.to(b_dtype)
         return dx, dw, db, None
 
 
