@@ -403,6 +403,24 @@ def test_short_rows_match_reference(shape, groups, activation, dtype):
     _check_against_reference(shape, groups, dtype, "contiguous", activation, False, seed=5)
 
 
+@pytest.mark.parametrize(
+    ("shape", "groups", "layout"),
+    [
+        ((1, 4, 48, 50), 2, "contiguous"),  # rows of 2400 values: two blocks of 2048 and 352
+        ((2, 128, 7, 7), 2, "contiguous"),  # sets of 3136 values: spans of 41 and 23 channels
+        ((2, 96, 13, 13), 3, "contiguous"),  # short rows: spans of 12 channels, 169 values each
+        ((1, 2112, 2, 3), 33, "channels_last"),  # rows of 2112 channels: 2048 and 64
+        ((2, 40, 3, 5), 8, "channels_last"),  # 40 channels: 32 converted as vectors, 8 one by one
+    ],
+)
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_float16_staged_blocks_match_reference(shape, groups, layout, activation):
+    """float16 is converted by the hardware in blocks of up to 2048 values (spans of whole
+    channels, or pieces of a longer row) into float32 buffers: block edges, spans and the
+    one-by-one tails, forward and backward, against float64."""
+    _check_against_reference(shape, groups, torch.float16, layout, activation, False, seed=9)
+
+
 def test_tensor_past_the_prefetch_threshold_matches_reference():
     """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
     backward fetch the next set ahead (hints only, which must not change a value)."""

@@ -136,8 +136,11 @@ inline void store_block(F16* p, i64 n, const float* in) {
   for (; i < n; ++i) store(p + i, in[i]);
 }
 
-// Values per staged block (16 KiB of float32 in and out: well inside L1).
+// Values per staged block (8 KiB of float32 per buffer: well inside L1).
 constexpr i64 kStage = 2048;
+// the length of a staging buffer for T (one unused float for types read in place)
+template <typename T>
+constexpr i64 kStageOf = std::is_same_v<T, F16> ? kStage : 1;
 
 // body(q) with q pointing at p[0..n) as something load() reads: p itself, or for float16 a
 // float32 copy in buf (n <= kStage). float32 and bfloat16 (a shift per value, which vectorizes)
@@ -444,6 +447,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
 #pragma omp parallel num_threads(nthreads)
   {
   std::vector<float> z_buf(short_rows && !std::is_same_v<T, float> ? L : 0);
+  float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
 #pragma omp for schedule(static)
   for (i64 item = 0; item < N * G; ++item) {
     const i64 g = item % G;
@@ -458,8 +462,11 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     for (i64 start = 0; start < L; start += kRun) {
       const i64 end = start + kRun < L ? start + kRun : L;
       const float nr = static_cast<float>(end - start);
-      const float mr = shifted_sum(px + start, end - start, pivot) / nr;
-      const float q = shifted_sum_sq(px + start, end - start, pivot, mr);
+      float mr, q;
+      with_f32(px + start, end - start, in_buf, [&](const auto* run) {
+        mr = shifted_sum(run, end - start, pivot) / nr;
+        q = shifted_sum_sq(run, end - start, pivot, mr);
+      });
       const double delta = static_cast<double>(mr) - mean_d;
       const double total = count + nr;
       mean_d += delta * nr / total;
@@ -477,13 +484,19 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
       } else {
         zb = z_buf.data();
       }
-      for (i64 d = 0; d < D; ++d) {
-        const i64 c = g * D + d;
-        const float a = w ? r * w[c] : r;
-        const float h = b ? b[c] : 0.0f;
-        const T* qx = px + d * S;
-        float* qz = zb + d * S;
-        for_each_vec(S, [&](i64 s) { qz[s] = (load(qx[s]) - mu) * a + h; });
+      const i64 span = std::is_same_v<T, F16> ? kStage / S : D;  // (S <= kShortRowMax here)
+      for (i64 d0 = 0; d0 < D; d0 += span) {
+        const i64 nd = D - d0 < span ? D - d0 : span;
+        with_f32(px + d0 * S, nd * S, in_buf, [&](const auto* qx) {
+          for (i64 d = d0; d < d0 + nd; ++d) {
+            const i64 c = g * D + d;
+            const float a = w ? r * w[c] : r;
+            const float h = b ? b[c] : 0.0f;
+            float* qz = zb + d * S;
+            const auto* rx = qx + (d - d0) * S;
+            for_each_vec(S, [&](i64 s) { qz[s] = (load(rx[s]) - mu) * a + h; });
+          }
+        });
       }
       // the next set's x and y are fetched while this one computes (see kPrefetchChunk)
       const bool more = item + 1 < N * G;
@@ -494,23 +507,40 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
           prefetch_range(py + L + i0, n);
         }
         const i64 whole = n - n % kVec;
-        T* qy = py + i0;
         const float* qz = zb + i0;
+        via_f32(py + i0, n, out_buf, [&](auto* qy) {
 #pragma omp simd
-        for (i64 j = 0; j < whole; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
-        for (i64 j = whole; j < n; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+          for (i64 j = 0; j < whole; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+          for (i64 j = whole; j < n; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+        });
       }
       continue;
     }
     const bool more = prefetch && item + 1 < N * G;
-    for (i64 d = 0; d < D; ++d) {
-      const i64 c = g * D + d;
-      const float a = w ? r * w[c] : r;
-      const float h = b ? b[c] : 0.0f;
-      const T* qx = px + d * S;
-      T* qy = py + d * S;
-      if (more) prefetch_range(qx + L, S);
-      for_each_vec(S, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
+    // float16 is staged in spans of whole channels (one conversion per span: per channel, a
+    // 7x7 map's few vectors stalled on store forwarding and cost 3x float32), or in blocks of
+    // one channel's values when a channel alone is longer than a span
+    const i64 span = !std::is_same_v<T, F16> ? D : (S <= kStage ? kStage / S : 1);
+    const i64 step = S <= kStage || !std::is_same_v<T, F16> ? S : kStage;
+    for (i64 d0 = 0; d0 < D; d0 += span) {
+      const i64 nd = D - d0 < span ? D - d0 : span;
+      for (i64 s0 = 0; s0 < S; s0 += step) {
+        const i64 len = S - s0 < step ? S - s0 : step;
+        const i64 count = (nd - 1) * S + len;  // (len == S when nd > 1)
+        with_f32(px + d0 * S + s0, count, in_buf, [&](const auto* qx) {
+          via_f32(py + d0 * S + s0, count, out_buf, [&](auto* qy) {
+            for (i64 d = 0; d < nd; ++d) {
+              const i64 c = g * D + d0 + d;
+              const float a = w ? r * w[c] : r;
+              const float h = b ? b[c] : 0.0f;
+              if (more && s0 == 0) prefetch_range(px + (d0 + d) * S + L, S);
+              const auto* rx = qx + d * S;
+              auto* ry = qy + d * S;
+              for_each_vec(len, [&](i64 s) { store(ry + s, act_fwd<ACT>((load(rx[s]) - mu) * a + h)); });
+            }
+          });
+        });
+      }
     }
   }
   }
@@ -838,7 +868,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     const float* h = coef_h.data() + n * C;
     const float* m = coef_m.data() + n * C;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
-    float in_buf[std::is_same_v<T, F16> ? kStage : 1], out_buf[std::is_same_v<T, F16> ? kStage : 1];
+    float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
     for (i64 s = k * rows; s < end; ++s) {
       for (i64 c0 = 0; c0 < C; c0 += kStage) {
         const i64 len = C - c0 < kStage ? C - c0 : kStage;
@@ -884,15 +914,23 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     float* s2 = part2.data() + item * C;
     for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    float x_buf[kStageOf<T>], dy_buf[kStageOf<T>];
     for (i64 s = k * rows; s < end; ++s) {
-      const T* row = x + (n * S + s) * C;
-      const T* drow = dy + (n * S + s) * C;
+      for (i64 c0 = 0; c0 < C; c0 += kStage) {
+        const i64 len = C - c0 < kStage ? C - c0 : kStage;
+        with_f32(x + (n * S + s) * C + c0, len, x_buf, [&](const auto* row) {
+          with_f32(dy + (n * S + s) * C + c0, len, dy_buf, [&](const auto* drow) {
+            const float *ac = a + c0, *hc = h + c0, *mc = mu + c0;
+            float *t1 = s1 + c0, *t2 = s2 + c0;
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c) {
-        const float xv = load(row[c]);
-        const float dz = load(drow[c]) * act_grad<ACT>((xv - mu[c]) * a[c] + h[c]);
-        s1[c] += dz;
-        s2[c] += dz * (xv - mu[c]);
+            for (i64 c = 0; c < len; ++c) {
+              const float xv = load(row[c]);
+              const float dz = load(drow[c]) * act_grad<ACT>((xv - mc[c]) * ac[c] + hc[c]);
+              t1[c] += dz;
+              t2[c] += dz * (xv - mc[c]);
+            }
+          });
+        });
       }
     }
   }
@@ -945,15 +983,23 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     const float* ck = coef_k.data() + n * C;
     const float* mu = mu_c.data() + n * C;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    float x_buf[kStageOf<T>], dy_buf[kStageOf<T>], dx_buf[kStageOf<T>];
     for (i64 s = k * rows; s < end; ++s) {
-      const T* row = x + (n * S + s) * C;
-      const T* drow = dy + (n * S + s) * C;
-      T* out = dx + (n * S + s) * C;
+      for (i64 c0 = 0; c0 < C; c0 += kStage) {
+        const i64 len = C - c0 < kStage ? C - c0 : kStage;
+        const float *ac = a + c0, *hc = h + c0, *mc = mu + c0, *bc = cb + c0, *kc = ck + c0;
+        with_f32(x + (n * S + s) * C + c0, len, x_buf, [&](const auto* row) {
+          with_f32(dy + (n * S + s) * C + c0, len, dy_buf, [&](const auto* drow) {
+            via_f32(dx + (n * S + s) * C + c0, len, dx_buf, [&](auto* out) {
 #pragma omp simd
-      for (i64 c = 0; c < C; ++c) {
-        const float xv = load(row[c]);
-        const float dz = load(drow[c]) * act_grad<ACT>((xv - mu[c]) * a[c] + h[c]);
-        store(out + c, a[c] * dz + cb[c] * (xv - mu[c]) + ck[c]);
+              for (i64 c = 0; c < len; ++c) {
+                const float xv = load(row[c]);
+                const float dz = load(drow[c]) * act_grad<ACT>((xv - mc[c]) * ac[c] + hc[c]);
+                store(out + c, ac[c] * dz + bc[c] * (xv - mc[c]) + kc[c]);
+              }
+            });
+          });
+        });
       }
     }
   }
