@@ -600,19 +600,26 @@ inline void short_sums(const float* u, const float* v, i64 n, float& s1, float& 
 
 template <typename T, int ACT>
 void backward_short_set(const T* dy, const T* x, const float* w, const float* b, float mu, float r,
-                        i64 g, i64 D, i64 S, float* zb, float* xb, double* part_db,
+                        i64 g, i64 D, i64 S, float* zb, float* xb, float* stage, double* part_db,
                         double* part_dw, T* dx, bool more) {
-  for (i64 d = 0; d < D; ++d) {
-    const i64 c = g * D + d;
-    const float a = w ? r * w[c] : r;
-    const float h = b ? b[c] : 0.0f;
-    const T* qx = x + d * S;
-    float* qz = zb + d * S;
-    float* qc = xb + d * S;
-    for_each_vec(S, [&](i64 s) {
-      const float xc = load(qx[s]) - mu;
-      qc[s] = xc;
-      qz[s] = xc * a + h;
+  // float16 x and dx go through stage in spans of whole channels, dy in chunks (see with_f32)
+  const i64 span = std::is_same_v<T, F16> ? kStage / S : D;
+  for (i64 d0 = 0; d0 < D; d0 += span) {
+    const i64 nd = D - d0 < span ? D - d0 : span;
+    with_f32(x + d0 * S, nd * S, stage, [&](const auto* qx0) {
+      for (i64 d = d0; d < d0 + nd; ++d) {
+        const i64 c = g * D + d;
+        const float a = w ? r * w[c] : r;
+        const float h = b ? b[c] : 0.0f;
+        const auto* qx = qx0 + (d - d0) * S;
+        float* qz = zb + d * S;
+        float* qc = xb + d * S;
+        for_each_vec(S, [&](i64 s) {
+          const float xc = load(qx[s]) - mu;
+          qc[s] = xc;
+          qz[s] = xc * a + h;
+        });
+      }
     });
   }
   const i64 L = D * S;
@@ -623,11 +630,12 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
       prefetch_range(dy + L + i0, n);
     }
     const i64 whole = n - n % kVec;
-    const T* qdy = dy + i0;
     float* qz = zb + i0;
+    with_f32(dy + i0, n, stage, [&](const auto* qdy) {
 #pragma omp simd
-    for (i64 j = 0; j < whole; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
-    for (i64 j = whole; j < n; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
+      for (i64 j = 0; j < whole; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
+      for (i64 j = whole; j < n; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
+    });
   }
   double m1 = 0.0, m2 = 0.0;
   for (i64 d = 0; d < D; ++d) {
@@ -645,12 +653,17 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
   m2 /= static_cast<double>(L);
   const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
   const float K = static_cast<float>(-static_cast<double>(r) * m1);
-  for (i64 d = 0; d < D; ++d) {
-    const float a = r * (w ? w[g * D + d] : 1.0f);
-    const float* qz = zb + d * S;
-    const float* qc = xb + d * S;
-    T* qdx = dx + d * S;
-    for_each_vec(S, [&](i64 s) { store(qdx + s, a * qz[s] + B * qc[s] + K); });
+  for (i64 d0 = 0; d0 < D; d0 += span) {
+    const i64 nd = D - d0 < span ? D - d0 : span;
+    via_f32(dx + d0 * S, nd * S, stage, [&](auto* qdx0) {
+      for (i64 d = d0; d < d0 + nd; ++d) {
+        const float a = r * (w ? w[g * D + d] : 1.0f);
+        const float* qz = zb + d * S;
+        const float* qc = xb + d * S;
+        auto* qdx = qdx0 + (d - d0) * S;
+        for_each_vec(S, [&](i64 s) { store(qdx + s, a * qz[s] + B * qc[s] + K); });
+      }
+    });
   }
 }
 
@@ -676,6 +689,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
     // computed once per element
     const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S <= kShortRowMax;
     std::vector<float> dz_buf(ACT == ACT_NONE ? 0 : L), xc_buf(short_rows ? L : 0);
+    float stage_buf[kStageOf<T>], x_buf[kStageOf<T>], dy_buf[kStageOf<T>];  // float16 staging
 #pragma omp for schedule(static)
     for (i64 item = 0; item < N * G; ++item) {
       const i64 n = item / G, g = item % G;
@@ -683,46 +697,66 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       const T* px = x + item * L;
       const T* pdy = dy + item * L;
       if (short_rows) {
-        backward_short_set<T, ACT>(pdy, px, w, b, mu, r, g, D, S, dz_buf.data(), xc_buf.data(),
+        backward_short_set<T, ACT>(pdy, px, w, b, mu, r, g, D, S, dz_buf.data(), xc_buf.data(), stage_buf,
                                    part_db.data() + n * C + g * D, part_dw.data() + n * C + g * D,
                                    dx ? dx + item * L : nullptr, item + 1 < N * G);
         continue;
+      }
+      // float16 is staged as in forward_nchw: spans of whole channels, or blocks of a row
+      const i64 span = !std::is_same_v<T, F16> ? D : (S <= kStage ? kStage / S : 1);
+      const i64 step = S <= kStage || !std::is_same_v<T, F16> ? S : kStage;
+      const bool more = prefetch && item + 1 < N * G;
+      for (i64 d0 = 0; d0 < D; d0 += span) {
+        const i64 nd = D - d0 < span ? D - d0 : span;
+        for (i64 s0 = 0; s0 < S; s0 += step) {
+          const i64 len = S - s0 < step ? S - s0 : step;
+          const i64 count = (nd - 1) * S + len;  // (len == S when nd > 1)
+          with_f32(px + d0 * S + s0, count, x_buf, [&](const auto* qx0) {
+            with_f32(pdy + d0 * S + s0, count, dy_buf, [&](const auto* qdy0) {
+              for (i64 d = 0; d < nd; ++d) {
+                const i64 c = g * D + d0 + d;
+                const float a = r * (w ? w[c] : 1.0f);
+                const float h = b ? b[c] : 0.0f;
+                const auto* qx = qx0 + d * S;
+                const auto* qdy = qdy0 + d * S;
+                float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + (d0 + d) * S + s0;
+                if (more && s0 == 0) {
+                  prefetch_range(px + (d0 + d) * S + L, S);
+                  prefetch_range(pdy + (d0 + d) * S + L, S);
+                }
+                double sdz = 0.0, sdzx = 0.0;
+                for (i64 start = 0; start < len; start += kRun) {
+                  const i64 end = start + kRun < len ? start + kRun : len;
+                  float s1, s2;
+                  sum_two(
+                      end - start,
+                      [&](i64 i, float& t1, float& t2) {
+                        const i64 s = start + i;
+                        const float xv = load(qx[s]);
+                        const float dz = load(qdy[s]) * act_grad<ACT>((xv - mu) * a + h);
+                        if constexpr (ACT != ACT_NONE) qdz[s] = dz;
+                        t1 = dz;
+                        t2 = dz * (xv - mu);
+                      },
+                      s1, s2);
+                  sdz += s1;
+                  sdzx += s2;
+                }
+                // per channel sum dz and sum dz (x - mu), over the blocks of a long row
+                part_db[n * C + c] = (s0 == 0 ? 0.0 : part_db[n * C + c]) + sdz;
+                part_dw[n * C + c] = (s0 == 0 ? 0.0 : part_dw[n * C + c]) + sdzx;
+              }
+            });
+          });
+        }
       }
       double m1 = 0.0, m2 = 0.0;
       for (i64 d = 0; d < D; ++d) {
         const i64 c = g * D + d;
         const float wc = w ? w[c] : 1.0f;
-        const float a = r * wc;
-        const float h = b ? b[c] : 0.0f;
-        const T* qx = px + d * S;
-        const T* qdy = pdy + d * S;
-        float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + d * S;
-        if (prefetch && item + 1 < N * G) {
-          prefetch_range(qx + L, S);
-          prefetch_range(qdy + L, S);
-        }
-        double sdz = 0.0, sdzx = 0.0;
-        for (i64 start = 0; start < S; start += kRun) {
-          const i64 end = start + kRun < S ? start + kRun : S;
-          float s1, s2;
-          sum_two(
-              end - start,
-              [&](i64 i, float& t1, float& t2) {
-                const i64 s = start + i;
-                const float xv = load(qx[s]);
-                const float dz = load(qdy[s]) * act_grad<ACT>((xv - mu) * a + h);
-                if constexpr (ACT != ACT_NONE) qdz[s] = dz;
-                t1 = dz;
-                t2 = dz * (xv - mu);
-              },
-              s1, s2);
-          sdz += s1;
-          sdzx += s2;
-        }
-        part_db[n * C + c] = sdz;
-        part_dw[n * C + c] = sdzx * r;
-        m1 += wc * sdz;
-        m2 += wc * sdzx * r;
+        part_dw[n * C + c] *= r;
+        m1 += wc * part_db[n * C + c];
+        m2 += wc * part_dw[n * C + c];
       }
       if (!dx) continue;
       m1 /= static_cast<double>(L);
@@ -730,19 +764,38 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
       const float K = static_cast<float>(-static_cast<double>(r) * m1);
       T* pdx = dx + item * L;
-      for (i64 d = 0; d < D; ++d) {
-        const i64 c = g * D + d;
-        const float a = r * (w ? w[c] : 1.0f);
-        const T* qx = px + d * S;
-        T* qdx = pdx + d * S;
-        if constexpr (ACT == ACT_NONE) {
-          const T* qdy = pdy + d * S;
-          for_each_vec(S, [&](i64 s) {
-            store(qdx + s, a * load(qdy[s]) + B * (load(qx[s]) - mu) + K);
+      for (i64 d0 = 0; d0 < D; d0 += span) {
+        const i64 nd = D - d0 < span ? D - d0 : span;
+        for (i64 s0 = 0; s0 < S; s0 += step) {
+          const i64 len = S - s0 < step ? S - s0 : step;
+          const i64 count = (nd - 1) * S + len;
+          with_f32(px + d0 * S + s0, count, x_buf, [&](const auto* qx0) {
+            via_f32(pdx + d0 * S + s0, count, stage_buf, [&](auto* qdx0) {
+              if constexpr (ACT == ACT_NONE) {
+                with_f32(pdy + d0 * S + s0, count, dy_buf, [&](const auto* qdy0) {
+                  for (i64 d = 0; d < nd; ++d) {
+                    const float a = r * (w ? w[g * D + d0 + d] : 1.0f);
+                    const auto* qx = qx0 + d * S;
+                    const auto* qdy = qdy0 + d * S;
+                    auto* qdx = qdx0 + d * S;
+                    for_each_vec(len, [&](i64 s) {
+                      store(qdx + s, a * load(qdy[s]) + B * (load(qx[s]) - mu) + K);
+                    });
+                  }
+                });
+              } else {
+                for (i64 d = 0; d < nd; ++d) {
+                  const float a = r * (w ? w[g * D + d0 + d] : 1.0f);
+                  const auto* qx = qx0 + d * S;
+                  const float* qdz = dz_buf.data() + (d0 + d) * S + s0;
+                  auto* qdx = qdx0 + d * S;
+                  for_each_vec(len, [&](i64 s) {
+                    store(qdx + s, a * qdz[s] + B * (load(qx[s]) - mu) + K);
+                  });
+                }
+              }
+            });
           });
-        } else {
-          const float* qdz = dz_buf.data() + d * S;
-          for_each_vec(S, [&](i64 s) { store(qdx + s, a * qdz[s] + B * (load(qx[s]) - mu) + K); });
         }
       }
     }
