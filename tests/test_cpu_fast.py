@@ -421,6 +421,34 @@ def test_float16_staged_blocks_match_reference(shape, groups, layout, activation
     _check_against_reference(shape, groups, torch.float16, layout, activation, False, seed=9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_channels_last_groups_of_16_channels_or_more(dtype, activation):
+    """Channels-last groups of at least 16 channels normalize with the group's mean as one
+    number (the other groups read it per channel): three groups of 32 whose means differ by
+    several standard deviations (a mean read from the wrong group shows in every dtype),
+    against float64."""
+    x, _, dy, w, b = _data((2, 96, 3, 5), torch.float64, "channels_last", 4)
+    offsets = torch.tensor([3.0, -4.0, 9.0], dtype=torch.float64).repeat_interleave(32)
+    x = (x + offsets[None, :, None, None]).contiguous(memory_format=torch.channels_last)
+    x, dy, w, b = (t.to(dtype) for t in (x, dy, w, b))
+
+    def ours(x_, w_, b_):
+        return gf.group_norm(x_, 3, w_, b_, activation=activation)
+
+    def ref(x_, w_, b_):
+        return groupnorm.reference_norm(
+            x_, "group", num_groups=3, weight=w_, bias=b_, activation=activation
+        ).output
+
+    got = _run(ours, dy, x, w, b)
+    want = _run(ref, dy.double(), x.double(), w.double(), b.double())
+    names = ("y", "dx", "dw", "db")
+    for name, g, r in zip(names, (got[0], *got[1]), (want[0], *want[1]), strict=True):
+        tol = 4 * ATOL[dtype] * max(1.0, r.abs().max().item())
+        assert _err(g, r) <= tol, f"{name}: error {_err(g, r):.3g} > {tol:.3g}"
+
+
 def test_tensor_past_the_prefetch_threshold_matches_reference():
     """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
     backward fetch the next set ahead (hints only, which must not change a value)."""
