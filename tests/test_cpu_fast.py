@@ -178,6 +178,29 @@ def test_large_set_and_offset_mean_stay_accurate():
         assert _err(got, ref.output) <= 2 * _err(want, ref.output) + 1e-4
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_channels_last_one_group_in_pieces_stays_accurate(threads):
+    """Channels-last layer norm sums each sample as one flat set, cut into pieces (one per
+    thread when samples are fewer than threads) whose moments are combined: with a mean 10^4
+    standard deviations from zero and pieces whose means differ, against float64 and torch."""
+    g = torch.Generator().manual_seed(8)
+    # (36864 values: past the size below which the kernels run on one thread)
+    ramp = torch.linspace(0.0, 0.05, 576, dtype=torch.float64).reshape(1, 1, 24, 24)
+    x = torch.randn(1, 64, 24, 24, generator=g, dtype=torch.float64) * 0.01 + 100.0 + ramp
+    w = torch.rand(64, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(64, generator=g, dtype=torch.float64)
+    ref = groupnorm.reference_norm(x, "group", num_groups=1, weight=w, bias=b)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = gf.layer_norm(_layout(x.float(), "channels_last"), w.float(), b.float())
+    finally:
+        torch.set_num_threads(before)
+    want = F.group_norm(x.float(), 1, w.float(), b.float())
+    assert _err(got, ref.output) <= 2 * _err(want, ref.output) + 1e-4
+
+
 def test_weight_only_bias_only_and_no_affine():
     x, _, dy, w, b = _data((2, 6, 4, 4), torch.float32, "contiguous", 4)
     for weight, bias in ((w, None), (None, b), (None, None)):

@@ -428,6 +428,43 @@ inline void prefetch_range(const T* p, i64 n) {
   for (i64 k = 0; k < bytes; k += 64) __builtin_prefetch(c + k);
 }
 
+// Count, mean and centred sum of squares (M2) of the n contiguous values at p: runs of kRun
+// values, each summed twice in float32 while in L1 (the mean, then the centred squares) around
+// the first value of p (so that float32 run sums stay small when |mean| >> std: mean 1e4, std
+// 1e-3 would otherwise lose the variance), combined in double with Chan et al.'s formula.
+// float16 runs go through buf (kStageOf<T> values).
+struct Moments {
+  double count, mean, m2;
+};
+
+template <typename T>
+inline Moments run_moments(const T* p, i64 n, float* buf) {
+  const float pivot = load(p[0]);
+  double count = 0.0, mean_d = 0.0, m2 = 0.0;
+  for (i64 start = 0; start < n; start += kRun) {
+    const i64 end = start + kRun < n ? start + kRun : n;
+    const float nr = static_cast<float>(end - start);
+    float mr, q;
+    with_f32(p + start, end - start, buf, [&](const auto* run) {
+      mr = shifted_sum(run, end - start, pivot) / nr;
+      q = shifted_sum_sq(run, end - start, pivot, mr);
+    });
+    const double delta = static_cast<double>(mr) - mean_d;
+    const double total = count + nr;
+    mean_d += delta * nr / total;
+    m2 += static_cast<double>(q) + delta * delta * count * nr / total;
+    count = total;
+  }
+  return {count, static_cast<double>(pivot) + mean_d, m2};
+}
+
+inline Moments combine(const Moments& a, const Moments& b) {
+  const double total = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  return {total, a.mean + delta * b.count / total,
+          a.m2 + b.m2 + delta * delta * a.count * b.count / total};
+}
+
 template <typename T, int ACT>
 void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_out,
                   float* rstd_out, i64 N, i64 C, i64 S, i64 G, float eps, int nthreads) {
@@ -453,28 +490,9 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     const i64 g = item % G;
     const T* px = x + item * L;
     T* py = y + item * L;
-    // runs of kRun values: exact two-pass (mean, then centred squares) while the run is in L1,
-    // combined across runs with Chan et al.'s formula; one pass over the set from L2
-    // values are shifted by the set's first value, so float32 run sums stay small when
-    // |mean| >> std (mean 1e4, std 1e-3 would otherwise lose the variance)
-    const float pivot = load(px[0]);
-    double count = 0.0, mean_d = 0.0, m2 = 0.0;
-    for (i64 start = 0; start < L; start += kRun) {
-      const i64 end = start + kRun < L ? start + kRun : L;
-      const float nr = static_cast<float>(end - start);
-      float mr, q;
-      with_f32(px + start, end - start, in_buf, [&](const auto* run) {
-        mr = shifted_sum(run, end - start, pivot) / nr;
-        q = shifted_sum_sq(run, end - start, pivot, mr);
-      });
-      const double delta = static_cast<double>(mr) - mean_d;
-      const double total = count + nr;
-      mean_d += delta * nr / total;
-      m2 += static_cast<double>(q) + delta * delta * count * nr / total;
-      count = total;
-    }
-    const float mu = static_cast<float>(static_cast<double>(pivot) + mean_d);
-    const float r = static_cast<float>(1.0 / std::sqrt(m2 / static_cast<double>(L) + eps));
+    const Moments mom = run_moments(px, L, in_buf);
+    const float mu = static_cast<float>(mom.mean);
+    const float r = static_cast<float>(1.0 / std::sqrt(mom.m2 / static_cast<double>(L) + eps));
     if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
     if (rstd_out) rstd_out[item] = r;
     if (short_rows) {
@@ -831,108 +849,145 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   const i64 D = C / G;
   const i64 rows = rows_per_chunk(N, S, C, nthreads);
   const i64 chunks = (S + rows - 1) / rows;
-  // shifted sums per (n, chunk, c): pivot = x[n, 0, c]
-  std::vector<float> part1(N * chunks * C), part2(N * chunks * C);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (i64 item = 0; item < N * chunks; ++item) {
-    const i64 n = item / chunks, k = item % chunks;
-    const T* pivot = x + n * S * C;
-    float* s1 = part1.data() + item * C;
-    float* s2 = part2.data() + item * C;
-    const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
-    // blocks of kBlock channels: the sums stay in registers across the rows of the chunk
-    float tmp[kBlock];  // a float16 row block as float32
-    i64 c0 = 0;
-    for (; c0 + kBlock <= C; c0 += kBlock) {
-      float a1[kBlock], a2[kBlock], piv[kBlock];
-      for (int j = 0; j < kBlock; ++j) {
-        a1[j] = a2[j] = 0.0f;
-        piv[j] = load(pivot[c0 + j]);
-      }
-      for (i64 s = k * rows; s < end; ++s) {
-        with_f32(pivot + s * C + c0, kBlock, tmp, [&](const auto* row) {
-#pragma omp simd
-          for (int j = 0; j < kBlock; ++j) {
-            const float d = load(row[j]) - piv[j];
-            a1[j] += d;
-            a2[j] += d * d;
-          }
-        });
-      }
-      for (int j = 0; j < kBlock; ++j) {
-        s1[c0 + j] = a1[j];
-        s2[c0 + j] = a2[j];
-      }
-    }
-    for (i64 c = c0; c < C; ++c) s1[c] = s2[c] = 0.0f;
-    for (i64 s = k * rows; s < end; ++s) {
-      const T* row = pivot + s * C;
-#pragma omp simd
-      for (i64 c = c0; c < C; ++c) {
-        const float d = load(row[c]) - load(pivot[c]);
-        s1[c] += d;
-        s2[c] += d * d;
-      }
-    }
-  }
   // per (n, c): z = (x - m_c) a_c + h_c, with m_c the mean of c's group; per (n, g): mean
   std::vector<float> coef_a(N * C), coef_m(N * C), group_mean(N * G);
   std::vector<float> zeros(b ? 0 : C, 0.0f);
   const float* h = b ? b : zeros.data();
+  if (G == 1) {
+    // One group: each sample is one contiguous set, summed as a flat array (as nchw does)
+    // instead of per channel. Each sample is cut into pieces of whole runs, one per thread
+    // when there are fewer samples than threads, whose moments are then combined.
+    const i64 L = C * S;
+    const i64 want = (nthreads + N - 1) / N;
+    i64 piece = (L + want - 1) / want;
+    piece = (piece + kRun - 1) / kRun * kRun;
+    const i64 pieces = (L + piece - 1) / piece;
+    std::vector<Moments> moments(N * pieces);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (i64 n = 0; n < N; ++n) {
-    const T* pivot = x + n * S * C;
-    // per channel: mean and centred sum of squares from the chunks' shifted sums (loops over
-    // channels, which vectorize; a loop over groups of chained double adds took 9 us of 40 at
-    // 2x2048x7x7)
-    std::vector<double> t1(C, 0.0), t2(C, 0.0);
-    for (i64 k = 0; k < chunks; ++k) {
-      const float* p1 = part1.data() + (n * chunks + k) * C;
-      const float* p2 = part2.data() + (n * chunks + k) * C;
+    for (i64 item = 0; item < N * pieces; ++item) {
+      const i64 n = item / pieces, start = (item % pieces) * piece;
+      const i64 len = L - start < piece ? L - start : piece;
+      float buf[kStageOf<T>];
+      moments[item] = run_moments(x + n * L + start, len, buf);
+    }
+    for (i64 n = 0; n < N; ++n) {
+      Moments m = moments[n * pieces];
+      for (i64 k = 1; k < pieces; ++k) m = combine(m, moments[n * pieces + k]);
+      const float muf = static_cast<float>(m.mean);
+      const float r = static_cast<float>(1.0 / std::sqrt(m.m2 / static_cast<double>(L) + eps));
+      if (mean_out) mean_out[n] = muf;
+      if (rstd_out) rstd_out[n] = r;
+      group_mean[n] = muf;
+      float* ca = coef_a.data() + n * C;
+      float* cm = coef_m.data() + n * C;
 #pragma omp simd
       for (i64 c = 0; c < C; ++c) {
-        t1[c] += p1[c];
-        t2[c] += p2[c];
+        ca[c] = w ? r * w[c] : r;
+        cm[c] = muf;
       }
     }
-    const double inv_s = 1.0 / static_cast<double>(S);
+  } else {
+    // shifted sums per (n, chunk, c): pivot = x[n, 0, c]
+    std::vector<float> part1(N * chunks * C), part2(N * chunks * C);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 item = 0; item < N * chunks; ++item) {
+      const i64 n = item / chunks, k = item % chunks;
+      const T* pivot = x + n * S * C;
+      float* s1 = part1.data() + item * C;
+      float* s2 = part2.data() + item * C;
+      const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+      // blocks of kBlock channels: the sums stay in registers across the rows of the chunk
+      float tmp[kBlock];  // a float16 row block as float32
+      i64 c0 = 0;
+      for (; c0 + kBlock <= C; c0 += kBlock) {
+        float a1[kBlock], a2[kBlock], piv[kBlock];
+        for (int j = 0; j < kBlock; ++j) {
+          a1[j] = a2[j] = 0.0f;
+          piv[j] = load(pivot[c0 + j]);
+        }
+        for (i64 s = k * rows; s < end; ++s) {
+          with_f32(pivot + s * C + c0, kBlock, tmp, [&](const auto* row) {
 #pragma omp simd
-    for (i64 c = 0; c < C; ++c) {
-      const double mc = t1[c] * inv_s;
-      const double m2c = t2[c] - t1[c] * mc;
-      t1[c] = static_cast<double>(load(pivot[c])) + mc;  // the channel's mean
-      t2[c] = m2c > 0.0 ? m2c : 0.0;
+            for (int j = 0; j < kBlock; ++j) {
+              const float d = load(row[j]) - piv[j];
+              a1[j] += d;
+              a2[j] += d * d;
+            }
+          });
+        }
+        for (int j = 0; j < kBlock; ++j) {
+          s1[c0 + j] = a1[j];
+          s2[c0 + j] = a2[j];
+        }
+      }
+      for (i64 c = c0; c < C; ++c) s1[c] = s2[c] = 0.0f;
+      for (i64 s = k * rows; s < end; ++s) {
+        const T* row = pivot + s * C;
+#pragma omp simd
+        for (i64 c = c0; c < C; ++c) {
+          const float d = load(row[c]) - load(pivot[c]);
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
     }
-    for (i64 g = 0; g < G; ++g) {
-      // Chan et al.: combine per-channel (mean, M2) into the group's
-      double sum_mean = 0.0, sum_m2 = 0.0, sum_mean_sq = 0.0;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 n = 0; n < N; ++n) {
+      const T* pivot = x + n * S * C;
+      // per channel: mean and centred sum of squares from the chunks' shifted sums (loops over
+      // channels, which vectorize; a loop over groups of chained double adds took 9 us of 40 at
+      // 2x2048x7x7)
+      std::vector<double> t1(C, 0.0), t2(C, 0.0);
+      for (i64 k = 0; k < chunks; ++k) {
+        const float* p1 = part1.data() + (n * chunks + k) * C;
+        const float* p2 = part2.data() + (n * chunks + k) * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) {
+          t1[c] += p1[c];
+          t2[c] += p2[c];
+        }
+      }
+      const double inv_s = 1.0 / static_cast<double>(S);
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) {
+        const double mc = t1[c] * inv_s;
+        const double m2c = t2[c] - t1[c] * mc;
+        t1[c] = static_cast<double>(load(pivot[c])) + mc;  // the channel's mean
+        t2[c] = m2c > 0.0 ? m2c : 0.0;
+      }
+      for (i64 g = 0; g < G; ++g) {
+        // Chan et al.: combine per-channel (mean, M2) into the group's
+        double sum_mean = 0.0, sum_m2 = 0.0, sum_mean_sq = 0.0;
 #pragma omp simd reduction(+ : sum_mean, sum_m2, sum_mean_sq)
-      for (i64 c = g * D; c < (g + 1) * D; ++c) {
-        sum_mean += t1[c];
-        sum_mean_sq += t1[c] * t1[c];
-        sum_m2 += t2[c];
-      }
-      const double mu = sum_mean / static_cast<double>(D);
-      double between = sum_mean_sq - sum_mean * mu;  // sum_c (mean_c - mu)^2
-      if (between < 0.0) between = 0.0;
-      const double var = (sum_m2 + static_cast<double>(S) * between) / static_cast<double>(D * S);
-      const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
-      const float muf = static_cast<float>(mu);
-      if (mean_out) mean_out[n * G + g] = muf;
-      if (rstd_out) rstd_out[n * G + g] = r;
-      group_mean[n * G + g] = muf;
-      float* ca = coef_a.data() + n * C + g * D;
-      float* cm = coef_m.data() + n * C + g * D;
+        for (i64 c = g * D; c < (g + 1) * D; ++c) {
+          sum_mean += t1[c];
+          sum_mean_sq += t1[c] * t1[c];
+          sum_m2 += t2[c];
+        }
+        const double mu = sum_mean / static_cast<double>(D);
+        double between = sum_mean_sq - sum_mean * mu;  // sum_c (mean_c - mu)^2
+        if (between < 0.0) between = 0.0;
+        const double var = (sum_m2 + static_cast<double>(S) * between) / static_cast<double>(D * S);
+        const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
+        const float muf = static_cast<float>(mu);
+        if (mean_out) mean_out[n * G + g] = muf;
+        if (rstd_out) rstd_out[n * G + g] = r;
+        group_mean[n * G + g] = muf;
+        float* ca = coef_a.data() + n * C + g * D;
+        float* cm = coef_m.data() + n * C + g * D;
 #pragma omp simd
-      for (i64 d = 0; d < D; ++d) {
-        ca[d] = w ? r * w[g * D + d] : r;
-        cm[d] = muf;
+        for (i64 d = 0; d < D; ++d) {
+          ca[d] = w ? r * w[g * D + d] : r;
+          cm[d] = muf;
+        }
       }
     }
   }
   // Groups of 16 channels or more read their mean as one number (two coefficient streams
   // instead of three: the per-channel coefficients of wide tensors do not all stay in L1).
-  const bool by_group = D >= 16;
+  // (Whole vectors only: 20 channels made a vector and a masked remainder per group, and
+  // 1x640x32x32 fell from 0.95x to 0.65x of torch.)
+  const bool by_group = D % 16 == 0;
   const i64 groups_per_block = D > kStage ? 1 : kStage / D;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 item = 0; item < N * chunks; ++item) {
