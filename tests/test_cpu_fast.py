@@ -523,14 +523,29 @@ def test_silu_with_large_pre_activations(dtype, layout, shape):
 # ---- the eager fast paths (kernels/cpu.py: fast_forward, fast_batch_forward) ------------------
 
 
+@pytest.fixture(params=["extension", "ctypes"])
+def fast_path(request, monkeypatch):
+    """Each fast-path test runs twice: through the C++ extension (gn_ops.cpp, a C++ autograd
+    node) and through ctypes with the Python autograd.Function (used when the extension cannot
+    be built)."""
+    _ext_or_skip()
+    if request.param == "extension":
+        op = cpu_ext.fused_op()
+        if op is None:
+            pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+        monkeypatch.setattr(cpu, "_FUSED_OP", [op])
+    else:
+        monkeypatch.setattr(cpu, "_FUSED_OP", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_fast_path_gives_the_ops_results_bit_for_bit(dtype):
+def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path):
     """No-grad and autograd fast paths against the registered custom op (the full path), with
     weight and bias in x's dtype (as in a model moved to float16): the gradients come back in
     that dtype too."""
     from groupnorm.ops import norm_forward
 
-    _ext_or_skip()
     x, _, dy, w, b = _data((2, 12, 5, 7), dtype, "channels_last", 21)
     for act in ("", "silu"):
         op_args = (None, None, None, 4, False, 1e-5, act, "auto")
@@ -551,16 +566,90 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype):
             assert torch.equal(a, c)
 
 
-def test_fast_path_is_taken_only_where_it_applies(monkeypatch):
+@pytest.mark.parametrize("params", ["weight", "bias", "both", "none"])
+@pytest.mark.parametrize("needs", [(1, 1, 1), (0, 1, 1), (1, 0, 1), (0, 0, 1), (1, 1, 0)])
+def test_fast_path_gradients_for_each_set_of_inputs_that_need_them(params, needs, fast_path):
+    """Every mix of present params and inputs that require grad (an absent weight moves the
+    bias to the C++ node's second input edge), with SiLU, against float64."""
+    x, _, dy, w, b = _data((2, 6, 4, 4), torch.float32, "contiguous", 12)
+    w = w if params in ("weight", "both") else None
+    b = b if params in ("bias", "both") else None
+
+    def leaves(dtype):
+        return [
+            t.to(dtype).clone().requires_grad_(bool(need)) if t is not None else None
+            for t, need in zip((x, w, b), needs, strict=True)
+        ]
+
+    got_in, ref_in = leaves(torch.float32), leaves(torch.float64)
+    wanted = [i for i, t in enumerate(got_in) if t is not None and t.requires_grad]
+    if not wanted:
+        pytest.skip("nothing requires grad")
+    y = gf.group_norm(*got_in[:1], 3, *got_in[1:], activation="silu")
+    want = groupnorm.reference_norm(
+        ref_in[0], "group", num_groups=3, weight=ref_in[1], bias=ref_in[2], activation="silu"
+    ).output
+    got = torch.autograd.grad(y, [got_in[i] for i in wanted], dy)
+    ref = torch.autograd.grad(want, [ref_in[i] for i in wanted], dy.double())
+    assert _err(y, want) < 1e-5
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.float32
+        assert _err(g, r) < 1e-4 * max(1.0, r.abs().max().item())
+
+
+def test_fast_path_refuses_double_backward(fast_path):
+    """Second-order gradients are not silently wrong: the extension refuses create_graph=True;
+    through ctypes, once_differentiable leaves the gradient without a graph, and the second
+    backward fails."""
+    x = torch.randn(2, 6, 4, 4, requires_grad=True)
+    y = gf.group_norm(x, 3, activation="silu")
+    with pytest.raises(RuntimeError, match="no double backward|does not require grad"):
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)  # the extension: here
+        gx.sum().backward()  # ctypes: here
+
+
+def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
+    """A broken extension build warns once and leaves the ctypes path, still correct;
+    GROUPNORM_CPU_OPS=0 turns the extension off."""
     _ext_or_skip()
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_ext, "_OPS_SOURCE", broken)
+    with pytest.warns(RuntimeWarning, match="extension is unavailable"):
+        assert cpu_ext.fused_op() is None
+    assert "build or load failed" in cpu_ext.fused_op_unavailable_reason()
+    monkeypatch.setattr(cpu, "_FUSED_OP", [])  # looked up again, then found missing
+    _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", False)
+    assert cpu._FUSED_OP == [None]
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setenv("GROUPNORM_CPU_OPS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: no warning
+        assert cpu_ext.fused_op() is None
+    assert "GROUPNORM_CPU_OPS=0" in cpu_ext.fused_op_unavailable_reason()
+
+
+def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):
     calls = []
-    real = cpu_ext.forward
+    if fast_path == "extension":
+        real_op = cpu._FUSED_OP[0]
 
-    def counting(*args, statistics=True):  # the fast path asks for y alone
-        calls.extend([] if statistics else [1])
-        return real(*args, statistics=statistics)
+        def counting_op(*args):
+            y = real_op(*args)
+            calls.extend([] if y is None else [1])
+            return y
 
-    monkeypatch.setattr(cpu_ext, "forward", counting)
+        monkeypatch.setattr(cpu, "_FUSED_OP", [counting_op])
+    else:
+        real = cpu_ext.forward
+
+        def counting(*args, statistics=True):  # the fast path asks for y alone
+            calls.extend([] if statistics else [1])
+            return real(*args, statistics=statistics)
+
+        monkeypatch.setattr(cpu_ext, "forward", counting)
     x, w = torch.randn(2, 6, 4, 4), torch.rand(6)
     m = groupnorm.GroupNorm(3, 6)
     with torch.no_grad():

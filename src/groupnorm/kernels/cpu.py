@@ -117,9 +117,10 @@ def _plain_param(p, c: int, dtype=_F32) -> bool:
     )
 
 
-def _fast_kernel(x, eps, activation, backend):
-    """The checks both fast paths end with: (library, layout, activation) when the fused kernels
-    may take this plain eager call on ``x``, else None (the full path then runs and explains)."""
+def _fast_args(x, eps, activation, backend):
+    """The activation ('' or its name) when the scalar arguments and the context let a call on
+    ``x`` take a fast path (plain eager mode, no functorch wrapper, no environment override),
+    else None (the full path then runs and explains)."""
     if type(eps) is not float or not 0.0 <= eps < math.inf:
         return None
     if activation is not None and type(activation) is not str:
@@ -128,6 +129,15 @@ def _fast_kernel(x, eps, activation, backend):
     if act is None or (backend is not None and backend != "auto" and backend != "cpu"):
         return None
     if not plain_eager_context() or _is_wrapped(x) or not _env_allows_fast():
+        return None
+    return act
+
+
+def _fast_kernel(x, eps, activation, backend):
+    """The checks the ctypes fast paths end with: (library, layout, activation) when the fused
+    kernels may take this plain eager call on ``x``, else None."""
+    act = _fast_args(x, eps, activation, backend)
+    if act is None:
         return None
     layout = _ext_layout(x)
     if layout is None:
@@ -140,37 +150,68 @@ def _fast_kernel(x, eps, activation, backend):
 
 def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_channel=False):
     """The output of a plain eager group/layer/instance norm call on CPU, computed by the fused
-    kernels with as little Python around them as possible (through :class:`_FusedNorm` when
-    autograd is needed); ``None`` for any other call, which then takes the full path
-    (validation, custom op or eager path, backend).
+    kernels with as little Python around them as possible; ``None`` for any other call, which
+    then takes the full path (validation, custom op or eager path, backend).
 
-    Each check below only lets through arguments that the full validation accepts, in plain
-    eager mode, and the kernel call is the one the full path makes, so both give the same
-    output bit for bit. ``per_channel`` (instance norm) means one group per channel. This is
-    what makes small calls cost about what torch's own group_norm costs (benchmarks/README.md,
-    approach 18).
+    Each check only lets through arguments that the full validation accepts, in plain eager
+    mode, and the kernels are the ones the full path calls, so both give the same output bit
+    for bit. ``per_channel`` (instance norm) means one group per channel. Python checks the
+    context and the scalar arguments; the tensors are checked by the torch operator of
+    ``cpu_ext/gn_ops.cpp`` (which returns None when it cannot take them), or here when that
+    operator is unavailable and the kernels are called through ctypes (:class:`_FusedNorm`).
+    This is what makes small calls cost about what torch's own group_norm costs
+    (benchmarks/README.md, approaches 18 and 43).
     """
-    if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
+    if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES:
         return None  # (compiling first: under torch.compile the rest is not traced)
+    if (weight is not None and type(weight) not in PLAIN_TYPES) or (
+        bias is not None and type(bias) not in PLAIN_TYPES
+    ):
+        return None
+    if per_channel:
+        if x.dim() < 2:
+            return None
+        num_groups = x.shape[1]
+    if type(num_groups) is not int or num_groups <= 0:
+        return None
+    act = _fast_args(x, eps, activation, backend)
+    if act is None:
+        return None
+    op = _FUSED_OP[0] if _FUSED_OP else _load_fused_op()
+    if op is not None:
+        return op(x, weight, bias, num_groups, eps, cpu_ext.ACT_CODES[act])
+    return _ctypes_forward(x, num_groups, weight, bias, eps, act)
+
+
+_FUSED_OP: list = []  # [op or None] once looked up (a list: no global statement on the hot path)
+
+
+def _load_fused_op():
+    op = cpu_ext.fused_op() if cpu_ext.library() is not None else None
+    _FUSED_OP[:] = [op]
+    return op
+
+
+def _ctypes_forward(x, num_groups, weight, bias, eps, act):
+    """:func:`fast_forward` through ctypes, when the torch operator is unavailable: the tensor
+    checks the operator makes, then :class:`_FusedNorm` or a plain kernel call."""
+    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0 or x.dim() < 2:
+        return None
     c = x.shape[1]
+    if c % num_groups:
+        return None
     # params in float32 or in x's dtype (a model moved to float16 or bfloat16 has both in it)
     if not _plain_param(weight, c, x.dtype) or not _plain_param(bias, c, x.dtype):
+        return None
+    layout = _ext_layout(x)
+    lib = cpu_ext.library()
+    if layout is None or lib is None:
         return None
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0:
-        return None
-    if per_channel:
-        num_groups = c
-    if type(num_groups) is not int or num_groups <= 0 or c % num_groups:
-        return None
-    kernel = _fast_kernel(x, eps, activation, backend)
-    if kernel is None:
-        return None
-    lib, layout, act = kernel
     if needs_grad:
         return _FusedNorm.apply(x, weight, bias, (lib, num_groups, eps, act, layout))
     w, b = _as_float32(weight), _as_float32(bias)

@@ -22,6 +22,7 @@ import platform
 import shutil
 import struct
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import warnings
@@ -84,27 +85,38 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{model}|{flags}"
 
 
-def _build(cxx: str) -> Path:
-    source = _SOURCE.read_bytes()
+def _build(
+    cxx: str, sources: list[Path], flags: list[str], stem: str, libs: tuple[str, ...] = ()
+) -> Path:
+    """Compile ``sources[0]`` (which includes the rest) into the cache, linking ``libs`` (after
+    the source: linkers drop libraries named before the objects that need them), unless a
+    build of the same sources, compiler, flags, libraries and CPU is already there."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
+        b"\0".join(
+            [
+                *(src.read_bytes() for src in sources),
+                version.encode(),
+                " ".join([*flags, *libs]).encode(),
+                _cpu_signature().encode(),
+            ]
+        )
     ).hexdigest()[:16]
     folder = cache_dir() / "cpu_ext"
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"gn_kernels-{key}.so"
+    target = folder / f"{stem}-{key}.so"
     if target.exists():
         return target
     import fcntl
 
-    with open(folder / f"gn_kernels-{key}.lock", "w") as lock:
+    with open(folder / f"{stem}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file
         if target.exists():
             return target
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             out = Path(tmp) / "lib.so"
             proc = subprocess.run(
-                [cxx, *_FLAGS, str(_SOURCE), "-o", str(out)],
+                [cxx, *flags, str(sources[0]), "-o", str(out), *libs],
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -147,7 +159,7 @@ def library() -> ctypes.CDLL | None:
                 _state["reason"] = "no C++ compiler found (set CXX or install g++)"
             else:
                 try:
-                    lib = _bind(_build(cxx))
+                    lib = _bind(_build(cxx, [_SOURCE], _FLAGS, "gn_kernels"))
                 except Exception as err:  # any failure means: use the torch-only path
                     _state["reason"] = f"build or load failed: {err}"
             if lib is None:
@@ -164,6 +176,93 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     """Why :func:`library` returned ``None`` (after it was called), else ``None``."""
     return _state.get("reason")  # type: ignore[return-value]
+
+
+_OPS_SOURCE = Path(__file__).with_name("gn_ops.cpp")
+_ops_state: dict[str, object] = {}
+
+
+def _ops_flags() -> tuple[list[str], tuple[str, ...]]:
+    """Compiler flags and libraries for gn_ops.cpp: the plain library's flags plus the installed
+    torch's headers and ABI, and torch's libraries (what torch.utils.cpp_extension would pass,
+    without importing it). torch's version is in the flags, so that the build key changes with
+    it."""
+    root = Path(torch.__file__).parent
+    libdir = root / "lib"
+    flags = [
+        *(f for f in _FLAGS if f != "-std=c++17"),
+        "-std=c++20",
+        "-w",  # torch's headers warn a lot; failures still show in the error
+        f"-DGROUPNORM_TORCH_VERSION={torch.__version__}",
+        f"-I{_SOURCE.parent}",
+        f"-I{root / 'include'}",
+        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
+    libs = ("-lc10", "-ltorch_cpu", "-ltorch_python")
+    return flags, (f"-L{libdir}", f"-Wl,-rpath,{libdir}", *libs)
+
+
+def fused_op():
+    """``fused_norm(x, w, b, G, eps, act)`` of the extension module built from ``gn_ops.cpp``
+    (the kernels behind one pybind11 call, with a C++ autograd node), building it on the first
+    call; ``None`` when it cannot be had (no compiler or Python headers, a failed build,
+    ``GROUPNORM_CPU_OPS=0``), and the caller then uses the plain library through ctypes.
+
+    A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`)."""
+    if "op" in _ops_state:
+        return _ops_state["op"]
+    with _lock:
+        if "op" in _ops_state:
+            return _ops_state["op"]
+        op = None
+        if os.environ.get("GROUPNORM_CPU_OPS", "1") == "0":
+            _ops_state["reason"] = "disabled by GROUPNORM_CPU_OPS=0"
+        elif os.environ.get("GROUPNORM_CPU_EXT", "1") == "0":
+            _ops_state["reason"] = "disabled by GROUPNORM_CPU_EXT=0"
+        else:
+            cxx = _compiler()
+            if cxx is None:
+                _ops_state["reason"] = "no C++ compiler found (set CXX or install g++)"
+            else:
+                try:
+                    flags, libs = _ops_flags()
+                    path = _build(cxx, [_OPS_SOURCE, _SOURCE], flags, "gn_ops", libs)
+                    op = _import_extension("groupnorm_cpu_ops", path).fused_norm
+                except Exception as err:  # any failure means: the ctypes path
+                    _ops_state["reason"] = f"build or load failed: {err}"
+                if op is None:
+                    warnings.warn(
+                        "groupnorm: the fused CPU kernels' Python extension is unavailable "
+                        f"({_ops_state['reason']}); calling the kernels through ctypes, "
+                        "which costs more per call",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        _ops_state["op"] = op
+        return op
+
+
+def _import_extension(name: str, path: Path):
+    """The extension module ``name`` built at ``path`` (once per process)."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+def fused_op_unavailable_reason() -> str | None:
+    """Why :func:`fused_op` returned ``None`` (after it was called), else ``None``."""
+    return _ops_state.get("reason")  # type: ignore[return-value]
 
 
 def _ptr(t: torch.Tensor | None) -> int:
