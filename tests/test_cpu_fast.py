@@ -716,6 +716,55 @@ def test_batch_norm_fast_path_matches_torch(layout, momentum):
             gf.batch_norm(torch.randn(1, 6), rm, rv, training=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_fast_path_with_low_precision_module(dtype, layout, monkeypatch):
+    """A BatchNorm moved to bfloat16/float16 (params and running statistics in that dtype)
+    takes the fast path, in training with and without grad and in eval, and agrees with
+    torch's BatchNorm2d in the same dtype: outputs, running statistics, gradients (in the
+    params' dtype)."""
+    _ext_or_skip()
+    calls = []
+    real = cpu_ext.batch_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_ext, "batch_forward", counting)
+    ours, theirs = groupnorm.BatchNorm(6), torch.nn.BatchNorm2d(6)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
+    for step in range(2):
+        x = _layout(torch.randn(4, 6, 5, 7) * (step + 1) + 3.0, layout).to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), **tol)
+        xg, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, t = ours(xg), theirs(xt)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [xg, ours.weight, ours.bias], dy)
+        want = torch.autograd.grad(t, [xt, theirs.weight, theirs.bias], dy)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.float(), w.float(), rtol=5e-2, atol=5e-2)
+        for a, b in (
+            (ours.running_mean, theirs.running_mean),
+            (ours.running_var, theirs.running_var),
+        ):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, **tol)
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **tol)
+    assert len(calls) == 5  # every call took the fast path
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_autograd_fast_path_matches_reference(dtype, layout):

@@ -227,11 +227,13 @@ def fast_batch_forward(
     if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
         return None
     c = x.shape[1]
+    # params and running statistics in float32 or in x's dtype (a model moved to bfloat16 has
+    # all of them in it): the kernel takes float32 copies, written back after the update
     if not (
-        _plain_param(weight, c)
-        and _plain_param(bias, c)
-        and _plain_param(running_mean, c)
-        and _plain_param(running_var, c)
+        _plain_param(weight, c, x.dtype)
+        and _plain_param(bias, c, x.dtype)
+        and _plain_param(running_mean, c, x.dtype)
+        and _plain_param(running_var, c, x.dtype)
     ):
         return None
     if (running_mean is None) != (running_var is None) or type(training) is not bool:
@@ -259,17 +261,24 @@ def fast_batch_forward(
         return None
     lib, layout, act = kernel
     rows = bool(layout) or x.numel() == x.shape[0] * c
-    running = (running_mean, running_var, momentum) if running_mean is not None else None
+    if needs_grad and _dense(x) is not x:  # torch's backward kernel reads contiguous or CL
+        return None
+    stats32 = (_as_float32(running_mean), _as_float32(running_var))
+    running = (*stats32, momentum) if running_mean is not None else None
     if needs_grad:
-        if _dense(x) is not x:  # torch's backward kernel reads contiguous or channels-last
-            return None
-        return _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows))
-    given = (None, None)
-    if not training:
-        running, given = None, (running_mean, running_var)
-    y, _, _ = cpu_ext.batch_forward(
-        lib, x, weight, bias, *given, eps, act, rows, running, statistics=False
-    )
+        y = _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows))
+    else:
+        given = (None, None)
+        if not training:
+            running, given = None, stats32
+        w, b = _as_float32(weight), _as_float32(bias)
+        y, _, _ = cpu_ext.batch_forward(
+            lib, x, w, b, *given, eps, act, rows, running, statistics=False
+        )
+    if running is not None:
+        for stat, stat32 in zip((running_mean, running_var), stats32, strict=True):
+            if stat32 is not stat:  # a float32 copy of a low-precision statistic: write back
+                stat.copy_(stat32)
     return y
 
 
@@ -280,10 +289,15 @@ class _FusedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, meta):
         lib, running, eps, rows = meta
+        w = _as_float32(weight)  # (float32 params, as the full path hands torch's backward)
         y, mean, rstd = cpu_ext.batch_forward(
-            lib, x, weight, bias, None, None, eps, "", rows, running
+            lib, x, w, _as_float32(bias), None, None, eps, "", rows, running
         )
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.param_dtypes = (
+            weight.dtype if weight is not None else None,
+            bias.dtype if bias is not None else None,
+        )
         return y
 
     @staticmethod
@@ -296,6 +310,9 @@ class _FusedBatchNorm(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, None, None, mean, rstd, True, 0.0, mask
         )
+        w_dtype, b_dtype = ctx.param_dtypes
+        dw = dw.to(w_dtype) if mask[1] and w_dtype != _F32 else dw
+        db = db.to(b_dtype) if mask[2] and b_dtype not in (None, _F32) else db
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None)
 
 
