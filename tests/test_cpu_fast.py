@@ -137,11 +137,21 @@ def test_ranks_and_modes(shape, groups, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_batch_norm_path_matches_reference(dtype, layout):
-    """BN goes to torch's native kernels (plus our running-stat update): outputs, gradients and
-    running statistics against the float64 reference and torch."""
-    x, _, dy, w, b = _data((6, 5, 4, 3), dtype, layout, 8)
-    rm, rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (6, 5, 4, 3),
+        (2, 3, 48, 50),  # rows of 2400 values: float16 goes in blocks of 2048 and 352
+        (3, 2112, 1, 2),  # 2112 channels: channels-last float16 rows in blocks of 2048 and 64
+    ],
+)
+def test_batch_norm_path_matches_reference(dtype, layout, shape):
+    """BN through our forward kernel and torch's native backward (plus the running-stat
+    update): outputs, gradients and running statistics against the float64 reference and
+    torch."""
+    x, _, dy, w, b = _data(shape, dtype, layout, 8)
+    c = shape[1]
+    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
     out, grads = _run(
         lambda a, ww, bb: gf.batch_norm(a, rm, rv, ww, bb, training=True), dy, x, w, b
     )
@@ -152,7 +162,7 @@ def test_batch_norm_path_matches_reference(dtype, layout):
         w.double(),
         b.double(),
     )
-    t_rm, t_rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+    t_rm, t_rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
     t_out, t_grads = _run(
         lambda a, ww, bb: F.batch_norm(a, t_rm, t_rv, ww, bb, training=True), dy, x, w, b
     )

@@ -1227,8 +1227,11 @@ template <typename T, int ACT>
 void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const float* given_mean,
                      const float* given_var, float* mean_out, float* rstd_out, i64 N, i64 C,
                      i64 S, float eps, const Running& run, int nthreads) {
+  // float16 rows go through float32 buffers (see with_f32), in blocks of up to kStage values
+  const i64 step = std::is_same_v<T, F16> && S > kStage ? kStage : S;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 c = 0; c < C; ++c) {
+    float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
     float mu, r;
     if (given_mean) {
       mu = given_mean[c];
@@ -1239,7 +1242,11 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
       double t1 = 0.0, t2 = 0.0;
       i64 pending = 0;
       for (i64 n = 0; n < N; ++n) {
-        add_shifted(x + (n * C + c) * S, S, pivot, a1, a2);
+        for (i64 s0 = 0; s0 < S; s0 += step) {
+          const i64 len = S - s0 < step ? S - s0 : step;
+          with_f32(x + (n * C + c) * S + s0, len, in_buf,
+                   [&](const auto* row) { add_shifted(row, len, pivot, a1, a2); });
+        }
         pending += S;
         if (pending >= kRun || n == N - 1) {
           t1 += lanes_total<kVec>(a1);
@@ -1255,9 +1262,14 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     const float a = w ? r * w[c] : r;
     const float h = b ? b[c] : 0.0f;
     for (i64 n = 0; n < N; ++n) {
-      const T* qx = x + (n * C + c) * S;
-      T* qy = y + (n * C + c) * S;
-      for_each_vec(S, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
+      for (i64 s0 = 0; s0 < S; s0 += step) {
+        const i64 len = S - s0 < step ? S - s0 : step;
+        with_f32(x + (n * C + c) * S + s0, len, in_buf, [&](const auto* qx) {
+          via_f32(y + (n * C + c) * S + s0, len, out_buf, [&](auto* qy) {
+            for_each_vec(len, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
+          });
+        });
+      }
     }
   }
 }
@@ -1288,14 +1300,22 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
       float* s2 = part2.data() + k * C;
       for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
       const i64 end = (k + 1) * rows < R ? (k + 1) * rows : R;
-      for (i64 s = k * rows; s < end; ++s) {
-        const T* row = x + s * C;
+      float in_buf[kStageOf<T>], piv_buf[kStageOf<T>];
+      for (i64 c0 = 0; c0 < C; c0 += kStage) {
+        const i64 len = C - c0 < kStage ? C - c0 : kStage;
+        with_f32(x + c0, len, piv_buf, [&](const auto* piv) {  // the first row: the shifts
+          for (i64 s = k * rows; s < end; ++s) {
+            with_f32(x + s * C + c0, len, in_buf, [&](const auto* row) {
+              float *t1 = s1 + c0, *t2 = s2 + c0;
 #pragma omp simd
-        for (i64 c = 0; c < C; ++c) {
-          const float d = load(row[c]) - load(x[c]);
-          s1[c] += d;
-          s2[c] += d * d;
-        }
+              for (i64 c = 0; c < len; ++c) {
+                const float d = load(row[c]) - load(piv[c]);
+                t1[c] += d;
+                t2[c] += d * d;
+              }
+            });
+          }
+        });
       }
     }
     for (i64 c = 0; c < C; ++c) {
@@ -1318,10 +1338,18 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
   const float* m = coef_m.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 s = 0; s < R; ++s) {
-    const T* row = x + s * C;
-    T* out = y + s * C;
+    float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
+    for (i64 c0 = 0; c0 < C; c0 += kStage) {
+      const i64 len = C - c0 < kStage ? C - c0 : kStage;
+      const float *mc = m + c0, *ac = a + c0, *hc = h + c0;
+      with_f32(x + s * C + c0, len, in_buf, [&](const auto* row) {
+        via_f32(y + s * C + c0, len, out_buf, [&](auto* out) {
 #pragma omp simd
-    for (i64 c = 0; c < C; ++c) store(out + c, act_fwd<ACT>((load(row[c]) - m[c]) * a[c] + h[c]));
+          for (i64 c = 0; c < len; ++c)
+            store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+        });
+      });
+    }
   }
 }
 
