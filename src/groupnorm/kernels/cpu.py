@@ -13,7 +13,7 @@ What runs where (``benchmarks/README.md`` has the numbers behind each choice):
   float32 or the input's dtype) enter through :func:`fast_forward` / :func:`fast_batch_forward`,
   which skip the custom op and most of the Python around it and give the same results;
 * when those kernels are unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the
-  case is outside them (float64, other strides, empty tensors, mixed weight/bias dtypes):
+  case is outside them (float64, other strides, empty tensors):
   group/layer/instance forward -> ``aten::native_group_norm`` then the activation in place;
   batch norm -> ``aten::native_batch_norm``;
   backward without an activation -> ``aten::native_group_norm_backward`` /
@@ -168,12 +168,13 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
         bias is not None and type(bias) not in PLAIN_TYPES
     ):
         return None
-    if per_channel:
-        if x.dim() < 2:
-            return None
-        num_groups = x.shape[1]
-    if type(num_groups) is not int or num_groups <= 0:
+    if x.dim() < 2:
         return None
+    c = x.shape[1]
+    if per_channel:
+        num_groups = c
+    if type(num_groups) is not int or not 0 < num_groups <= c:
+        return None  # (also keeps a huge int from pybind11's int64 conversion)
     act = _fast_args(x, eps, activation, backend)
     if act is None:
         return None
@@ -221,9 +222,11 @@ def _ctypes_forward(x, num_groups, weight, bias, eps, act):
 def fast_batch_forward(
     x, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
 ):
-    """:func:`fast_forward` for batch norm: the fused kernel with the running statistics
-    (float32) updated inside it, through :class:`_FusedBatchNorm` when autograd is needed
-    (training, no activation); ``None`` for any other call."""
+    """:func:`fast_forward` for batch norm: the fused kernel, through :class:`_FusedBatchNorm`
+    when autograd is needed (training, no activation); ``None`` for any other call. float32
+    running statistics are updated inside the kernel; running statistics in x's dtype (a model
+    moved to bfloat16) by the full path's ``update_running_stats`` after it, so both paths give
+    the same bits."""
     if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
         return None
     c = x.shape[1]
@@ -263,22 +266,26 @@ def fast_batch_forward(
     rows = bool(layout) or x.numel() == x.shape[0] * c
     if needs_grad and _dense(x) is not x:  # torch's backward kernel reads contiguous or CL
         return None
-    stats32 = (_as_float32(running_mean), _as_float32(running_var))
-    running = (*stats32, momentum) if running_mean is not None else None
+    running = (running_mean, running_var, momentum) if running_mean is not None else None
+    low = running is not None and (running_mean.dtype != _F32 or running_var.dtype != _F32)
+    given = (None, None)
+    if not training:
+        running, given = None, (_as_float32(running_mean), _as_float32(running_var))
+    elif low:  # the kernel updates float32 statistics only: the full path's update, after it
+        running = None
+    stats = []  # (mean, rstd) of the batch, when low-precision running statistics need them
     if needs_grad:
-        y = _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows))
+        y = _FusedBatchNorm.apply(x, weight, bias, (lib, running, eps, rows, stats))
     else:
-        given = (None, None)
-        if not training:
-            running, given = None, stats32
         w, b = _as_float32(weight), _as_float32(bias)
-        y, _, _ = cpu_ext.batch_forward(
-            lib, x, w, b, *given, eps, act, rows, running, statistics=False
+        y, mean, rstd = cpu_ext.batch_forward(
+            lib, x, w, b, *given, eps, act, rows, running, statistics=training and low
         )
-    if running is not None:
-        for stat, stat32 in zip((running_mean, running_var), stats32, strict=True):
-            if stat32 is not stat:  # a float32 copy of a low-precision statistic: write back
-                stat.copy_(stat32)
+        stats.extend((mean, rstd))
+    if training and low:
+        from ..functional import update_running_stats  # (the full path's update, bit for bit)
+
+        update_running_stats(running_mean, running_var, *stats, eps, momentum, x.numel() // c)
     return y
 
 
@@ -288,11 +295,12 @@ class _FusedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, meta):
-        lib, running, eps, rows = meta
+        lib, running, eps, rows, stats = meta
         w = _as_float32(weight)  # (float32 params, as the full path hands torch's backward)
         y, mean, rstd = cpu_ext.batch_forward(
             lib, x, w, _as_float32(bias), None, None, eps, "", rows, running
         )
+        stats.extend((mean, rstd))  # (for a running-statistics update outside)
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.param_dtypes = (
             weight.dtype if weight is not None else None,
@@ -415,7 +423,7 @@ def forward(
 ):
     if pool_batch and (
         given_mean is None
-        or (given_mean.dtype == torch.float32 and given_var.dtype == torch.float32)
+        or (given_mean.dtype in (_F32, x.dtype) and given_var.dtype in (_F32, x.dtype))
     ):
         ext = _ext_params(x, weight, bias)
         if ext is not None:
@@ -424,8 +432,9 @@ def forward(
             if _ext_layout(src) == layout:
                 n, c = src.shape[0], src.shape[1]
                 rows = bool(layout) or src.numel() == n * c  # (N, C) is rows of C values
-                gm = given_mean.contiguous() if given_mean is not None else None
-                gv = given_var.contiguous() if given_var is not None else None
+                # (given statistics in x's dtype as float32 copies, as the fast path passes)
+                gm = _as_float32(given_mean)
+                gv = _as_float32(given_var)
                 y, mean, rstd = cpu_ext.batch_forward(lib, src, w, b, gm, gv, eps, activation, rows)
                 total = src if residual is not None else x.new_empty(0)
                 return y, total, mean, rstd

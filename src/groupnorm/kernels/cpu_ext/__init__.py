@@ -5,6 +5,11 @@
 header, so it compiles in a few seconds with the system C++ compiler, and it is called through
 :mod:`ctypes` with raw pointers.
 
+``gn_ops.cpp`` includes the same kernels and adds what the group/layer/instance fast path
+calls: one function behind a pybind11 call with a C++ autograd node (:func:`fused_op`). It is
+built against the installed torch's and Python's headers (about 30 s, once per source and torch
+version, cached beside the plain library); without it the fast path calls the plain library.
+
 Compilation happens the first time :func:`library` is called (never at import), into
 ``$GROUPNORM_CACHE_DIR`` (default ``~/.cache/groupnorm``), under a name that hashes the source,
 the compiler, the flags and the CPU, so a later process (or a different machine sharing the
@@ -210,7 +215,9 @@ def fused_op():
     call; ``None`` when it cannot be had (no compiler or Python headers, a failed build,
     ``GROUPNORM_CPU_OPS=0``), and the caller then uses the plain library through ctypes.
 
-    A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`)."""
+    A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`).
+    The answer is kept for the process: ``GROUPNORM_CPU_OPS`` is read at the first call. The
+    first call waits for the build (about 30 s on 2 cores) if it is not cached yet."""
     if "op" in _ops_state:
         return _ops_state["op"]
     with _lock:

@@ -19,8 +19,9 @@
 // cache-sized); nhwc recomputes it in the second pass (its sets span the whole sample).
 //
 // Statistics: float32 partial sums over short runs, added into double; the variance is centred
-// (two passes over each L1-sized run, runs combined with Chan's formula, for nchw; shifted sums per channel combined with Chan's formula
-// for nhwc), never E[x^2] - E[x]^2.
+// (two passes over each L1-sized run, runs combined with Chan's formula, for nchw and for nhwc
+// with one group, whose sets are contiguous too; shifted sums per channel combined with Chan's
+// formula for other nhwc), never E[x^2] - E[x]^2.
 
 #include <omp.h>
 
@@ -58,9 +59,11 @@ inline float load(BF16 v) {
 }
 // float16 as bits, converted with integer and float arithmetic that GCC vectorizes (a cast of
 // _Float16 compiled to one scalar vcvtph2ps per value and left float16 2-4x slower than torch).
-// Both conversions are exact matches of the hardware's: checked on all 65536 inputs for load,
-// and for store on 2e8 random floats plus a sweep of every 7th float below 2^17, RNE, with
-// overflow to inf and NaN kept NaN.
+// The hot loops now convert whole blocks with the hardware's instructions (load_block and
+// store_block below); these handle the short tails and the cold paths. They give the
+// hardware's values: checked on all 65536 inputs for load, and for store on 2e8 random floats
+// plus a sweep of every 7th float below 2^17, RNE, with overflow to inf; a NaN stays a NaN
+// (the hardware keeps its payload, store() gives the quiet NaN 0x7e00 with its sign).
 struct F16 {
   uint16_t bits;
 };
@@ -266,6 +269,9 @@ inline float act_grad(float z) {
 }
 
 constexpr i64 kRun = 2048;  // values summed in float32 before the sum moves to double
+// Staged float16 runs (run_moments) must fit a buffer, and the staged nchw backward's blocks
+// must be its runs, for its sums to add in the same order as float32's.
+static_assert(kRun == kStage, "float16 staging assumes runs of kStage values");
 
 // Sums with kLanes independent accumulators: one vector accumulator is a chain of dependent
 // adds (3-4 cycles each), which made the statistics pass latency-bound; 64 lanes are 4 zmm (or
@@ -772,9 +778,9 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       for (i64 d = 0; d < D; ++d) {
         const i64 c = g * D + d;
         const float wc = w ? w[c] : 1.0f;
-        part_dw[n * C + c] *= r;
         m1 += wc * part_db[n * C + c];
-        m2 += wc * part_dw[n * C + c];
+        m2 += wc * part_dw[n * C + c] * r;  // (this order: the same bits as before staging)
+        part_dw[n * C + c] *= r;
       }
       if (!dx) continue;
       m1 /= static_cast<double>(L);
@@ -855,14 +861,15 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   const float* h = b ? b : zeros.data();
   if (G == 1 && !std::is_same_v<T, F16>) {
     // One group: each sample is one contiguous set, summed as a flat array (as nchw does)
-    // instead of per channel. Each sample is cut into pieces of whole runs, one per thread
-    // when there are fewer samples than threads, whose moments are then combined. (Not for
-    // float16: staging the runs costs more than the per-channel sums with their row blocks
-    // converted in registers: 24 against 14 us at 1x1280x16x16.)
+    // instead of per channel. Each sample is cut into pieces of kPiece values (whole runs)
+    // whose moments are then combined in order, so that threads share a sample and the result
+    // does not depend on their number. (Not for float16: staging the runs costs more than the
+    // per-channel sums with their row blocks converted in registers: 24 against 14 us at
+    // 1x1280x16x16.)
+    constexpr i64 kPiece = i64{1} << 16;
+    static_assert(kPiece % kRun == 0, "pieces are whole runs");
     const i64 L = C * S;
-    const i64 want = (nthreads + N - 1) / N;
-    i64 piece = (L + want - 1) / want;
-    piece = (piece + kRun - 1) / kRun * kRun;
+    const i64 piece = kPiece;
     const i64 pieces = (L + piece - 1) / piece;
     std::vector<Moments> moments(N * pieces);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
