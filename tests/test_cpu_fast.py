@@ -550,12 +550,13 @@ def fast_path(request, monkeypatch):
     be built)."""
     _ext_or_skip()
     if request.param == "extension":
-        op = cpu_ext.fused_op()
-        if op is None:
+        if cpu_ext.extension() is None:
             pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
-        monkeypatch.setattr(cpu, "_FUSED_OP", [op])
+        monkeypatch.setattr(cpu, "_FUSED_OP", [cpu_ext.fused_op()])
+        monkeypatch.setattr(cpu, "_BATCH_OP", [cpu_ext.fused_batch_op()])
     else:
         monkeypatch.setattr(cpu, "_FUSED_OP", [None])
+        monkeypatch.setattr(cpu, "_BATCH_OP", [None])
     return request.param
 
 
@@ -723,7 +724,7 @@ def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_batch_norm_fast_path_matches_torch(layout, momentum):
+def test_batch_norm_fast_path_matches_torch(layout, momentum, fast_path):
     """The no-grad batch norm path (running statistics updated in the kernel) against
     torch.nn.BatchNorm2d, in training and eval, and against our own autograd path."""
     _ext_or_skip()
@@ -762,7 +763,7 @@ def test_batch_norm_fast_path_matches_torch(layout, momentum):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_batch_norm_fast_path_with_low_precision_module(dtype, layout, monkeypatch):
+def test_batch_norm_fast_path_with_low_precision_module(dtype, layout, monkeypatch, fast_path):
     """A BatchNorm moved to bfloat16/float16 (params and running statistics in that dtype)
     takes the fast path, in training with and without grad and in eval; it agrees with the
     full path bit for bit (outputs and running statistics; a zero residual sends a call there)
@@ -935,7 +936,9 @@ def test_jit_trace_records_the_op_not_a_constant():
         (True, 2.0, ValueError),
     ],
 )
-def test_batch_norm_fast_path_checks_momentum_like_the_full_path(training, momentum, error):
+def test_batch_norm_fast_path_checks_momentum_like_the_full_path(
+    training, momentum, error, fast_path
+):
     x = torch.randn(4, 3, 5)
     rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(error, match="momentum"):

@@ -185,11 +185,18 @@ def fast_forward(x, num_groups, weight, bias, eps, activation, backend, per_chan
 
 
 _FUSED_OP: list = []  # [op or None] once looked up (a list: no global statement on the hot path)
+_BATCH_OP: list = []
 
 
 def _load_fused_op():
     op = cpu_ext.fused_op() if cpu_ext.library() is not None else None
     _FUSED_OP[:] = [op]
+    return op
+
+
+def _load_batch_op():
+    op = cpu_ext.fused_batch_op() if cpu_ext.library() is not None else None
+    _BATCH_OP[:] = [op]
     return op
 
 
@@ -222,16 +229,52 @@ def _ctypes_forward(x, num_groups, weight, bias, eps, act):
 def fast_batch_forward(
     x, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
 ):
-    """:func:`fast_forward` for batch norm: the fused kernel, through :class:`_FusedBatchNorm`
-    when autograd is needed (training, no activation); ``None`` for any other call. float32
-    running statistics are updated inside the kernel; running statistics in x's dtype (a model
-    moved to bfloat16) by the full path's ``update_running_stats`` after it, so both paths give
-    the same bits."""
-    if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES or x.dim() < 2:
+    """:func:`fast_forward` for batch norm: the fused kernel, through the extension's
+    ``batch_norm`` without autograd (tensors checked in C++) or :class:`_FusedBatchNorm` when
+    autograd is needed (training, no activation); ``None`` for any other call. float32 running
+    statistics are updated inside the kernel; running statistics in x's dtype (a model moved to
+    bfloat16) by the full path's ``update_running_stats`` after it (the same ATen operations in
+    the extension), so both paths give the same bits."""
+    if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES:
+        return None
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and type(t) not in PLAIN_TYPES:
+            return None
+    if (running_mean is None) != (running_var is None) or type(training) is not bool:
+        return None
+    if training and running_mean is not None and momentum is None:
+        return None
+    if momentum is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
+        return None  # (the full path checks momentum on every call, and explains the error)
+    act = _fast_args(x, eps, activation, backend)
+    if act is None:
+        return None
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        op = _BATCH_OP[0] if _BATCH_OP else _load_batch_op()
+        if op is not None:
+            m = 0.0 if momentum is None else momentum
+            code = cpu_ext.ACT_CODES[act]
+            return op(x, weight, bias, running_mean, running_var, training, m, eps, code)
+    return _ctypes_batch_forward(
+        x, running_mean, running_var, weight, bias, training, momentum, eps, act, needs_grad
+    )
+
+
+def _ctypes_batch_forward(
+    x, running_mean, running_var, weight, bias, training, momentum, eps, act, needs_grad
+):
+    """:func:`fast_batch_forward` through ctypes (autograd, or no extension): the tensor checks
+    the extension makes, then :class:`_FusedBatchNorm` or a plain kernel call."""
+    if x.dim() < 2 or x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0:
         return None
     c = x.shape[1]
     # params and running statistics in float32 or in x's dtype (a model moved to bfloat16 has
-    # all of them in it): the kernel takes float32 copies, written back after the update
+    # all of them in it): the kernel takes float32 copies
     if not (
         _plain_param(weight, c, x.dtype)
         and _plain_param(bias, c, x.dtype)
@@ -239,30 +282,17 @@ def fast_batch_forward(
         and _plain_param(running_var, c, x.dtype)
     ):
         return None
-    if (running_mean is None) != (running_var is None) or type(training) is not bool:
-        return None
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
-    if needs_grad and (not training or activation or (weight is None and bias is not None)):
+    if needs_grad and (not training or act or (weight is None and bias is not None)):
         return None  # (the full path: the portable core for these backwards)
-    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0:
-        return None
     if training:
         if x.numel() // c == 1:
             return None  # one value per channel: the full path explains the error
-        if running_mean is not None and momentum is None:
-            return None
     elif running_mean is None:
         return None
-    if momentum is not None and (type(momentum) is not float or not 0 <= momentum <= 1):
-        return None  # (the full path checks momentum on every call, and explains the error)
-    kernel = _fast_kernel(x, eps, activation, backend)
-    if kernel is None:
+    layout = _ext_layout(x)
+    lib = cpu_ext.library()
+    if layout is None or lib is None:
         return None
-    lib, layout, act = kernel
     rows = bool(layout) or x.numel() == x.shape[0] * c
     if needs_grad and _dense(x) is not x:  # torch's backward kernel reads contiguous or CL
         return None

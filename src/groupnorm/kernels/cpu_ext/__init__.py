@@ -210,10 +210,23 @@ def _ops_flags() -> tuple[list[str], tuple[str, ...]]:
 
 
 def fused_op():
-    """``fused_norm(x, w, b, G, eps, act)`` of the extension module built from ``gn_ops.cpp``
-    (the kernels behind one pybind11 call, with a C++ autograd node), building it on the first
-    call; ``None`` when it cannot be had (no compiler or Python headers, a failed build,
-    ``GROUPNORM_CPU_OPS=0``), and the caller then uses the plain library through ctypes.
+    """``fused_norm(x, w, b, G, eps, act)`` of :func:`extension`, or ``None``."""
+    ext = extension()
+    return ext.fused_norm if ext is not None else None
+
+
+def fused_batch_op():
+    """``batch_norm(x, w, b, running_mean, running_var, training, momentum, eps, act)`` of
+    :func:`extension` (batch norm without autograd), or ``None``."""
+    ext = extension()
+    return ext.batch_norm if ext is not None else None
+
+
+def extension():
+    """The extension module built from ``gn_ops.cpp`` (the kernels behind pybind11 calls;
+    group/layer/instance norm with a C++ autograd node), building it on the first call;
+    ``None`` when it cannot be had (no compiler or Python headers, a failed build,
+    ``GROUPNORM_CPU_OPS=0``), and the callers then use the plain library through ctypes.
 
     A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`).
     The answer is kept for the process: ``GROUPNORM_CPU_OPS`` is read at the first call. The
@@ -236,7 +249,7 @@ def fused_op():
                 try:
                     flags, libs = _ops_flags()
                     path = _build(cxx, [_OPS_SOURCE, _SOURCE], flags, "gn_ops", libs)
-                    op = _import_extension("groupnorm_cpu_ops", path).fused_norm
+                    op = _import_extension("groupnorm_cpu_ops", path)
                 except Exception as err:  # any failure means: the ctypes path
                     _ops_state["reason"] = f"build or load failed: {err}"
                 if op is None:
@@ -268,7 +281,7 @@ def _import_extension(name: str, path: Path):
 
 
 def fused_op_unavailable_reason() -> str | None:
-    """Why :func:`fused_op` returned ``None`` (after it was called), else ``None``."""
+    """Why :func:`extension` returned ``None`` (after it was called), else ``None``."""
     return _ops_state.get("reason")  # type: ignore[return-value]
 
 
