@@ -148,34 +148,45 @@ def _bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled library, building it on the first call; ``None`` when it cannot be had."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
+def _load_once(state: dict, disabled: str | None, load, warning: str):
+    """``state["value"]``, made on the first call: ``load(compiler)``, or ``None`` with the
+    reason in ``state["reason"]`` when ``disabled`` names one, no compiler is found, or the
+    build or load fails (then ``warning``, formatted with the reason, is given once)."""
+    if "value" in state:
+        return state["value"]
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
-        lib = None
-        if os.environ.get("GROUPNORM_CPU_EXT", "1") == "0":
-            _state["reason"] = "disabled by GROUPNORM_CPU_EXT=0"
+        if "value" in state:
+            return state["value"]
+        value = None
+        if disabled:
+            state["reason"] = disabled
         else:
             cxx = _compiler()
             if cxx is None:
-                _state["reason"] = "no C++ compiler found (set CXX or install g++)"
+                state["reason"] = "no C++ compiler found (set CXX or install g++)"
             else:
                 try:
-                    lib = _bind(_build(cxx, [_SOURCE], _FLAGS, "gn_kernels"))
-                except Exception as err:  # any failure means: use the torch-only path
-                    _state["reason"] = f"build or load failed: {err}"
-            if lib is None:
-                warnings.warn(
-                    "groupnorm: the fused CPU kernels are unavailable "
-                    f"({_state['reason']}); using torch's kernels plus the portable core",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        _state["lib"] = lib
-        return lib
+                    value = load(cxx)
+                except Exception as err:  # any failure means: the path without it
+                    state["reason"] = f"build or load failed: {err}"
+            if value is None:
+                warnings.warn(warning.format(reason=state["reason"]), RuntimeWarning, stacklevel=4)
+        state["value"] = value
+        return value
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, building it on the first call; ``None`` when it cannot be had."""
+    if "value" in _state:  # (the common case, without building the arguments below)
+        return _state["value"]  # type: ignore[return-value]
+    off = os.environ.get("GROUPNORM_CPU_EXT", "1") == "0"
+    return _load_once(
+        _state,
+        "disabled by GROUPNORM_CPU_EXT=0" if off else None,
+        lambda cxx: _bind(_build(cxx, [_SOURCE], _FLAGS, "gn_kernels")),
+        "groupnorm: the fused CPU kernels are unavailable ({reason}); "
+        "using torch's kernels plus the portable core",
+    )
 
 
 def unavailable_reason() -> str | None:
@@ -231,37 +242,27 @@ def extension():
     A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`).
     The answer is kept for the process: ``GROUPNORM_CPU_OPS`` is read at the first call. The
     first call waits for the build (about 30 s on 2 cores) if it is not cached yet."""
-    if "op" in _ops_state:
-        return _ops_state["op"]
-    with _lock:
-        if "op" in _ops_state:
-            return _ops_state["op"]
-        op = None
-        if os.environ.get("GROUPNORM_CPU_OPS", "1") == "0":
-            _ops_state["reason"] = "disabled by GROUPNORM_CPU_OPS=0"
-        elif os.environ.get("GROUPNORM_CPU_EXT", "1") == "0":
-            _ops_state["reason"] = "disabled by GROUPNORM_CPU_EXT=0"
-        else:
-            cxx = _compiler()
-            if cxx is None:
-                _ops_state["reason"] = "no C++ compiler found (set CXX or install g++)"
-            else:
-                try:
-                    flags, libs = _ops_flags()
-                    path = _build(cxx, [_OPS_SOURCE, _SOURCE], flags, "gn_ops", libs)
-                    op = _import_extension("groupnorm_cpu_ops", path)
-                except Exception as err:  # any failure means: the ctypes path
-                    _ops_state["reason"] = f"build or load failed: {err}"
-                if op is None:
-                    warnings.warn(
-                        "groupnorm: the fused CPU kernels' Python extension is unavailable "
-                        f"({_ops_state['reason']}); calling the kernels through ctypes, "
-                        "which costs more per call",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-        _ops_state["op"] = op
-        return op
+    if "value" in _ops_state:  # (the common case, without building the arguments below)
+        return _ops_state["value"]
+    if os.environ.get("GROUPNORM_CPU_OPS", "1") == "0":
+        disabled = "disabled by GROUPNORM_CPU_OPS=0"
+    elif os.environ.get("GROUPNORM_CPU_EXT", "1") == "0":
+        disabled = "disabled by GROUPNORM_CPU_EXT=0"
+    else:
+        disabled = None
+
+    def load(cxx):
+        flags, libs = _ops_flags()
+        path = _build(cxx, [_OPS_SOURCE, _SOURCE], flags, "gn_ops", libs)
+        return _import_extension("groupnorm_cpu_ops", path)
+
+    return _load_once(
+        _ops_state,
+        disabled,
+        load,
+        "groupnorm: the fused CPU kernels' Python extension is unavailable ({reason}); "
+        "calling the kernels through ctypes, which costs more per call",
+    )
 
 
 def _import_extension(name: str, path: Path):
