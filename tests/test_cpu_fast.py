@@ -467,10 +467,9 @@ def test_float16_staged_blocks_match_reference(shape, groups, layout, activation
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_channels_last_groups_of_16_channels_or_more(dtype, activation):
-    """Channels-last groups of at least 16 channels normalize with the group's mean as one
-    number (the other groups read it per channel): three groups of 32 whose means differ by
-    several standard deviations (a mean read from the wrong group shows in every dtype),
-    against float64."""
+    """Channels-last groups read their mean per channel (layer norm reads one number): three
+    groups of 32 whose means differ by several standard deviations (a mean read from the
+    wrong group shows in every dtype), against float64."""
     x, _, dy, w, b = _data((2, 96, 3, 5), torch.float64, "channels_last", 4)
     offsets = torch.tensor([3.0, -4.0, 9.0], dtype=torch.float64).repeat_interleave(32)
     x = (x + offsets[None, :, None, None]).contiguous(memory_format=torch.channels_last)
