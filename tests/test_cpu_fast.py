@@ -491,6 +491,13 @@ def test_channels_last_groups_of_16_channels_or_more(dtype, activation):
         assert _err(g, r) <= tol, f"{name}: error {_err(g, r):.3g} > {tol:.3g}"
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 9, 11), (1, 64, 190, 180)])
+def test_channels_last_backward_with_and_without_kept_dz(shape):
+    """The channels-last backward keeps dz between its passes for tensors up to 2^21 values and
+    computes f'(z) again above: both sides of the switch, with SiLU, against float64."""
+    _check_against_reference(shape, 8, torch.float32, "channels_last", "silu", False, seed=11)
+
+
 def test_tensor_past_the_prefetch_threshold_matches_reference():
     """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
     backward fetch the next set ahead (hints only, which must not change a value)."""
