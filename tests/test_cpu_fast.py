@@ -833,6 +833,35 @@ def test_batch_norm_fast_path_with_low_precision_module(dtype, layout, monkeypat
     assert len(missed) == 5  # the normalize(..., residual=0) calls only (the full path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_running_statistics_update(dtype):
+    """bfloat16/float16 running statistics on CPU go through the extension's update: the same
+    formula computed in float64 and rounded (through float32) once, never further from the
+    exact value than the eight-operation ATen update it replaces (which rounds the batch mean
+    to the statistics' dtype first)."""
+    if cpu_ext.extension() is None:
+        pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+    g = torch.Generator().manual_seed(13)
+    rm = torch.randn(37, generator=g).to(dtype)
+    rv = (torch.rand(37, generator=g) + 0.5).to(dtype)
+    mean = torch.randn(37, generator=g)
+    rstd = torch.rand(37, generator=g) + 0.2
+    eps, momentum, count = 1e-5, 0.1, 70
+    var = (rstd.double() ** -2 - eps).clamp_min(0) * (count / (count - 1))
+    want_m = (rm.double() + momentum * (mean.double() - rm.double())).float().to(dtype)
+    want_v = (rv.double() + momentum * (var - rv.double())).float().to(dtype)
+    aten_m, aten_v = rm.clone(), rv.clone()
+    rm_before, rv_before = rm.clone(), rv.clone()
+    aten_m.lerp_(mean.to(dtype), momentum)
+    aten_v.lerp_(var.float().to(dtype), momentum)
+    gf.update_running_stats(rm, rv, mean, rstd, eps, momentum, count)
+    assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+    exact_m = rm_before.double() + momentum * (mean.double() - rm_before.double())
+    exact_v = rv_before.double() + momentum * (var - rv_before.double())
+    for got, aten, exact in ((rm, aten_m, exact_m), (rv, aten_v, exact_v)):
+        assert ((got.double() - exact).abs() <= (aten.double() - exact).abs() + 1e-12).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_autograd_fast_path_matches_reference(dtype, layout):

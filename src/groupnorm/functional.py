@@ -11,7 +11,8 @@ from torch import Tensor
 
 from . import _validation as v
 from . import export
-from .kernels import check_backend
+from ._eager import PLAIN_TYPES, plain_eager_context
+from .kernels import check_backend, cpu_ext
 from .kernels.cpu import fast_batch_forward, fast_forward
 from .ops import normalize_op
 
@@ -247,6 +248,9 @@ def _normalize(
     return (y, total) if return_sum else y
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -256,7 +260,18 @@ def update_running_stats(
     momentum: float,
     count: int,
 ) -> None:
-    """In-place exponential update with the unbiased variance, as ``torch.nn.BatchNorm`` does."""
+    """In-place exponential update with the unbiased variance, as ``torch.nn.BatchNorm`` does.
+
+    bfloat16/float16 statistics on CPU, in plain eager mode, are updated by the C++ extension
+    (one call instead of eight tensor operations, in double, rounded once; the fast path calls
+    the same function, so both give the same bits)."""
+    if running_mean.dtype in _LOW and running_mean.device.type == "cpu" and plain_eager_context():
+        ext = cpu_ext.extension()
+        if ext is not None and all(
+            type(t) in PLAIN_TYPES for t in (running_mean, running_var, mean, rstd)
+        ):
+            if ext.update_running_low(running_mean, running_var, mean, rstd, eps, momentum, count):
+                return
     with torch.no_grad():
         # few, in-place ops: this runs on every training call and was a tenth of a BN forward
         var = torch.pow(rstd, -2).sub_(eps).clamp_min_(0).mul_(count / max(count - 1, 1))

@@ -233,8 +233,8 @@ def fast_batch_forward(
     ``batch_norm`` without autograd (tensors checked in C++) or :class:`_FusedBatchNorm` when
     autograd is needed (training, no activation); ``None`` for any other call. float32 running
     statistics are updated inside the kernel; running statistics in x's dtype (a model moved to
-    bfloat16) by the full path's ``update_running_stats`` after it (the same ATen operations in
-    the extension), so both paths give the same bits."""
+    bfloat16) by the full path's ``update_running_stats`` after it (its C++ update, which the
+    extension's batch_norm calls too), so both paths give the same bits."""
     if torch.compiler.is_compiling() or type(x) not in PLAIN_TYPES:
         return None
     for t in (running_mean, running_var, weight, bias):

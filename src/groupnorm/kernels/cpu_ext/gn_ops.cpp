@@ -191,11 +191,49 @@ std::optional<at::Tensor> fused_norm(const at::Tensor& x, const std::optional<at
   return y;
 }
 
+// The running-statistics update of batch norm for statistics in bfloat16/float16 on CPU, as
+// functional.update_running_stats does with ATen operations (eight of them, ~6 us on a small
+// tensor, more than torch's whole batch norm call): per channel, in double,
+//   var = max(rstd^-2 - eps, 0) * count / max(count - 1, 1)  (the unbiased variance),
+//   running += momentum * (batch value - running),
+// rounded once to the statistics' dtype. Both paths call this for such statistics, so they
+// give the same bits. false (nothing done) for anything else.
+bool update_running_low(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& mean,
+                        const at::Tensor& rstd, double eps, double momentum, int64_t count) {
+  const auto t = rm.scalar_type();
+  if ((t != at::kBFloat16 && t != at::kHalf) || rv.scalar_type() != t || !rm.device().is_cpu() ||
+      !rv.device().is_cpu() || !mean.device().is_cpu() || !rstd.device().is_cpu() ||
+      !rm.is_contiguous() || !rv.is_contiguous() || mean.scalar_type() != at::kFloat ||
+      rstd.scalar_type() != at::kFloat || !mean.is_contiguous() || !rstd.is_contiguous() ||
+      rm.numel() != mean.numel() || rv.numel() != mean.numel() || rstd.numel() != mean.numel() ||
+      rm.requires_grad() || rv.requires_grad())
+    return false;
+  const double n = static_cast<double>(count);
+  const double unbias = n / std::max(n - 1.0, 1.0);
+  const float* pm = mean.data_ptr<float>();
+  const float* pr = rstd.data_ptr<float>();
+  auto run = [&](auto* m, auto* v) {
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      const double r = pr[c];
+      double var = 1.0 / (r * r) - eps;
+      var = (var > 0.0 ? var : 0.0) * unbias;
+      const double old_m = load(m[c]), old_v = load(v[c]);
+      store(m + c, static_cast<float>(old_m + momentum * (static_cast<double>(pm[c]) - old_m)));
+      store(v + c, static_cast<float>(old_v + momentum * (var - old_v)));
+    }
+  };
+  if (t == at::kBFloat16)
+    run(static_cast<BF16*>(rm.data_ptr()), static_cast<BF16*>(rv.data_ptr()));
+  else
+    run(static_cast<F16*>(rm.data_ptr()), static_cast<F16*>(rv.data_ptr()));
+  return true;
+}
+
 // Batch norm without autograd (the Python fast path keeps its autograd.Function for training
 // with gradients): y, or None when the kernel cannot take the call (the full path explains).
-// float32 running statistics are updated inside the kernel; running statistics in x's dtype
-// with the same ATen operations, in the same order, as functional.update_running_stats, so
-// that both paths give the same bits. Python checks momentum and the scalar arguments.
+// float32 running statistics are updated inside the kernel; running statistics in bfloat16 or
+// float16 by update_running_low, which functional.update_running_stats also calls for them,
+// so that both paths give the same bits. Python checks momentum and the scalar arguments.
 std::optional<at::Tensor> batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& running_mean,
@@ -238,10 +276,14 @@ std::optional<at::Tensor> batch_norm(const at::Tensor& x, const std::optional<at
       update_inside ? rv.data_ptr<float>() : nullptr, momentum);
   TORCH_CHECK(rc == 0, "groupnorm_cpu_ops.batch_norm: the kernel returned ", rc);
   if (training && low) {
-    const double count = static_cast<double>(N * S);
-    at::Tensor var = at::pow(rstd, -2).sub_(eps).clamp_min_(0).mul_(count / std::max(count - 1.0, 1.0));
-    rm.lerp_(mean.to(rm.scalar_type()), momentum);
-    rv.lerp_(var.to(rv.scalar_type()), momentum);
+    if (!update_running_low(rm, rv, mean, rstd, eps, momentum, N * S)) {
+      // (mixed dtypes: the ATen operations of functional.update_running_stats)
+      const double count = static_cast<double>(N * S);
+      at::Tensor var =
+          at::pow(rstd, -2).sub_(eps).clamp_min_(0).mul_(count / std::max(count - 1.0, 1.0));
+      rm.lerp_(mean.to(rm.scalar_type()), momentum);
+      rv.lerp_(var.to(rv.scalar_type()), momentum);
+    }
   }
   return y;
 }
@@ -257,6 +299,9 @@ PYBIND11_MODULE(groupnorm_cpu_ops, m) {
   m.def("fused_norm", &fused_norm, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "group/layer/instance norm with an optional activation (0 none, 1 silu, 2 gelu, 3 relu) "
         "through the fused kernels, or None when they cannot take the call");
+  m.def("update_running_low", &update_running_low,
+        "batch norm's running-statistics update for bfloat16/float16 statistics on CPU; False "
+        "(nothing done) for other tensors");
   m.def("batch_norm", &batch_norm, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "batch norm without autograd through the fused kernel (running statistics updated), "
         "or None when it cannot take the call");
