@@ -203,8 +203,8 @@ def _load_batch_op():
 def _ctypes_forward(x, num_groups, weight, bias, eps, act):
     """:func:`fast_forward` through ctypes, when the torch operator is unavailable: the tensor
     checks the operator makes, then :class:`_FusedNorm` or a plain kernel call."""
-    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0 or x.dim() < 2:
-        return None
+    if x.dtype not in _EXT_DTYPES or not x.is_cpu or x.numel() == 0:
+        return None  # (x.dim() >= 2 and num_groups <= C: checked by fast_forward)
     c = x.shape[1]
     if c % num_groups:
         return None
@@ -319,6 +319,21 @@ def _ctypes_batch_forward(
     return y
 
 
+def _dtypes(weight, bias):
+    """The params' dtypes (None for an absent one), for :func:`_in_dtypes` in a backward."""
+    return (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+
+
+def _in_dtypes(dw, db, dtypes):
+    """The kernels' float32 dweight and dbias (or None) in their params' own dtypes."""
+    w_dtype, b_dtype = dtypes
+    if dw is not None and w_dtype != _F32:
+        dw = dw.to(w_dtype)
+    if db is not None and b_dtype != _F32:
+        db = db.to(b_dtype)
+    return dw, db
+
+
 class _FusedBatchNorm(torch.autograd.Function):
     """Batch norm in training through the fast path: our forward kernel, torch's
     ``native_batch_norm_backward`` (as the full path), saving x, weight, mean and rstd."""
@@ -332,10 +347,7 @@ class _FusedBatchNorm(torch.autograd.Function):
         )
         stats.extend((mean, rstd))  # (for a running-statistics update outside)
         ctx.save_for_backward(x, w, mean, rstd)
-        ctx.param_dtypes = (
-            weight.dtype if weight is not None else None,
-            bias.dtype if bias is not None else None,
-        )
+        ctx.param_dtypes = _dtypes(weight, bias)
         return y
 
     @staticmethod
@@ -348,10 +360,8 @@ class _FusedBatchNorm(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, None, None, mean, rstd, True, 0.0, mask
         )
-        w_dtype, b_dtype = ctx.param_dtypes
-        dw = dw.to(w_dtype) if mask[1] and w_dtype != _F32 else dw
-        db = db.to(b_dtype) if mask[2] and b_dtype not in (None, _F32) else db
-        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None)
+        dw, db = _in_dtypes(dw if mask[1] else None, db if mask[2] else None, ctx.param_dtypes)
+        return (dx if mask[0] else None, dw, db, None)
 
 
 class _FusedNorm(torch.autograd.Function):
@@ -366,10 +376,7 @@ class _FusedNorm(torch.autograd.Function):
         y, mean, rstd = cpu_ext.forward(lib, x, w, b, num_groups, eps, act, layout)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.meta = meta
-        ctx.param_dtypes = (
-            weight.dtype if weight is not None else None,
-            bias.dtype if bias is not None else None,
-        )
+        ctx.param_dtypes = _dtypes(weight, bias)
         return y
 
     @staticmethod
@@ -395,11 +402,7 @@ class _FusedNorm(torch.autograd.Function):
             need_dw and weight is not None,
             need_db and bias is not None,
         )
-        w_dtype, b_dtype = ctx.param_dtypes
-        if dw is not None and w_dtype != _F32:
-            dw = dw.to(w_dtype)
-        if db is not None and b_dtype != _F32:
-            db = db.to(b_dtype)
+        dw, db = _in_dtypes(dw, db, ctx.param_dtypes)
         return dx, dw, db, None
 
 
