@@ -834,6 +834,28 @@ def test_batch_norm_fast_path_with_low_precision_module(dtype, layout, monkeypat
     assert len(missed) == 5  # the normalize(..., residual=0) calls only (the full path)
 
 
+@pytest.mark.parametrize(
+    "stat_dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_batch_norm_mixed_dtype_running_statistics_match_the_full_path(stat_dtypes, fast_path):
+    """Running statistics of two dtypes (one bfloat16, one float32) in training: the fast path
+    leaves them to the full path's update, and both give the same bits."""
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(4, 6, 5, 7, generator=gen).bfloat16()
+    w, b = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    rm = torch.randn(6, generator=gen).to(stat_dtypes[0])
+    rv = (torch.rand(6, generator=gen) + 0.5).to(stat_dtypes[1])
+    rm2, rv2, rm0 = rm.clone(), rv.clone(), rm.clone()
+    with torch.no_grad():
+        y = gf.batch_norm(x, rm, rv, w, b, training=True)
+        full = groupnorm.normalize(
+            x, "batch", weight=w, bias=b, running_mean=rm2, running_var=rv2, training=True,
+            residual=torch.zeros_like(x),
+        )  # fmt: skip
+    assert torch.equal(y, full) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
+    assert not torch.equal(rm, rm0)  # (the statistics were updated)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_running_statistics_update(dtype):
     """bfloat16/float16 running statistics on CPU go through the extension's update: the same

@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/pow.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
@@ -255,6 +254,11 @@ std::optional<at::Tensor> batch_norm(const at::Tensor& x, const std::optional<at
   if (layout < 0) return std::nullopt;
   const bool rows = layout == 1 || S == 1;  // (N * S, C) in memory
   const bool low = rm.defined() && (rm.scalar_type() != at::kFloat || rv.scalar_type() != at::kFloat);
+  // low-precision running statistics that update_running_low cannot take (mixed dtypes, or
+  // statistics that require grad): the full path, whose update_running_stats handles them
+  if (training && low &&
+      (rm.scalar_type() != rv.scalar_type() || rm.requires_grad() || rv.requires_grad()))
+    return std::nullopt;
   F32Copy given_mean, given_var;
   at::Tensor mean, rstd;
   if (!training) {
@@ -276,14 +280,8 @@ std::optional<at::Tensor> batch_norm(const at::Tensor& x, const std::optional<at
       update_inside ? rv.data_ptr<float>() : nullptr, momentum);
   TORCH_CHECK(rc == 0, "groupnorm_cpu_ops.batch_norm: the kernel returned ", rc);
   if (training && low) {
-    if (!update_running_low(rm, rv, mean, rstd, eps, momentum, N * S)) {
-      // (mixed dtypes: the ATen operations of functional.update_running_stats)
-      const double count = static_cast<double>(N * S);
-      at::Tensor var =
-          at::pow(rstd, -2).sub_(eps).clamp_min_(0).mul_(count / std::max(count - 1.0, 1.0));
-      rm.lerp_(mean.to(rm.scalar_type()), momentum);
-      rv.lerp_(var.to(rv.scalar_type()), momentum);
-    }
+    TORCH_CHECK(update_running_low(rm, rv, mean, rstd, eps, momentum, N * S),
+                "groupnorm_cpu_ops.batch_norm: running statistics not updated");
   }
   return y;
 }
