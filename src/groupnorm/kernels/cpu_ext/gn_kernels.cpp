@@ -145,6 +145,26 @@ constexpr i64 kStage = 2048;
 template <typename T>
 constexpr i64 kStageOf = std::is_same_v<T, F16> ? kStage : 1;
 
+// Calls f(d0, nd, s0, len, count) for each block in which the nchw kernels stage a set of D
+// channels of S contiguous values: channels d0 .. d0 + nd - 1 from position s0 of each, len
+// values per channel, count values in all from d0 * S + s0 ((nd - 1) * S + len). float16 goes
+// in spans of whole channels of at most kStage values (one conversion per span: per channel, a
+// 7x7 map's few vectors stalled on store forwarding and cost 3x float32), or, where one
+// channel is longer, in blocks of kStage of its values; other types in one block, the set.
+template <typename T, typename F>
+inline void for_each_stage_block(i64 D, i64 S, F&& f) {
+  constexpr bool staged = std::is_same_v<T, F16>;
+  const i64 span = !staged ? D : (S <= kStage ? kStage / S : 1);
+  const i64 step = !staged || S <= kStage ? S : kStage;
+  for (i64 d0 = 0; d0 < D; d0 += span) {
+    const i64 nd = D - d0 < span ? D - d0 : span;
+    for (i64 s0 = 0; s0 < S; s0 += step) {
+      const i64 len = S - s0 < step ? S - s0 : step;
+      f(d0, nd, s0, len, (nd - 1) * S + len);  // (len == S when nd > 1)
+    }
+  }
+}
+
 // body(q) with q pointing at p[0..n) as something load() reads: p itself, or for float16 a
 // float32 copy in buf (n <= kStage). float32 and bfloat16 (a shift per value, which vectorizes)
 // are read in place.
@@ -508,10 +528,9 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
       } else {
         zb = z_buf.data();
       }
-      const i64 span = std::is_same_v<T, F16> ? kStage / S : D;  // (S <= kShortRowMax here)
-      for (i64 d0 = 0; d0 < D; d0 += span) {
-        const i64 nd = D - d0 < span ? D - d0 : span;
-        with_f32(px + d0 * S, nd * S, in_buf, [&](const auto* qx) {
+      // (S <= kShortRowMax: whole channels in each block)
+      for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64, i64, i64 count) {
+        with_f32(px + d0 * S, count, in_buf, [&](const auto* qx) {
           for (i64 d = d0; d < d0 + nd; ++d) {
             const i64 c = g * D + d;
             const float a = w ? r * w[c] : r;
@@ -521,7 +540,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
             for_each_vec(S, [&](i64 s) { qz[s] = (load(rx[s]) - mu) * a + h; });
           }
         });
-      }
+      });
       // the next set's x and y are fetched while this one computes (see kPrefetchChunk)
       const bool more = item + 1 < N * G;
       for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
@@ -541,31 +560,21 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
       continue;
     }
     const bool more = prefetch && item + 1 < N * G;
-    // float16 is staged in spans of whole channels (one conversion per span: per channel, a
-    // 7x7 map's few vectors stalled on store forwarding and cost 3x float32), or in blocks of
-    // one channel's values when a channel alone is longer than a span
-    const i64 span = !std::is_same_v<T, F16> ? D : (S <= kStage ? kStage / S : 1);
-    const i64 step = S <= kStage || !std::is_same_v<T, F16> ? S : kStage;
-    for (i64 d0 = 0; d0 < D; d0 += span) {
-      const i64 nd = D - d0 < span ? D - d0 : span;
-      for (i64 s0 = 0; s0 < S; s0 += step) {
-        const i64 len = S - s0 < step ? S - s0 : step;
-        const i64 count = (nd - 1) * S + len;  // (len == S when nd > 1)
-        with_f32(px + d0 * S + s0, count, in_buf, [&](const auto* qx) {
-          via_f32(py + d0 * S + s0, count, out_buf, [&](auto* qy) {
-            for (i64 d = 0; d < nd; ++d) {
-              const i64 c = g * D + d0 + d;
-              const float a = w ? r * w[c] : r;
-              const float h = b ? b[c] : 0.0f;
-              if (more && s0 == 0) prefetch_range(px + (d0 + d) * S + L, S);
-              const auto* rx = qx + d * S;
-              auto* ry = qy + d * S;
-              for_each_vec(len, [&](i64 s) { store(ry + s, act_fwd<ACT>((load(rx[s]) - mu) * a + h)); });
-            }
-          });
+    for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64 s0, i64 len, i64 count) {
+      with_f32(px + d0 * S + s0, count, in_buf, [&](const auto* qx) {
+        via_f32(py + d0 * S + s0, count, out_buf, [&](auto* qy) {
+          for (i64 d = 0; d < nd; ++d) {
+            const i64 c = g * D + d0 + d;
+            const float a = w ? r * w[c] : r;
+            const float h = b ? b[c] : 0.0f;
+            if (more && s0 == 0) prefetch_range(px + (d0 + d) * S + L, S);
+            const auto* rx = qx + d * S;
+            auto* ry = qy + d * S;
+            for_each_vec(len, [&](i64 s) { store(ry + s, act_fwd<ACT>((load(rx[s]) - mu) * a + h)); });
+          }
         });
-      }
-    }
+      });
+    });
   }
   }
 }
@@ -626,11 +635,10 @@ template <typename T, int ACT>
 void backward_short_set(const T* dy, const T* x, const float* w, const float* b, float mu, float r,
                         i64 g, i64 D, i64 S, float* zb, float* xb, float* stage, double* part_db,
                         double* part_dw, T* dx, bool more) {
-  // float16 x and dx go through stage in spans of whole channels, dy in chunks (see with_f32)
-  const i64 span = std::is_same_v<T, F16> ? kStage / S : D;
-  for (i64 d0 = 0; d0 < D; d0 += span) {
-    const i64 nd = D - d0 < span ? D - d0 : span;
-    with_f32(x + d0 * S, nd * S, stage, [&](const auto* qx0) {
+  // float16 x and dx go through stage in spans of whole channels (S <= kShortRowMax), dy in
+  // chunks (see with_f32)
+  for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64, i64, i64 count) {
+    with_f32(x + d0 * S, count, stage, [&](const auto* qx0) {
       for (i64 d = d0; d < d0 + nd; ++d) {
         const i64 c = g * D + d;
         const float a = w ? r * w[c] : r;
@@ -645,7 +653,7 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
         });
       }
     });
-  }
+  });
   const i64 L = D * S;
   for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
     const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
@@ -677,9 +685,8 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
   m2 /= static_cast<double>(L);
   const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
   const float K = static_cast<float>(-static_cast<double>(r) * m1);
-  for (i64 d0 = 0; d0 < D; d0 += span) {
-    const i64 nd = D - d0 < span ? D - d0 : span;
-    via_f32(dx + d0 * S, nd * S, stage, [&](auto* qdx0) {
+  for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64, i64, i64 count) {
+    via_f32(dx + d0 * S, count, stage, [&](auto* qdx0) {
       for (i64 d = d0; d < d0 + nd; ++d) {
         const float a = r * (w ? w[g * D + d] : 1.0f);
         const float* qz = zb + d * S;
@@ -688,7 +695,7 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
         for_each_vec(S, [&](i64 s) { store(qdx + s, a * qz[s] + B * qc[s] + K); });
       }
     });
-  }
+  });
 }
 
 template <typename T, int ACT>
@@ -726,54 +733,47 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
                                    dx ? dx + item * L : nullptr, item + 1 < N * G);
         continue;
       }
-      // float16 is staged as in forward_nchw: spans of whole channels, or blocks of a row
-      const i64 span = !std::is_same_v<T, F16> ? D : (S <= kStage ? kStage / S : 1);
-      const i64 step = S <= kStage || !std::is_same_v<T, F16> ? S : kStage;
+      // float16 is staged as in forward_nchw (for_each_stage_block)
       const bool more = prefetch && item + 1 < N * G;
-      for (i64 d0 = 0; d0 < D; d0 += span) {
-        const i64 nd = D - d0 < span ? D - d0 : span;
-        for (i64 s0 = 0; s0 < S; s0 += step) {
-          const i64 len = S - s0 < step ? S - s0 : step;
-          const i64 count = (nd - 1) * S + len;  // (len == S when nd > 1)
-          with_f32(px + d0 * S + s0, count, x_buf, [&](const auto* qx0) {
-            with_f32(pdy + d0 * S + s0, count, dy_buf, [&](const auto* qdy0) {
-              for (i64 d = 0; d < nd; ++d) {
-                const i64 c = g * D + d0 + d;
-                const float a = r * (w ? w[c] : 1.0f);
-                const float h = b ? b[c] : 0.0f;
-                const auto* qx = qx0 + d * S;
-                const auto* qdy = qdy0 + d * S;
-                float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + (d0 + d) * S + s0;
-                if (more && s0 == 0) {
-                  prefetch_range(px + (d0 + d) * S + L, S);
-                  prefetch_range(pdy + (d0 + d) * S + L, S);
-                }
-                double sdz = 0.0, sdzx = 0.0;
-                for (i64 start = 0; start < len; start += kRun) {
-                  const i64 end = start + kRun < len ? start + kRun : len;
-                  float s1, s2;
-                  sum_two(
-                      end - start,
-                      [&](i64 i, float& t1, float& t2) {
-                        const i64 s = start + i;
-                        const float xv = load(qx[s]);
-                        const float dz = load(qdy[s]) * act_grad<ACT>((xv - mu) * a + h);
-                        if constexpr (ACT != ACT_NONE) qdz[s] = dz;
-                        t1 = dz;
-                        t2 = dz * (xv - mu);
-                      },
-                      s1, s2);
-                  sdz += s1;
-                  sdzx += s2;
-                }
-                // per channel sum dz and sum dz (x - mu), over the blocks of a long row
-                part_db[n * C + c] = (s0 == 0 ? 0.0 : part_db[n * C + c]) + sdz;
-                part_dw[n * C + c] = (s0 == 0 ? 0.0 : part_dw[n * C + c]) + sdzx;
+      for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64 s0, i64 len, i64 count) {
+        with_f32(px + d0 * S + s0, count, x_buf, [&](const auto* qx0) {
+          with_f32(pdy + d0 * S + s0, count, dy_buf, [&](const auto* qdy0) {
+            for (i64 d = 0; d < nd; ++d) {
+              const i64 c = g * D + d0 + d;
+              const float a = r * (w ? w[c] : 1.0f);
+              const float h = b ? b[c] : 0.0f;
+              const auto* qx = qx0 + d * S;
+              const auto* qdy = qdy0 + d * S;
+              float* qdz = ACT == ACT_NONE ? nullptr : dz_buf.data() + (d0 + d) * S + s0;
+              if (more && s0 == 0) {
+                prefetch_range(px + (d0 + d) * S + L, S);
+                prefetch_range(pdy + (d0 + d) * S + L, S);
               }
-            });
+              double sdz = 0.0, sdzx = 0.0;
+              for (i64 start = 0; start < len; start += kRun) {
+                const i64 end = start + kRun < len ? start + kRun : len;
+                float s1, s2;
+                sum_two(
+                    end - start,
+                    [&](i64 i, float& t1, float& t2) {
+                      const i64 s = start + i;
+                      const float xv = load(qx[s]);
+                      const float dz = load(qdy[s]) * act_grad<ACT>((xv - mu) * a + h);
+                      if constexpr (ACT != ACT_NONE) qdz[s] = dz;
+                      t1 = dz;
+                      t2 = dz * (xv - mu);
+                    },
+                    s1, s2);
+                sdz += s1;
+                sdzx += s2;
+              }
+              // per channel sum dz and sum dz (x - mu), over the blocks of a long row
+              part_db[n * C + c] = (s0 == 0 ? 0.0 : part_db[n * C + c]) + sdz;
+              part_dw[n * C + c] = (s0 == 0 ? 0.0 : part_dw[n * C + c]) + sdzx;
+            }
           });
-        }
-      }
+        });
+      });
       double m1 = 0.0, m2 = 0.0;
       for (i64 d = 0; d < D; ++d) {
         const i64 c = g * D + d;
@@ -788,40 +788,35 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       const float B = static_cast<float>(-static_cast<double>(r) * r * m2);
       const float K = static_cast<float>(-static_cast<double>(r) * m1);
       T* pdx = dx + item * L;
-      for (i64 d0 = 0; d0 < D; d0 += span) {
-        const i64 nd = D - d0 < span ? D - d0 : span;
-        for (i64 s0 = 0; s0 < S; s0 += step) {
-          const i64 len = S - s0 < step ? S - s0 : step;
-          const i64 count = (nd - 1) * S + len;
-          with_f32(px + d0 * S + s0, count, x_buf, [&](const auto* qx0) {
-            via_f32(pdx + d0 * S + s0, count, stage_buf, [&](auto* qdx0) {
-              if constexpr (ACT == ACT_NONE) {
-                with_f32(pdy + d0 * S + s0, count, dy_buf, [&](const auto* qdy0) {
-                  for (i64 d = 0; d < nd; ++d) {
-                    const float a = r * (w ? w[g * D + d0 + d] : 1.0f);
-                    const auto* qx = qx0 + d * S;
-                    const auto* qdy = qdy0 + d * S;
-                    auto* qdx = qdx0 + d * S;
-                    for_each_vec(len, [&](i64 s) {
-                      store(qdx + s, a * load(qdy[s]) + B * (load(qx[s]) - mu) + K);
-                    });
-                  }
-                });
-              } else {
+      for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64 s0, i64 len, i64 count) {
+        with_f32(px + d0 * S + s0, count, x_buf, [&](const auto* qx0) {
+          via_f32(pdx + d0 * S + s0, count, stage_buf, [&](auto* qdx0) {
+            if constexpr (ACT == ACT_NONE) {
+              with_f32(pdy + d0 * S + s0, count, dy_buf, [&](const auto* qdy0) {
                 for (i64 d = 0; d < nd; ++d) {
                   const float a = r * (w ? w[g * D + d0 + d] : 1.0f);
                   const auto* qx = qx0 + d * S;
-                  const float* qdz = dz_buf.data() + (d0 + d) * S + s0;
+                  const auto* qdy = qdy0 + d * S;
                   auto* qdx = qdx0 + d * S;
                   for_each_vec(len, [&](i64 s) {
-                    store(qdx + s, a * qdz[s] + B * (load(qx[s]) - mu) + K);
+                    store(qdx + s, a * load(qdy[s]) + B * (load(qx[s]) - mu) + K);
                   });
                 }
+              });
+            } else {
+              for (i64 d = 0; d < nd; ++d) {
+                const float a = r * (w ? w[g * D + d0 + d] : 1.0f);
+                const auto* qx = qx0 + d * S;
+                const float* qdz = dz_buf.data() + (d0 + d) * S + s0;
+                auto* qdx = qdx0 + d * S;
+                for_each_vec(len, [&](i64 s) {
+                  store(qdx + s, a * qdz[s] + B * (load(qx[s]) - mu) + K);
+                });
               }
-            });
+            }
           });
-        }
-      }
+        });
+      });
     }
   }
   for (i64 c = 0; c < C; ++c) {
