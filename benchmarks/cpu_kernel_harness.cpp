@@ -1,0 +1,94 @@
+// Times one kernel of gn_kernels.cpp alone, without Python or torch: the "harness" numbers of
+// benchmarks/README.md. It includes the kernel source named by KERNELS, so two builds (say of
+// two commits' sources) can be timed against each other on the same machine:
+//
+//   g++ -O3 -march=native -fopenmp -std=c++17 -fno-math-errno -fno-trapping-math -I.
+//       -DKERNELS='"src/groupnorm/kernels/cpu_ext/gn_kernels.cpp"'
+//       benchmarks/cpu_kernel_harness.cpp -o /tmp/harness      (one command line)
+//   /tmp/harness DTYPE ACT N C S G LAYOUT PASS REPS
+//
+// DTYPE 0 float32, 1 bfloat16, 2 float16; ACT 0 none, 1 silu, 2 gelu, 3 relu; the input is
+// (N, C, S) with G groups, LAYOUT 0 (N, C, S) in memory or 1 (N, S, C); PASS 0 forward, 1
+// backward; one thread. Prints the median and 20th percentile of REPS calls, and a checksum
+// of the output (y for the forward, dx for the backward) to compare builds by. Buffers are
+// reused between calls, so unlike the Python benchmark no call faults in fresh pages.
+#include KERNELS
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void fill(std::vector<char>& buf, const std::vector<float>& v) {
+  T* p = reinterpret_cast<T*>(buf.data());
+  for (size_t i = 0; i < v.size(); ++i) store(p + i, v[i]);
+}
+
+template <typename T>
+double checksum(const std::vector<char>& buf, i64 n) {
+  const T* p = reinterpret_cast<const T*>(buf.data());
+  double sum = 0.0;
+  for (i64 i = 0; i < n; i += 97) sum += load(p[i]);
+  return sum;
+}
+
+template <typename T>
+int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
+  const i64 n = N * C * S;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<float> xf(n), dyf(n), w(C), b(C);
+  for (auto* v : {&xf, &dyf, &w, &b})
+    for (auto& e : *v) e = normal(rng);
+  std::vector<char> x(n * sizeof(T)), y(n * sizeof(T)), dy(n * sizeof(T)), dx(n * sizeof(T));
+  fill<T>(x, xf);
+  fill<T>(dy, dyf);
+  std::vector<float> mean(N * G), rstd(N * G), dw(C), db(C);
+  auto forward = [&] {
+    forward_any<T>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), N, C, S, G,
+                   layout, 1e-5f, act, 1);
+  };
+  forward();  // (the statistics the backward needs)
+  std::vector<double> times;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (pass == 0)
+      forward();
+    else
+      backward_any<T>(dy.data(), x.data(), w.data(), b.data(), mean.data(), rstd.data(),
+                      dx.data(), dw.data(), db.data(), N, C, S, G, layout, act, 1);
+    times.push_back(
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  std::printf("%.1f us (p20 %.1f) checksum %.6g\n", times[times.size() / 2],
+              times[times.size() / 5], checksum<T>(pass == 0 ? y : dx, n));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 10) {
+    std::fprintf(stderr, "usage: %s DTYPE ACT N C S G LAYOUT PASS REPS\n", argv[0]);
+    return 2;
+  }
+  const int dtype = std::atoi(argv[1]), act = std::atoi(argv[2]);
+  const i64 N = std::atol(argv[3]), C = std::atol(argv[4]), S = std::atol(argv[5]);
+  const i64 G = std::atol(argv[6]);
+  const int layout = std::atoi(argv[7]), pass = std::atoi(argv[8]), reps = std::atoi(argv[9]);
+  if (N < 1 || C < 1 || S < 1 || G < 1 || C % G || reps < 1 || dtype < 0 || dtype > 2) {
+    std::fprintf(stderr, "bad arguments: C must divide by G, all sizes positive\n");
+    return 2;
+  }
+  switch (dtype) {
+    case 0: return run<float>(act, N, C, S, G, layout, pass, reps);
+    case 1: return run<BF16>(act, N, C, S, G, layout, pass, reps);
+    default: return run<F16>(act, N, C, S, G, layout, pass, reps);
+  }
+}
