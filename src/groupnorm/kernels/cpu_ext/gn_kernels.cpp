@@ -454,34 +454,74 @@ inline void prefetch_range(const T* p, i64 n) {
   for (i64 k = 0; k < bytes; k += 64) __builtin_prefetch(c + k);
 }
 
-// Count, mean and centred sum of squares (M2) of the n contiguous values at p: runs of kRun
-// values, each summed twice in float32 while in L1 (the mean, then the centred squares) around
-// the first value of p (so that float32 run sums stay small when |mean| >> std: mean 1e4, std
-// 1e-3 would otherwise lose the variance), combined in double with Chan et al.'s formula.
-// float16 runs go through buf (kStageOf<T> values).
+// sums of (p[i] - shift) and of its square, i < n, in one pass (kLanes accumulators each)
+template <typename T>
+inline void shifted_sums(const T* p, i64 n, float shift, float& s1, float& s2) {
+  float a1[kLanes] = {}, a2[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const float d = load(p[i + j]) - shift;
+      a1[j] += d;
+      a2[j] += d * d;
+    }
+  }
+  float t1 = 0.0f, t2 = 0.0f;
+  for (; i < n; ++i) {
+    const float d = load(p[i]) - shift;
+    t1 += d;
+    t2 += d * d;
+  }
+  s1 = lanes_total(a1) + t1;
+  s2 = lanes_total(a2) + t2;
+}
+
+// Count, mean and centred sum of squares (M2) of the n contiguous values at p, in runs of kRun
+// values combined in double with Chan et al.'s formula. Each run's float32 sums are taken
+// around a shift. The first run's shift is its first value, and it is summed twice while in
+// L1 (the mean, then the centred squares), since that value may be far from the rest (an
+// outlier: x[0] = 1e4 among N(0, 1) values). Later runs are shifted by the previous run's
+// mean and summed once (S1 and S2 of d = x - shift; M2 = S2 - S1^2/n). That loses digits
+// only when the run's mean is far from the shift, by some D against its spread s; but then
+// the two runs' means differ by D and the set's M2 grows by at least n D^2/2, so the error,
+// a few float32 ulps of n (D^2 + s^2), stays a few ulps of the set's M2. One pass instead of
+// two made the statistics of 8x512x28x28 float32 layer norm ~40 % cheaper. float16 runs go
+// through buf (kStageOf<T> values).
 struct Moments {
   double count, mean, m2;
 };
 
 template <typename T>
 inline Moments run_moments(const T* p, i64 n, float* buf) {
-  const float pivot = load(p[0]);
-  double count = 0.0, mean_d = 0.0, m2 = 0.0;
+  float shift = load(p[0]);
+  double count = 0.0, mean_d = 0.0, m2 = 0.0;  // mean_d around p[0]
+  const double base = static_cast<double>(shift);
   for (i64 start = 0; start < n; start += kRun) {
     const i64 end = start + kRun < n ? start + kRun : n;
     const float nr = static_cast<float>(end - start);
-    float mr, q;
+    float mr, q;  // the run's mean around shift and its M2
     with_f32(p + start, end - start, buf, [&](const auto* run) {
-      mr = shifted_sum(run, end - start, pivot) / nr;
-      q = shifted_sum_sq(run, end - start, pivot, mr);
+      if (start == 0) {
+        mr = shifted_sum(run, end - start, shift) / nr;
+        q = shifted_sum_sq(run, end - start, shift, mr);
+      } else {
+        float s1, s2;
+        shifted_sums(run, end - start, shift, s1, s2);
+        mr = s1 / nr;
+        q = s2 - s1 * mr;
+      }
     });
-    const double delta = static_cast<double>(mr) - mean_d;
+    // the run's mean around p[0]; the next run's shift
+    const double run_mean = static_cast<double>(shift) - base + static_cast<double>(mr);
+    shift = static_cast<float>(base + run_mean);
+    const double delta = run_mean - mean_d;
     const double total = count + nr;
     mean_d += delta * nr / total;
     m2 += static_cast<double>(q) + delta * delta * count * nr / total;
     count = total;
   }
-  return {count, static_cast<double>(pivot) + mean_d, m2};
+  return {count, base + mean_d, m2 < 0.0 ? 0.0 : m2};  // (rounding: never below zero)
 }
 
 inline Moments combine(const Moments& a, const Moments& b) {
@@ -833,6 +873,93 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
 // ---- nhwc: sets are strided; work on (n, chunk of rows) items, vectorize over channels ------
 
 constexpr int kBlock = 64;  // channels whose sums are kept in registers (4 zmm each)
+
+// Chunk moments that stand an ill-chosen shift: a chunk's float32 sums of d = x - shift and
+// d^2 give M2 = S2 - S1^2/n, which cancels when the shift lies far from the chunk's values
+// (an outlier as the first row, 1e4 among N(0, 1) values: float32 error ~1e-2 in y). So each
+// channel's shift is the chunk's own first row, and a block whose S1^2/n exceeds 15/16 of S2
+// for some channel (more than 4 bits lost; a shift over 3.9 standard deviations from the
+// mean: rare unless that row is an outlier) is summed again around its means while in cache.
+constexpr float kIllShift = 15.0f / 16.0f;
+
+// Moments of n <= kBlock channels over `rows` rows of an (rows, stride) row-major block p:
+// mean_off[j] = the mean of channel j minus ref[j] (double: a far ref keeps its digits) and
+// m2[j], its centred sum of squares. FULL: n == kBlock, whose sums stay in registers.
+template <bool FULL, typename T>
+inline void rows_moments(const T* p, i64 stride, i64 rows, i64 n, const float* ref,
+                         double* mean_off, double* m2) {
+  const i64 len = FULL ? kBlock : n;
+  float tmp[kBlock];  // a float16 row block as float32
+  float a1[kBlock], a2[kBlock], sh[kBlock];
+  for (i64 j = 0; j < len; ++j) {
+    sh[j] = load(p[j]);
+    a1[j] = a2[j] = 0.0f;
+  }
+  for (i64 s = 0; s < rows; ++s) {
+    with_f32(p + s * stride, len, tmp, [&](const auto* row) {
+#pragma omp simd
+      for (i64 j = 0; j < len; ++j) {
+        const float d = load(row[j]) - sh[j];
+        a1[j] += d;
+        a2[j] += d * d;
+      }
+    });
+  }
+  const float nr = static_cast<float>(rows), inv = 1.0f / nr;
+  float mr[kBlock];
+  float worst = 0.0f;  // > 0 where a channel's shift was ill-chosen (vector code: no branches)
+#pragma omp simd reduction(max : worst)
+  for (i64 j = 0; j < len; ++j) {
+    mr[j] = a1[j] * inv;
+    const float excess = a1[j] * mr[j] - kIllShift * a2[j];
+    worst = excess > worst ? excess : worst;
+  }
+  const bool ill = worst > 0.0f;
+  if (ill) {  // second pass around the chunk's means (rows * kBlock values: in L1 or L2)
+    for (i64 j = 0; j < len; ++j) a2[j] = 0.0f;
+    for (i64 s = 0; s < rows; ++s) {
+      with_f32(p + s * stride, len, tmp, [&](const auto* row) {
+#pragma omp simd
+        for (i64 j = 0; j < len; ++j) {
+          const float d = (load(row[j]) - sh[j]) - mr[j];
+          a2[j] += d * d;
+        }
+      });
+    }
+  }
+#pragma omp simd
+  for (i64 j = 0; j < len; ++j) {
+    const float q = ill ? a2[j] : a2[j] - a1[j] * mr[j];
+    mean_off[j] = (static_cast<double>(sh[j]) - static_cast<double>(ref[j])) + mr[j];
+    m2[j] = q < 0.0f ? 0.0f : q;  // (a NaN stays)
+  }
+}
+
+// Per-channel moments of rows [r0, r1) of a channels-last block x (row stride C) for every
+// channel, in register blocks of kBlock channels
+template <typename T>
+inline void chunk_moments(const T* x, i64 C, i64 r0, i64 r1, const float* ref, double* mean_off,
+                          double* m2) {
+  i64 c0 = 0;
+  for (; c0 + kBlock <= C; c0 += kBlock)
+    rows_moments<true>(x + r0 * C + c0, C, r1 - r0, kBlock, ref + c0, mean_off + c0, m2 + c0);
+  if (c0 < C)
+    rows_moments<false>(x + r0 * C + c0, C, r1 - r0, C - c0, ref + c0, mean_off + c0, m2 + c0);
+}
+
+// Chan et al.'s combination, channel by channel, of chunk k's (count, mean_off, m2) into the
+// running (count, mean, m2) of every channel
+inline void chan_add(i64 C, double count, double nk, const double* mean_k, const double* m2_k,
+                     double* mean, double* m2) {
+  const double total = count + nk;
+  const double wk = nk / total, wb = count * nk / total;
+#pragma omp simd
+  for (i64 c = 0; c < C; ++c) {
+    const double delta = mean_k[c] - mean[c];
+    mean[c] += delta * wk;
+    m2[c] += m2_k[c] + delta * delta * wb;
+  }
+}
 // values (float32 dz) up to which the nhwc backward keeps dz between its passes (8 MiB: at
 // 16 MiB and more, 8x256x56x56 float32 was 25 % slower than computing f'(z) twice)
 constexpr i64 kKeepDzMax = i64{1} << 21;
@@ -857,27 +984,43 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   std::vector<float> coef_a(N * C), coef_m(N * C), group_mean(N * G);
   std::vector<float> zeros(b ? 0 : C, 0.0f);
   const float* h = b ? b : zeros.data();
-  if (G == 1 && !std::is_same_v<T, F16>) {
-    // One group: each sample is one contiguous set, summed as a flat array (as nchw does)
-    // instead of per channel. Each sample is cut into pieces of kPiece values (whole runs)
-    // whose moments are then combined in order, so that threads share a sample and the result
-    // does not depend on their number. (Not for float16: staging the runs costs more than the
-    // per-channel sums with their row blocks converted in registers: 24 against 14 us at
-    // 1x1280x16x16.)
-    constexpr i64 kPiece = i64{1} << 16;
-    static_assert(kPiece % kRun == 0, "pieces are whole runs");
-    const i64 L = C * S;
-    const i64 piece = kPiece;
-    const i64 pieces = (L + piece - 1) / piece;
-    std::vector<Moments> moments(N * pieces);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (i64 item = 0; item < N * pieces; ++item) {
-      const i64 n = item / pieces, start = (item % pieces) * piece;
-      const i64 len = L - start < piece ? L - start : piece;
+  // One group: each sample is one contiguous set, summed as a flat array (as nchw does)
+  // instead of per channel. Each sample is cut into pieces of kPiece values (whole runs)
+  // whose moments are then combined in order, so that threads share a sample and the result
+  // does not depend on their number. (Not for float16: staging the runs costs more than the
+  // per-channel sums with their row blocks converted in registers: 24 against 14 us at
+  // 1x1280x16x16.)
+  const bool flat = G == 1 && !std::is_same_v<T, F16>;
+  constexpr i64 kPiece = i64{1} << 16;
+  static_assert(kPiece % kRun == 0, "pieces are whole runs");
+  const i64 L = C * S;
+  const i64 pieces = (L + kPiece - 1) / kPiece;
+  const i64 stat_items = flat ? pieces : chunks;  // statistics items per sample
+  std::vector<Moments> moments(flat ? N * pieces : 0);
+  // per (n, chunk, c): the chunk's mean around pivots[n, c] = x[n, 0, c], and its M2
+  std::vector<double> part_mean(flat ? 0 : N * chunks * C), part_m2(flat ? 0 : N * chunks * C);
+  std::vector<float> pivots(flat ? 0 : N * C);
+  for (i64 n = 0; n < (flat ? 0 : N); ++n) {
+#pragma omp simd
+    for (i64 c = 0; c < C; ++c) pivots[n * C + c] = load(x[n * S * C + c]);
+  }
+
+  auto stats_item = [&](i64 item) {  // item = n * stat_items + (piece or chunk)
+    const i64 n = item / stat_items, k = item % stat_items;
+    if (flat) {
+      const i64 start = k * kPiece;
+      const i64 len = L - start < kPiece ? L - start : kPiece;
       float buf[kStageOf<T>];
       moments[item] = run_moments(x + n * L + start, len, buf);
+      return;
     }
-    for (i64 n = 0; n < N; ++n) {
+    const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
+    chunk_moments(x + n * S * C, C, k * rows, end, pivots.data() + n * C,
+                  part_mean.data() + item * C, part_m2.data() + item * C);
+  };
+
+  auto finish_sample = [&](i64 n) {  // the sample's statistics and coefficients
+    if (flat) {
       Moments m = moments[n * pieces];
       for (i64 k = 1; k < pieces; ++k) m = combine(m, moments[n * pieces + k]);
       const float muf = static_cast<float>(m.mean);
@@ -892,104 +1035,51 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
         ca[c] = w ? r * w[c] : r;
         cm[c] = muf;
       }
+      return;
     }
-  } else {
-    // shifted sums per (n, chunk, c): pivot = x[n, 0, c]
-    std::vector<float> part1(N * chunks * C), part2(N * chunks * C);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (i64 item = 0; item < N * chunks; ++item) {
-      const i64 n = item / chunks, k = item % chunks;
-      const T* pivot = x + n * S * C;
-      float* s1 = part1.data() + item * C;
-      float* s2 = part2.data() + item * C;
-      const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
-      // blocks of kBlock channels: the sums stay in registers across the rows of the chunk
-      float tmp[kBlock];  // a float16 row block as float32
-      i64 c0 = 0;
-      for (; c0 + kBlock <= C; c0 += kBlock) {
-        float a1[kBlock], a2[kBlock], piv[kBlock];
-        for (int j = 0; j < kBlock; ++j) {
-          a1[j] = a2[j] = 0.0f;
-          piv[j] = load(pivot[c0 + j]);
-        }
-        for (i64 s = k * rows; s < end; ++s) {
-          with_f32(pivot + s * C + c0, kBlock, tmp, [&](const auto* row) {
-#pragma omp simd
-            for (int j = 0; j < kBlock; ++j) {
-              const float d = load(row[j]) - piv[j];
-              a1[j] += d;
-              a2[j] += d * d;
-            }
-          });
-        }
-        for (int j = 0; j < kBlock; ++j) {
-          s1[c0 + j] = a1[j];
-          s2[c0 + j] = a2[j];
-        }
-      }
-      for (i64 c = c0; c < C; ++c) s1[c] = s2[c] = 0.0f;
-      for (i64 s = k * rows; s < end; ++s) {
-        const T* row = pivot + s * C;
-#pragma omp simd
-        for (i64 c = c0; c < C; ++c) {
-          const float d = load(row[c]) - load(pivot[c]);
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
+    // per channel: mean and centred sum of squares from the chunks' (loops over channels, which
+    // vectorize; a loop over groups of chained double adds took 9 us of 40 at 2x2048x7x7)
+    std::vector<double> t1(C, 0.0), t2(C, 0.0);
+    for (i64 k = 0; k < chunks; ++k) {
+      const double nk = static_cast<double>(((k + 1) * rows < S ? (k + 1) * rows : S) - k * rows);
+      chan_add(C, static_cast<double>(k * rows), nk, part_mean.data() + (n * chunks + k) * C,
+               part_m2.data() + (n * chunks + k) * C, t1.data(), t2.data());
     }
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (i64 n = 0; n < N; ++n) {
-      const T* pivot = x + n * S * C;
-      // per channel: mean and centred sum of squares from the chunks' shifted sums (loops over
-      // channels, which vectorize; a loop over groups of chained double adds took 9 us of 40 at
-      // 2x2048x7x7)
-      std::vector<double> t1(C, 0.0), t2(C, 0.0);
-      for (i64 k = 0; k < chunks; ++k) {
-        const float* p1 = part1.data() + (n * chunks + k) * C;
-        const float* p2 = part2.data() + (n * chunks + k) * C;
+    const float* ref = pivots.data() + n * C;
 #pragma omp simd
-        for (i64 c = 0; c < C; ++c) {
-          t1[c] += p1[c];
-          t2[c] += p2[c];
-        }
-      }
-      const double inv_s = 1.0 / static_cast<double>(S);
-#pragma omp simd
-      for (i64 c = 0; c < C; ++c) {
-        const double mc = t1[c] * inv_s;
-        const double m2c = t2[c] - t1[c] * mc;
-        t1[c] = static_cast<double>(load(pivot[c])) + mc;  // the channel's mean
-        t2[c] = m2c > 0.0 ? m2c : 0.0;
-      }
-      for (i64 g = 0; g < G; ++g) {
-        // Chan et al.: combine per-channel (mean, M2) into the group's
-        double sum_mean = 0.0, sum_m2 = 0.0, sum_mean_sq = 0.0;
+    for (i64 c = 0; c < C; ++c) t1[c] += static_cast<double>(ref[c]);  // the channel's mean
+    for (i64 g = 0; g < G; ++g) {
+      // Chan et al.: combine per-channel (mean, M2) into the group's
+      // (means around the group's first: far from zero, mean_c^2 would drown their spread)
+      const double first = t1[g * D];
+      double sum_mean = 0.0, sum_m2 = 0.0, sum_mean_sq = 0.0;
 #pragma omp simd reduction(+ : sum_mean, sum_m2, sum_mean_sq)
-        for (i64 c = g * D; c < (g + 1) * D; ++c) {
-          sum_mean += t1[c];
-          sum_mean_sq += t1[c] * t1[c];
-          sum_m2 += t2[c];
-        }
-        const double mu = sum_mean / static_cast<double>(D);
-        double between = sum_mean_sq - sum_mean * mu;  // sum_c (mean_c - mu)^2
-        if (between < 0.0) between = 0.0;
-        const double var = (sum_m2 + static_cast<double>(S) * between) / static_cast<double>(D * S);
-        const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
-        const float muf = static_cast<float>(mu);
-        if (mean_out) mean_out[n * G + g] = muf;
-        if (rstd_out) rstd_out[n * G + g] = r;
-        group_mean[n * G + g] = muf;
-        float* ca = coef_a.data() + n * C + g * D;
-        float* cm = coef_m.data() + n * C + g * D;
+      for (i64 c = g * D; c < (g + 1) * D; ++c) {
+        const double e = t1[c] - first;
+        sum_mean += e;
+        sum_mean_sq += e * e;
+        sum_m2 += t2[c];
+      }
+      const double mu = first + sum_mean / static_cast<double>(D);
+      // sum_c (mean_c - mu)^2
+      double between = sum_mean_sq - sum_mean * (sum_mean / static_cast<double>(D));
+      if (between < 0.0) between = 0.0;
+      const double var = (sum_m2 + static_cast<double>(S) * between) / static_cast<double>(D * S);
+      const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
+      const float muf = static_cast<float>(mu);
+      if (mean_out) mean_out[n * G + g] = muf;
+      if (rstd_out) rstd_out[n * G + g] = r;
+      group_mean[n * G + g] = muf;
+      float* ca = coef_a.data() + n * C + g * D;
+      float* cm = coef_m.data() + n * C + g * D;
 #pragma omp simd
-        for (i64 d = 0; d < D; ++d) {
-          ca[d] = w ? r * w[g * D + d] : r;
-          cm[d] = muf;
-        }
+      for (i64 d = 0; d < D; ++d) {
+        ca[d] = w ? r * w[g * D + d] : r;
+        cm[d] = muf;
       }
     }
-  }
+  };
+
   // With one group (layer norm) the mean is one number for the whole row: two coefficient
   // streams instead of three (2x2048x7x7 35.1 -> 30.6 us, 2x1280x16x16 114.9 -> 99.8, harness).
   // Not for groups: with 16 channels a group (512 channels, G = 32) the short loop per group
@@ -997,8 +1087,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   // gained nothing.
   const bool by_group = G == 1;
   const i64 groups_per_block = D > kStage ? 1 : kStage / D;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (i64 item = 0; item < N * chunks; ++item) {
+  auto apply_chunk = [&](i64 item) {  // item = n * chunks + k
     const i64 n = item / chunks, k = item % chunks;
     const float* a = coef_a.data() + n * C;
     const float* m = coef_m.data() + n * C;
@@ -1040,7 +1129,28 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
         });
       }
     }
+  };
+
+  if (N % nthreads == 0 || N >= 4 * nthreads) {
+    // Sample by sample: each thread normalizes whole samples, reading a sample's x for the
+    // output pass while its statistics pass has left it in cache (as torch's channels-last
+    // kernel does per group). One phase over the whole tensor read x back from memory:
+    // 8x512x28x28 float32 layer norm at 0.79x of torch.
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 n = 0; n < N; ++n) {
+      for (i64 k = 0; k < stat_items; ++k) stats_item(n * stat_items + k);
+      finish_sample(n);
+      for (i64 k = 0; k < chunks; ++k) apply_chunk(n * chunks + k);
+    }
+    return;
   }
+  // fewer samples than threads: the threads share each phase
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * stat_items; ++item) stats_item(item);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 n = 0; n < N; ++n) finish_sample(n);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 item = 0; item < N * chunks; ++item) apply_chunk(item);
 }
 
 template <typename T, int ACT>
@@ -1229,14 +1339,11 @@ struct Running {
   double momentum;
 };
 
-// mean and 1/sqrt(var + eps) from shifted sums t1 = sum (x - pivot), t2 = sum (x - pivot)^2,
-// and the update of channel c's running statistics
-inline void shifted_stats(double t1, double t2, double count, float pivot, float eps, float* mean,
-                          float* rstd, const Running& run, i64 c) {
-  const double mc = t1 / count;
-  double m2 = t2 - t1 * mc;
+// mean and 1/sqrt(var + eps) from a channel's mean and centred sum of squares m2 over count
+// values, and the update of channel c's running statistics
+inline void finish_stats(double mean_d, double m2, double count, float eps, float* mean,
+                         float* rstd, const Running& run, i64 c) {
   if (m2 < 0.0) m2 = 0.0;
-  const double mean_d = static_cast<double>(pivot) + mc;
   *mean = static_cast<float>(mean_d);
   *rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + eps));
   if (run.mean) {
@@ -1261,25 +1368,51 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
       mu = given_mean[c];
       r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
     } else {
+      // Flushes of >= kRun values summed in float32 around a shift, combined in double (Chan
+      // et al.). The first flush's shift is x[0, c, 0], which may be an outlier: it is summed
+      // again around its mean if ill-conditioned (see rows_moments). Later flushes are shifted
+      // by the mean so far, which keeps their error a few ulps of the channel's M2 (see
+      // run_moments).
       const float pivot = load(x[c * S]);
+      float shift = pivot;
       float a1[kVec] = {}, a2[kVec] = {};
-      double t1 = 0.0, t2 = 0.0;
-      i64 pending = 0;
-      for (i64 n = 0; n < N; ++n) {
-        for (i64 s0 = 0; s0 < S; s0 += step) {
-          const i64 len = S - s0 < step ? S - s0 : step;
-          with_f32(x + (n * C + c) * S + s0, len, in_buf,
-                   [&](const auto* row) { add_shifted(row, len, pivot, a1, a2); });
+      double count = 0.0, mean_off = 0.0, m2 = 0.0;  // mean_off: around pivot
+      i64 first = 0, pending = 0;
+      auto sum_rows = [&](i64 n0, i64 n1, float sh, float off) {  // sums of d, (d - off)^2
+        for (i64 n = n0; n < n1; ++n) {
+          for (i64 s0 = 0; s0 < S; s0 += step) {
+            const i64 len = S - s0 < step ? S - s0 : step;
+            with_f32(x + (n * C + c) * S + s0, len, in_buf,
+                     [&](const auto* row) { add_shifted(row, len, sh + off, a1, a2); });
+          }
         }
+      };
+      for (i64 n = 0; n < N; ++n) {
+        sum_rows(n, n + 1, shift, 0.0f);
         pending += S;
         if (pending >= kRun || n == N - 1) {
-          t1 += lanes_total<kVec>(a1);
-          t2 += lanes_total<kVec>(a2);
+          const float nf = static_cast<float>(pending);
+          float s1 = lanes_total<kVec>(a1), s2 = lanes_total<kVec>(a2);
+          float mr = s1 / nf, q = s2 - s1 * mr;
+          if (count == 0.0 && s1 * s1 > kIllShift * nf * s2) {  // the pivot lay far away
+            for (int j = 0; j < kVec; ++j) a1[j] = a2[j] = 0.0f;
+            sum_rows(first, n + 1, shift, mr);
+            q = lanes_total<kVec>(a2);  // around shift + mr: small sums, no cancellation
+          }
+          if (q < 0.0f) q = 0.0f;
+          const double run_mean = static_cast<double>(shift) - pivot + mr;
+          const double delta = run_mean - mean_off, total = count + nf;
+          mean_off += delta * nf / total;
+          m2 += static_cast<double>(q) + delta * delta * count * nf / total;
+          count = total;
+          shift = static_cast<float>(static_cast<double>(pivot) + mean_off);
           for (int j = 0; j < kVec; ++j) a1[j] = a2[j] = 0.0f;
           pending = 0;
+          first = n + 1;
         }
       }
-      shifted_stats(t1, t2, static_cast<double>(N * S), pivot, eps, &mu, &r, run, c);
+      finish_stats(static_cast<double>(pivot) + mean_off, m2, static_cast<double>(N * S), eps, &mu,
+                   &r, run, c);
     }
     mean_out[c] = mu;
     rstd_out[c] = r;
@@ -1317,40 +1450,25 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
     if (rows > 256) rows = 256;
     if (rows < 1) rows = 1;
     const i64 chunks = (R + rows - 1) / rows;
-    std::vector<float> part1(chunks * C), part2(chunks * C);
+    // per (chunk, c): the chunk's mean around the first row and its M2 (see rows_moments)
+    std::vector<double> part_mean(chunks * C), part_m2(chunks * C);
+    std::vector<float> ref(C);
+    for (i64 c = 0; c < C; ++c) ref[c] = load(x[c]);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 k = 0; k < chunks; ++k) {
-      float* s1 = part1.data() + k * C;
-      float* s2 = part2.data() + k * C;
-      for (i64 c = 0; c < C; ++c) s1[c] = s2[c] = 0.0f;
       const i64 end = (k + 1) * rows < R ? (k + 1) * rows : R;
-      float in_buf[kStageOf<T>], piv_buf[kStageOf<T>];
-      for (i64 c0 = 0; c0 < C; c0 += kStage) {
-        const i64 len = C - c0 < kStage ? C - c0 : kStage;
-        with_f32(x + c0, len, piv_buf, [&](const auto* piv) {  // the first row: the shifts
-          for (i64 s = k * rows; s < end; ++s) {
-            with_f32(x + s * C + c0, len, in_buf, [&](const auto* row) {
-              float *t1 = s1 + c0, *t2 = s2 + c0;
-#pragma omp simd
-              for (i64 c = 0; c < len; ++c) {
-                const float d = load(row[c]) - load(piv[c]);
-                t1[c] += d;
-                t2[c] += d * d;
-              }
-            });
-          }
-        });
-      }
+      chunk_moments(x, C, k * rows, end, ref.data(), part_mean.data() + k * C,
+                    part_m2.data() + k * C);
     }
-    for (i64 c = 0; c < C; ++c) {
-      double t1 = 0.0, t2 = 0.0;
-      for (i64 k = 0; k < chunks; ++k) {
-        t1 += part1[k * C + c];
-        t2 += part2[k * C + c];
-      }
-      shifted_stats(t1, t2, static_cast<double>(R), load(x[c]), eps, &mean_out[c], &rstd_out[c],
-                    run, c);
+    std::vector<double> t1(C, 0.0), t2(C, 0.0);
+    for (i64 k = 0; k < chunks; ++k) {
+      const double nk = static_cast<double>(((k + 1) * rows < R ? (k + 1) * rows : R) - k * rows);
+      chan_add(C, static_cast<double>(k * rows), nk, part_mean.data() + k * C,
+               part_m2.data() + k * C, t1.data(), t2.data());
     }
+    for (i64 c = 0; c < C; ++c)
+      finish_stats(static_cast<double>(ref[c]) + t1[c], t2[c], static_cast<double>(R), eps,
+                   &mean_out[c], &rstd_out[c], run, c);
   }
   for (i64 c = 0; c < C; ++c) {
     coef_m[c] = mean_out[c];
