@@ -9,7 +9,7 @@
 //
 // DTYPE 0 float32, 1 bfloat16, 2 float16; ACT 0 none, 1 silu, 2 gelu, 3 relu; the input is
 // (N, C, S) with G groups, LAYOUT 0 (N, C, S) in memory or 1 (N, S, C); PASS 0 forward, 1
-// backward; one thread. Prints the median and 20th percentile of REPS calls, and a checksum
+// backward, 2 batch norm's forward (training statistics; G is ignored); one thread. Prints the median and 20th percentile of REPS calls, and a checksum
 // of the output (y for the forward, dx for the backward) to compare builds by. Buffers are
 // reused between calls, so unlike the Python benchmark no call faults in fresh pages.
 #include KERNELS
@@ -48,7 +48,7 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
   std::vector<char> x(n * sizeof(T)), y(n * sizeof(T)), dy(n * sizeof(T)), dx(n * sizeof(T));
   fill<T>(x, xf);
   fill<T>(dy, dyf);
-  std::vector<float> mean(N * G), rstd(N * G), dw(C), db(C);
+  std::vector<float> mean(N * G + C), rstd(N * G + C), dw(C), db(C);
   auto forward = [&] {
     forward_any<T>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), N, C, S, G,
                    layout, 1e-5f, act, 1);
@@ -59,6 +59,10 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
     const auto t0 = std::chrono::steady_clock::now();
     if (pass == 0)
       forward();
+    else if (pass == 2)
+      bn_forward_any<T>(x.data(), y.data(), w.data(), b.data(), nullptr, nullptr, mean.data(),
+                        rstd.data(), N, C, S, layout, 1e-5f, Running{nullptr, nullptr, 0.0}, act,
+                        1);
     else
       backward_any<T>(dy.data(), x.data(), w.data(), b.data(), mean.data(), rstd.data(),
                       dx.data(), dw.data(), db.data(), N, C, S, G, layout, act, 1);
@@ -67,7 +71,7 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
   }
   std::sort(times.begin(), times.end());
   std::printf("%.1f us (p20 %.1f) checksum %.6g\n", times[times.size() / 2],
-              times[times.size() / 5], checksum<T>(pass == 0 ? y : dx, n));
+              times[times.size() / 5], checksum<T>(pass == 1 ? dx : y, n));
   return 0;
 }
 

@@ -214,51 +214,68 @@ def test_channels_last_one_group_in_pieces_stays_accurate():
     assert _err(got[0], ref.output) <= 2 * _err(want, ref.output) + 1e-4
 
 
-def _far_first_values(seed):
-    """(2, 8, 48, 48) float64 sets whose statistics start at an outlier: x[n, c, 0, 0] = 1e4
-    among N(0, 1) values. The first value of a set, row or channel is what the kernels shift
-    their float32 sums by; a shift 1e4 from the data used to cost ~1e-2 in y."""
+def _far_first_values(seed, shape=(2, 8, 48, 48), first_sample_only=False):
+    """float64 sets whose statistics start at an outlier: x[n, c, 0, 0] = 1e4 (for every n, or
+    for n = 0 only) among N(0, 1) values. The first value of a set, row or channel is what the
+    kernels shift their float32 sums by; a shift 1e4 from the data used to cost ~1e-2 in y."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 8, 48, 48, generator=g, dtype=torch.float64)
-    x[:, :, 0, 0] = 1e4
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x[: 1 if first_sample_only else None, :, 0, 0] = 1e4
     return x
+
+
+def _check_statistics(mean, rstd, ref):
+    """mean within 1e-6 standard deviations and rstd within 2e-6 relative of float64: a few
+    float32 ulps whatever the input's dtype (the statistics are float32)."""
+    std = 1 / ref.rstd.flatten()
+    assert ((mean.double().flatten() - ref.mean.flatten()) / std).abs().max() <= 1e-6
+    assert ((rstd.double().flatten() - ref.rstd.flatten()) / ref.rstd.flatten()).abs().max() <= 2e-6
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("groups", [1, 2, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_statistics_survive_an_outlier_as_the_shift(layout, groups, dtype):
     """Group/layer/instance norm kernels (both layouts, the flat one-group and the per-channel
-    chunk statistics) with an outlier where their sums start, against float64: within a few
-    float32 ulps of the output's scale (float16: its own rounding)."""
+    chunk statistics) with an outlier where their sums start, against float64: statistics to a
+    few float32 ulps, y within a few ulps of the output's scale (float32) or its own rounding."""
     lib = cpu_ext.library()
     if lib is None:
         pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
     x = _far_first_values(12)
-    if dtype == torch.float16:
-        x = x / 100  # the outlier 100, inside float16's range, as are its squares' sums' terms
-    ref = groupnorm.reference_norm(x.to(dtype).double(), "group", num_groups=groups).output
-    xl = _layout(x.to(dtype), layout)
-    y, _, _ = cpu_ext.forward(lib, xl, None, None, groups, 1e-5, "", layout != "contiguous")
-    scale = ref.abs().max().item()
-    tol = 2e-6 if dtype == torch.float32 else 2e-3
-    assert _err(y, ref) <= tol * scale
+    if dtype != torch.float32:
+        x = x / 100  # (float16's range)
+    x = x.to(dtype)
+    ref = groupnorm.reference_norm(x.double(), "group", num_groups=groups)
+    xl = _layout(x, layout)
+    y, mean, rstd = cpu_ext.forward(lib, xl, None, None, groups, 1e-5, "", layout != "contiguous")
+    _check_statistics(mean, rstd, ref)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 48, 48), (16, 8, 7, 7)], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_batch_norm_statistics_survive_an_outlier_as_the_shift(layout):
-    """Batch norm's kernels (per channel over samples; channels-last chunks of rows) with an
-    outlier as each channel's first value, against float64."""
+def test_batch_norm_statistics_survive_an_outlier_as_the_shift(layout, shape, dtype):
+    """Batch norm's kernels (per channel over samples: long rows, short rows in channel blocks
+    of rows or of value spans; channels-last chunks of rows) with an outlier as each channel's
+    first value (sample 0 only, so that it does not dominate the variance), against float64."""
     lib = cpu_ext.library()
     if lib is None:
         pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
-    x = _far_first_values(13)
-    ref = groupnorm.reference_norm(x, "batch").output
+    x = _far_first_values(13, shape, first_sample_only=True)
+    if dtype != torch.float32:
+        x = x / 100  # (float16's range)
+    x = x.to(dtype)
+    ref = groupnorm.reference_norm(x.double(), "batch")
     rows = layout != "contiguous"
-    y, _, _ = cpu_ext.batch_forward(
-        lib, _layout(x.float(), layout), None, None, None, None, 1e-5, "", rows
+    y, mean, rstd = cpu_ext.batch_forward(
+        lib, _layout(x, layout), None, None, None, None, 1e-5, "", rows
     )
-    assert _err(y, ref) <= 2e-6 * ref.abs().max().item()
+    _check_statistics(mean, rstd, ref)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

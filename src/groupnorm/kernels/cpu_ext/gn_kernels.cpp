@@ -324,27 +324,6 @@ inline float shifted_sum(const T* p, i64 n, float shift) {
   return lanes_total(acc) + tail;
 }
 
-// sum of ((p[i] - shift) - mean)^2, i < n (two subtractions: shift + mean could round away
-// the digits of a small variance around a large mean)
-template <typename T>
-inline float shifted_sum_sq(const T* p, i64 n, float shift, float mean) {
-  float acc[kLanes] = {};
-  i64 i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int j = 0; j < kLanes; ++j) {
-      const float d = (load(p[i + j]) - shift) - mean;
-      acc[j] += d * d;
-    }
-  }
-  float tail = 0.0f;
-  for (; i < n; ++i) {
-    const float d = (load(p[i]) - shift) - mean;
-    tail += d * d;
-  }
-  return lanes_total(acc) + tail;
-}
-
 // Per-channel loops of S values (nchw) ran S % 16 values through the scalar code, which for
 // SiLU or GELU costs about as much as a whole vector iteration per value (S = 196, 49: a
 // third of the time). These helpers end with one 16-wide block that overlaps values already
@@ -479,15 +458,15 @@ inline void shifted_sums(const T* p, i64 n, float shift, float& s1, float& s2) {
 
 // Count, mean and centred sum of squares (M2) of the n contiguous values at p, in runs of kRun
 // values combined in double with Chan et al.'s formula. Each run's float32 sums are taken
-// around a shift. The first run's shift is its first value, and it is summed twice while in
-// L1 (the mean, then the centred squares), since that value may be far from the rest (an
-// outlier: x[0] = 1e4 among N(0, 1) values). Later runs are shifted by the previous run's
-// mean and summed once (S1 and S2 of d = x - shift; M2 = S2 - S1^2/n). That loses digits
-// only when the run's mean is far from the shift, by some D against its spread s; but then
-// the two runs' means differ by D and the set's M2 grows by at least n D^2/2, so the error,
-// a few float32 ulps of n (D^2 + s^2), stays a few ulps of the set's M2. One pass instead of
-// two made the statistics of 8x512x28x28 float32 layer norm ~40 % cheaper. float16 runs go
-// through buf (kStageOf<T> values).
+// around a shift. The first run is summed twice while in L1: around its first value, which
+// may be far from the rest (an outlier: x[0] = 1e4 among N(0, 1) values), for its mean, then
+// around that mean (a float32 shift, so x - shift keeps its digits). Later runs are shifted
+// by the previous run's mean and summed once (S1 and S2 of d = x - shift; M2 = S2 - S1^2/n).
+// That loses digits only when the run's mean is far from the shift, by some D against its
+// spread s; but then the two runs' means differ by D and the set's M2 grows by at least
+// n D^2/2, so the error, a few float32 ulps of n (D^2 + s^2), stays a few ulps of the set's
+// M2. One pass instead of two made the statistics of 8x512x28x28 float32 layer norm ~40 %
+// cheaper. float16 runs go through buf (kStageOf<T> values).
 struct Moments {
   double count, mean, m2;
 };
@@ -502,15 +481,11 @@ inline Moments run_moments(const T* p, i64 n, float* buf) {
     const float nr = static_cast<float>(end - start);
     float mr, q;  // the run's mean around shift and its M2
     with_f32(p + start, end - start, buf, [&](const auto* run) {
-      if (start == 0) {
-        mr = shifted_sum(run, end - start, shift) / nr;
-        q = shifted_sum_sq(run, end - start, shift, mr);
-      } else {
-        float s1, s2;
-        shifted_sums(run, end - start, shift, s1, s2);
-        mr = s1 / nr;
-        q = s2 - s1 * mr;
-      }
+      if (start == 0) shift += shifted_sum(run, end - start, shift) / nr;  // ~ the run's mean
+      float s1, s2;
+      shifted_sums(run, end - start, shift, s1, s2);
+      mr = s1 / nr;
+      q = s2 - s1 * mr;
     });
     // the run's mean around p[0]; the next run's shift
     const double run_mean = static_cast<double>(shift) - base + static_cast<double>(mr);
@@ -914,22 +889,29 @@ inline void rows_moments(const T* p, i64 stride, i64 rows, i64 n, const float* r
     const float excess = a1[j] * mr[j] - kIllShift * a2[j];
     worst = excess > worst ? excess : worst;
   }
-  const bool ill = worst > 0.0f;
-  if (ill) {  // second pass around the chunk's means (rows * kBlock values: in L1 or L2)
-    for (i64 j = 0; j < len; ++j) a2[j] = 0.0f;
+  if (worst > 0.0f) {
+    // second pass around the chunk's means (rows * kBlock values: in L1 or L2), as float32
+    // shifts: x - (shift + mean) keeps the digits that x - shift rounded away
+    for (i64 j = 0; j < len; ++j) {
+      sh[j] += mr[j];
+      a1[j] = a2[j] = 0.0f;
+    }
     for (i64 s = 0; s < rows; ++s) {
       with_f32(p + s * stride, len, tmp, [&](const auto* row) {
 #pragma omp simd
         for (i64 j = 0; j < len; ++j) {
-          const float d = (load(row[j]) - sh[j]) - mr[j];
+          const float d = load(row[j]) - sh[j];
+          a1[j] += d;
           a2[j] += d * d;
         }
       });
     }
+#pragma omp simd
+    for (i64 j = 0; j < len; ++j) mr[j] = a1[j] * inv;
   }
 #pragma omp simd
   for (i64 j = 0; j < len; ++j) {
-    const float q = ill ? a2[j] : a2[j] - a1[j] * mr[j];
+    const float q = a2[j] - a1[j] * mr[j];
     mean_off[j] = (static_cast<double>(sh[j]) - static_cast<double>(ref[j])) + mr[j];
     m2[j] = q < 0.0f ? 0.0f : q;  // (a NaN stays)
   }
@@ -1354,79 +1336,255 @@ inline void finish_stats(double mean_d, double m2, double count, float eps, floa
   }
 }
 
+// Batch norm over (N, C, S) rows whose maps have at most this many values (7x7 to 16x16) goes
+// through blocks of channels (bn_forward_nchw): one channel's N rows lie C * S values apart, so
+// walking one channel at a time read 100-200 KB strides the prefetcher does not follow
+// (bfloat16 32x2048x7x7 at 0.79x of torch, float16 0.44x).
+constexpr i64 kBnShortRow = 256;
+
 template <typename T, int ACT>
 void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const float* given_mean,
                      const float* given_var, float* mean_out, float* rstd_out, i64 N, i64 C,
                      i64 S, float eps, const Running& run, int nthreads) {
   // float16 rows go through float32 buffers (see with_f32), in blocks of up to kStage values
   const i64 step = std::is_same_v<T, F16> && S > kStage ? kStage : S;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (i64 c = 0; c < C; ++c) {
-    float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
-    float mu, r;
-    if (given_mean) {
-      mu = given_mean[c];
-      r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
-    } else {
-      // Flushes of >= kRun values summed in float32 around a shift, combined in double (Chan
-      // et al.). The first flush's shift is x[0, c, 0], which may be an outlier: it is summed
-      // again around its mean if ill-conditioned (see rows_moments). Later flushes are shifted
-      // by the mean so far, which keeps their error a few ulps of the channel's M2 (see
-      // run_moments).
-      const float pivot = load(x[c * S]);
-      float shift = pivot;
-      float a1[kVec] = {}, a2[kVec] = {};
-      double count = 0.0, mean_off = 0.0, m2 = 0.0;  // mean_off: around pivot
-      i64 first = 0, pending = 0;
-      auto sum_rows = [&](i64 n0, i64 n1, float sh, float off) {  // sums of d, (d - off)^2
-        for (i64 n = n0; n < n1; ++n) {
-          for (i64 s0 = 0; s0 < S; s0 += step) {
-            const i64 len = S - s0 < step ? S - s0 : step;
-            with_f32(x + (n * C + c) * S + s0, len, in_buf,
-                     [&](const auto* row) { add_shifted(row, len, sh + off, a1, a2); });
-          }
-        }
-      };
-      for (i64 n = 0; n < N; ++n) {
-        sum_rows(n, n + 1, shift, 0.0f);
-        pending += S;
-        if (pending >= kRun || n == N - 1) {
-          const float nf = static_cast<float>(pending);
-          float s1 = lanes_total<kVec>(a1), s2 = lanes_total<kVec>(a2);
-          float mr = s1 / nf, q = s2 - s1 * mr;
-          if (count == 0.0 && s1 * s1 > kIllShift * nf * s2) {  // the pivot lay far away
-            for (int j = 0; j < kVec; ++j) a1[j] = a2[j] = 0.0f;
-            sum_rows(first, n + 1, shift, mr);
-            q = lanes_total<kVec>(a2);  // around shift + mr: small sums, no cancellation
-          }
-          if (q < 0.0f) q = 0.0f;
-          const double run_mean = static_cast<double>(shift) - pivot + mr;
-          const double delta = run_mean - mean_off, total = count + nf;
-          mean_off += delta * nf / total;
-          m2 += static_cast<double>(q) + delta * delta * count * nf / total;
-          count = total;
-          shift = static_cast<float>(static_cast<double>(pivot) + mean_off);
-          for (int j = 0; j < kVec; ++j) a1[j] = a2[j] = 0.0f;
-          pending = 0;
-          first = n + 1;
+
+  // channel c's statistics, walking its N rows
+  auto channel_stats = [&](i64 c, float* in_buf) {
+    // Flushes of >= kRun values summed in float32 around a shift, combined in double (Chan
+    // et al.). The first flush's shift is x[0, c, 0], which may be an outlier: it is summed
+    // again around its mean if ill-conditioned (see rows_moments). Later flushes are shifted
+    // by the mean so far, which keeps their error a few ulps of the channel's M2 (see
+    // run_moments).
+    const float pivot = load(x[c * S]);
+    float shift = pivot;
+    float a1[kVec] = {}, a2[kVec] = {};
+    double count = 0.0, mean_off = 0.0, m2 = 0.0;  // mean_off: around pivot
+    i64 first = 0, pending = 0;
+    auto sum_rows = [&](i64 n0, i64 n1, float sh) {  // sums of x - sh and of its square
+      // (into local lanes, which GCC keeps in registers; through a1/a2, which this lambda
+      // captures, every vector's sums went through the stack: float16 with 28x28 maps
+      // 540 -> 750 us)
+      float l1[kVec], l2[kVec];
+      for (int j = 0; j < kVec; ++j) l1[j] = l2[j] = 0.0f;
+      for (i64 n = n0; n < n1; ++n) {
+        for (i64 s0 = 0; s0 < S; s0 += step) {
+          const i64 len = S - s0 < step ? S - s0 : step;
+          with_f32(x + (n * C + c) * S + s0, len, in_buf,
+                   [&](const auto* row) { add_shifted(row, len, sh, l1, l2); });
         }
       }
-      finish_stats(static_cast<double>(pivot) + mean_off, m2, static_cast<double>(N * S), eps, &mu,
-                   &r, run, c);
+      for (int j = 0; j < kVec; ++j) {
+        a1[j] += l1[j];
+        a2[j] += l2[j];
+      }
+    };
+    for (i64 n = 0; n < N; ++n) {
+      sum_rows(n, n + 1, shift);
+      pending += S;
+      if (pending >= kRun || n == N - 1) {
+        const float nf = static_cast<float>(pending);
+        float s1 = lanes_total<kVec>(a1), s2 = lanes_total<kVec>(a2);
+        float mr = s1 / nf;
+        if (count == 0.0 && s1 * s1 > kIllShift * nf * s2) {
+          // the pivot lay far away: summed again around shift + mr (as a float32 shift, so
+          // that x - shift keeps its digits)
+          for (int j = 0; j < kVec; ++j) a1[j] = a2[j] = 0.0f;
+          shift += mr;
+          sum_rows(first, n + 1, shift);
+          s1 = lanes_total<kVec>(a1);
+          s2 = lanes_total<kVec>(a2);
+          mr = s1 / nf;
+        }
+        float q = s2 - s1 * mr;
+        if (q < 0.0f) q = 0.0f;
+        const double run_mean = static_cast<double>(shift) - pivot + mr;
+        const double delta = run_mean - mean_off, total = count + nf;
+        mean_off += delta * nf / total;
+        m2 += static_cast<double>(q) + delta * delta * count * nf / total;
+        count = total;
+        shift = static_cast<float>(static_cast<double>(pivot) + mean_off);
+        for (int j = 0; j < kVec; ++j) a1[j] = a2[j] = 0.0f;
+        pending = 0;
+        first = n + 1;
+      }
     }
-    mean_out[c] = mu;
-    rstd_out[c] = r;
+    finish_stats(static_cast<double>(pivot) + mean_off, m2, static_cast<double>(N * S), eps,
+                 &mean_out[c], &rstd_out[c], run, c);
+  };
+  auto given_stats = [&](i64 c) {
+    mean_out[c] = given_mean[c];
+    rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
+  };
+  // y of row (n, c)
+  auto apply_row = [&](i64 n, i64 c, float* in_buf, float* out_buf) {
+    const float mu = mean_out[c], r = rstd_out[c];
     const float a = w ? r * w[c] : r;
     const float h = b ? b[c] : 0.0f;
-    for (i64 n = 0; n < N; ++n) {
-      for (i64 s0 = 0; s0 < S; s0 += step) {
-        const i64 len = S - s0 < step ? S - s0 : step;
-        with_f32(x + (n * C + c) * S + s0, len, in_buf, [&](const auto* qx) {
-          via_f32(y + (n * C + c) * S + s0, len, out_buf, [&](auto* qy) {
-            for_each_vec(len, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
-          });
+    for (i64 s0 = 0; s0 < S; s0 += step) {
+      const i64 len = S - s0 < step ? S - s0 : step;
+      with_f32(x + (n * C + c) * S + s0, len, in_buf, [&](const auto* qx) {
+        via_f32(y + (n * C + c) * S + s0, len, out_buf, [&](auto* qy) {
+          for_each_vec(len, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
         });
+      });
+    }
+  };
+
+  if (S > kBnShortRow) {  // long rows: one channel at a time, its rows read again from cache
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 c = 0; c < C; ++c) {
+      float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
+      if (given_mean) {
+        given_stats(c);
+      } else {
+        channel_stats(c, in_buf);
       }
+      for (i64 n = 0; n < N; ++n) apply_row(n, c, in_buf, out_buf);
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    // float32 short rows: blocks of channels that fill ~256 KB, whose rows of one sample are
+    // contiguous; each row summed into its channel's lane accumulator around the channel's
+    // first value (flushed to double every kRun values; an ill-conditioned channel is summed
+    // again by channel_stats), then the block normalized row by row from L2. (The per-value
+    // spans below, which bfloat16 and float16 take, were 5-20 % slower in float32: 32x2048x7x7
+    // 1190 -> 1249 us, 32x1024x14x14 3042 -> 3360, harness.)
+    constexpr i64 kRowBlock = 64;
+    const i64 per_channel = N * S * static_cast<i64>(sizeof(T));
+    i64 rb = (i64{256} << 10) / per_channel;
+    rb = rb < 1 ? 1 : (rb > kRowBlock ? kRowBlock : rb);
+    const i64 row_blocks = (C + rb - 1) / rb;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (i64 blk = 0; blk < row_blocks; ++blk) {
+      const i64 c0 = blk * rb, nc = C - c0 < rb ? C - c0 : rb;
+      float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
+      if (given_mean) {
+        for (i64 j = 0; j < nc; ++j) given_stats(c0 + j);
+      } else {
+        alignas(64) float acc1[kRowBlock][kVec], acc2[kRowBlock][kVec];
+        float piv[kRowBlock];
+        double t1[kRowBlock], t2[kRowBlock];
+        for (i64 j = 0; j < nc; ++j) {
+          piv[j] = x[(c0 + j) * S];
+          t1[j] = t2[j] = 0.0;
+          for (int l = 0; l < kVec; ++l) acc1[j][l] = acc2[j][l] = 0.0f;
+        }
+        i64 pending = 0;
+        for (i64 n = 0; n < N; ++n) {
+          for (i64 j = 0; j < nc; ++j)
+            add_shifted(x + (n * C + c0 + j) * S, S, piv[j], acc1[j], acc2[j]);
+          pending += S;
+          if (pending >= kRun || n == N - 1) {
+            for (i64 j = 0; j < nc; ++j) {
+              t1[j] += lanes_total<kVec>(acc1[j]);
+              t2[j] += lanes_total<kVec>(acc2[j]);
+              for (int l = 0; l < kVec; ++l) acc1[j][l] = acc2[j][l] = 0.0f;
+            }
+            pending = 0;
+          }
+        }
+        const double count = static_cast<double>(N * S);
+        for (i64 j = 0; j < nc; ++j) {
+          if (t1[j] * t1[j] > kIllShift * count * t2[j]) {  // (see the check below)
+            channel_stats(c0 + j, in_buf);
+            continue;
+          }
+          const double mc = t1[j] / count;
+          finish_stats(static_cast<double>(piv[j]) + mc, t2[j] - t1[j] * mc, count, eps,
+                       &mean_out[c0 + j], &rstd_out[c0 + j], run, c0 + j);
+        }
+      }
+      for (i64 n = 0; n < N; ++n)
+        for (i64 j = 0; j < nc; ++j) apply_row(n, c0 + j, in_buf, out_buf);
+    }
+    return;
+  }
+  // Short rows: blocks of nc channels whose rows of one sample are one contiguous span of
+  // L = nc * S <= kStage values, so every loop runs over a whole span with per-value copies of
+  // the per-channel numbers (per-row loops of 49 values spent their time in setup and partial
+  // vectors). Statistics: each value position keeps its own float32 sums over the samples
+  // (flushed to the channel's double sums every kBnFlush samples), around the channel's first
+  // value; a channel whose sums turn out ill-conditioned (that value far from its mean, see
+  // rows_moments) is summed again by channel_stats. Then the block is normalized sample by
+  // sample while it is still in L2 (N * L values).
+  constexpr i64 kBnBlock = 256, kBnFlush = 64;
+  i64 cb = kStage / S;
+  cb = cb > kBnBlock ? kBnBlock : cb;
+  const i64 blocks = (C + cb - 1) / cb;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (i64 blk = 0; blk < blocks; ++blk) {
+    const i64 c0 = blk * cb, nc = C - c0 < cb ? C - c0 : cb, L = nc * S;
+    float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
+    alignas(64) float e0[kStage], e1[kStage], e2[kStage];  // per-value numbers of the block
+    if (given_mean) {
+      for (i64 j = 0; j < nc; ++j) given_stats(c0 + j);
+    } else {
+      double t1[kBnBlock], t2[kBnBlock];
+      for (i64 j = 0; j < nc; ++j) {
+        const float pivot = load(x[(c0 + j) * S]);
+        t1[j] = t2[j] = 0.0;
+        for (i64 k = j * S; k < (j + 1) * S; ++k) {
+          e0[k] = pivot;
+          e1[k] = e2[k] = 0.0f;
+        }
+      }
+      for (i64 n = 0; n < N; ++n) {
+        with_f32(x + (n * C + c0) * S, L, in_buf, [&](const auto* q) {
+#pragma omp simd
+          for (i64 k = 0; k < L; ++k) {
+            const float d = load(q[k]) - e0[k];
+            e1[k] += d;
+            e2[k] += d * d;
+          }
+        });
+        if ((n + 1) % kBnFlush == 0 || n == N - 1) {
+          for (i64 j = 0; j < nc; ++j) {
+            float u = 0.0f, v = 0.0f;
+#pragma omp simd reduction(+ : u, v)
+            for (i64 k = j * S; k < (j + 1) * S; ++k) {
+              u += e1[k];
+              v += e2[k];
+              e1[k] = e2[k] = 0.0f;
+            }
+            t1[j] += u;
+            t2[j] += v;
+          }
+        }
+      }
+      const double count = static_cast<double>(N * S);
+      for (i64 j = 0; j < nc; ++j) {
+        // (sum (x - pivot)^2 = t2 bounds every partial sum's float32 error; when t2 is within
+        // 16x the channel's M2, that error is a few ulps of the M2)
+        if (t1[j] * t1[j] > kIllShift * count * t2[j]) {
+          channel_stats(c0 + j, in_buf);
+          continue;
+        }
+        const double mc = t1[j] / count;
+        finish_stats(static_cast<double>(e0[j * S]) + mc, t2[j] - t1[j] * mc, count, eps,
+                     &mean_out[c0 + j], &rstd_out[c0 + j], run, c0 + j);
+      }
+    }
+    for (i64 j = 0; j < nc; ++j) {
+      const i64 c = c0 + j;
+      const float mu = mean_out[c], r = rstd_out[c];
+      const float a = w ? r * w[c] : r;
+      const float h = b ? b[c] : 0.0f;
+      for (i64 k = j * S; k < (j + 1) * S; ++k) {
+        e0[k] = mu;
+        e1[k] = a;
+        e2[k] = h;
+      }
+    }
+    for (i64 n = 0; n < N; ++n) {
+      with_f32(x + (n * C + c0) * S, L, in_buf, [&](const auto* qx) {
+        via_f32(y + (n * C + c0) * S, L, out_buf, [&](auto* qy) {
+#pragma omp simd
+          for (i64 k = 0; k < L; ++k)
+            store(qy + k, act_fwd<ACT>((load(qx[k]) - e0[k]) * e1[k] + e2[k]));
+        });
+      });
     }
   }
 }
