@@ -117,3 +117,31 @@ def test_default_plan_covers_the_issue_matrix():
     assert ("gn_silu", torch.bfloat16, "channels_last") in seen
     dims = {len(c.shape) for c, _ in plan.cases()}
     assert dims == {3, 4, 5}
+
+
+def test_summary_table_groups_and_lists_the_slow_shapes():
+    from groupnorm.bench.report import summary_table
+
+    def row(shape, value, op="gn", dtype="float32"):
+        return {
+            "op": op,
+            "provider": "ours",
+            "metric": "speedup_vs_torch",
+            "mode": "forward",
+            "shape": shape,
+            "dtype": dtype,
+            "layout": "contiguous",
+            "value": str(value),
+        }
+
+    rows = [row("8x256x56x56", 0.9), row("2x64x8x8", 1.5), row("4x256x56x56", 1.2)]
+    rows += [row("2x8x4x4", 0.5), row("8x256x56x56", 2.0, op="ln")]
+    rows.append({**row("8x256x56x56", 9.0), "provider": "torch"})  # not ours: ignored
+    lines = summary_table(rows).splitlines()
+    assert len(lines) == 2 + 3  # header, rule, gn larger, gn small, ln larger
+    gn = next(line for line in lines if line.startswith("| gn |") and "larger" in line)
+    assert "| 2 | 0.90 | 1.05 | 1.20 | 8x256x56x56 0.90 |" in gn
+    small = next(line for line in lines if "under 16k" in line)
+    assert "2x8x4x4 0.50" in small and "2x64x8x8" not in small  # 2x64x8x8 is 1.5x: listed nowhere
+    ln = next(line for line in lines if line.startswith("| ln |"))
+    assert ln.endswith("| -" + " |")

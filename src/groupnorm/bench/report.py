@@ -1,8 +1,11 @@
-"""Markdown tables from a results CSV: ours' speedup over torch, memory kept for backward, and
-the training step. ``python -m groupnorm.bench.report results.csv``."""
+"""Markdown tables from a results CSV: ours' speedup over torch (per case, and summarized per
+op, dtype and layout), memory kept for backward, and the training step.
+``python -m groupnorm.bench.report results.csv``."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +42,37 @@ def speedup_table(rows: list[dict]) -> str:
             else:
                 cells.append("")
         lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SMALL_VALUES = 16384  # tensors below this many values form their own row of the summary
+
+
+def summary_table(rows: list[dict], below: float = 0.95) -> str:
+    """One line per (op, dtype, layout, mode, size class): how many shapes, the smallest,
+    median and largest speedup over torch (ratio of medians), and every shape under ``below``
+    with its ratio, slowest first. Size classes: tensors of fewer than 16k values, and the
+    rest."""
+    groups: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
+    for r in rows:
+        if r["provider"] != "ours" or r["metric"] != "speedup_vs_torch":
+            continue
+        numel = math.prod(int(d) for d in r["shape"].split("x"))
+        size = f"under {SMALL_VALUES // 1024}k values" if numel < SMALL_VALUES else "larger"
+        groups[(r["op"], r["dtype"], r["layout"], r["mode"], size)].append(
+            (float(r["value"]), r["shape"])
+        )
+    lines = [
+        f"| op | dtype | layout | mode | shapes | n | min | median | max | below {below} |",
+        "|" + "---|" * 10,
+    ]
+    for key, cells in groups.items():
+        ratios = [v for v, _ in cells]
+        slow = "; ".join(f"{shape} {v:.2f}" for v, shape in sorted(cells) if v < below) or "-"
+        lines.append(
+            "| " + " | ".join(key) + f" | {len(cells)} | {min(ratios):.2f} | "
+            f"{statistics.median(ratios):.2f} | {max(ratios):.2f} | {slow} |"
+        )
     return "\n".join(lines)
 
 
@@ -92,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         "(ours' median time)\n"
     )
     print(speedup_table(rows))
+    print("\nSummary per op, dtype, layout and mode (ratio of medians)\n")
+    print(summary_table(rows))
     print("\nMemory kept for backward\n")
     print(memory_table(rows))
     if any(r["op"] == "resnet_step" for r in rows):
