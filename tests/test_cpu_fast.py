@@ -278,6 +278,20 @@ def test_batch_norm_statistics_survive_an_outlier_as_the_shift(layout, shape, dt
     assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
 
 
+def test_float16_channels_last_layer_norm_past_the_flat_threshold():
+    """float16 channels-last layer norm sums each sample flat (as float32 does) from 2^22
+    values on: statistics against float64, with the outlier at the start of every sample."""
+    lib = cpu_ext.library()
+    if lib is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    x = (_far_first_values(14, (2, 64, 256, 128)) / 100 + 3.0).half()  # 2^22 values
+    ref = groupnorm.reference_norm(x.double(), "group", num_groups=1)
+    xl = _layout(x, "channels_last")
+    y, mean, rstd = cpu_ext.forward(lib, xl, None, None, 1, 1e-5, "", True)
+    _check_statistics(mean, rstd, ref)
+    assert _err(y, ref.output) <= 1e-3 * ref.output.abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_channels_last_one_group_matches_reference(dtype):
     """The flat one-group path (float32, bfloat16) with two samples of two pieces each,

@@ -45,20 +45,20 @@ def speedup_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SMALL_VALUES = 16384  # tensors below this many values form their own row of the summary
+SMALL_VALUES = 16384  # tensors of up to this many values form their own row of the summary
 
 
 def summary_table(rows: list[dict], below: float = 0.95) -> str:
     """One line per (op, dtype, layout, mode, size class): how many shapes, the smallest,
     median and largest speedup over torch (ratio of medians), and every shape under ``below``
-    with its ratio, slowest first. Size classes: tensors of fewer than 16k values, and the
-    rest."""
+    with its ratio, slowest first. Size classes: tensors of up to 16k values (the "small"
+    shape set), and the rest."""
     groups: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
     for r in rows:
         if r["provider"] != "ours" or r["metric"] != "speedup_vs_torch":
             continue
         numel = math.prod(int(d) for d in r["shape"].split("x"))
-        size = f"under {SMALL_VALUES // 1024}k values" if numel < SMALL_VALUES else "larger"
+        size = f"up to {SMALL_VALUES // 1024}k values" if numel <= SMALL_VALUES else "larger"
         groups[(r["op"], r["dtype"], r["layout"], r["mode"], size)].append(
             (float(r["value"]), r["shape"])
         )

@@ -1019,10 +1019,12 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   // One group: each sample is one contiguous set, summed as a flat array (as nchw does)
   // instead of per channel. Each sample is cut into pieces of kPiece values (whole runs)
   // whose moments are then combined in order, so that threads share a sample and the result
-  // does not depend on their number. (Not for float16: staging the runs costs more than the
-  // per-channel sums with their row blocks converted in registers: 24 against 14 us at
-  // 1x1280x16x16.)
-  const bool flat = G == 1 && !std::is_same_v<T, F16>;
+  // does not depend on their number. (float16 only from 2^22 values: below, staging the runs
+  // costs more than the per-channel sums with their row blocks converted in registers, 24
+  // against 14 us at 1x1280x16x16, 5-12 % at 8x512x28x28 and 2x320x64x64; above, where x
+  // comes from memory, the flat read wins: 32x1024x14x14 1770 -> 1200 us, 32x512x28x28
+  // 3213 -> 2431.)
+  const bool flat = G == 1 && (!std::is_same_v<T, F16> || N * C * S >= (i64{1} << 22));
   constexpr i64 kPiece = i64{1} << 16;
   static_assert(kPiece % kRun == 0, "pieces are whole runs");
   const i64 L = C * S;
