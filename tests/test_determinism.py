@@ -20,12 +20,17 @@ BACKENDS = ["cpu", "portable"]
 INPUTS = {
     "many-sets": ((8, 32, 32, 32), 8, False),
     "many-sets-channels-last": ((8, 32, 32, 32), 8, True),
+    # two samples: the channels-last kernels cut each into chunks of rows, whose number once
+    # followed the thread count (2x128x14x14: 2 chunks a sample on 1 thread, 4 on 2)
+    "few-samples-channels-last": ((2, 128, 14, 14), 32, True),
     "long-sets": ((1, 4, 1 << 18), 1, False),
 }
 
 # (backend, mode, input, activation) -> what differs between 1 and 2 threads, and why.
 KNOWN_THREAD_DEPENDENT = {
     ("cpu", "batch", "many-sets-channels-last", None): "dx, dweight: torch's native "
+    "batch norm backward on channels-last input",
+    ("cpu", "batch", "few-samples-channels-last", None): "dx, dweight, dbias: torch's native "
     "batch norm backward on channels-last input",
     ("portable", "group", "long-sets", None): "dx: torch.mean over a set of 2^18 values is "
     "split across threads",

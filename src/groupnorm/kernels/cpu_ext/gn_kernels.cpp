@@ -996,13 +996,15 @@ inline void chan_add(i64 C, double count, double nk, const double* mean_k, const
 // 16 MiB and more, 8x256x56x56 float32 was 25 % slower than computing f'(z) twice)
 constexpr i64 kKeepDzMax = i64{1} << 21;
 
-inline i64 rows_per_chunk(i64 N, i64 S, i64 C, int nthreads) {
-  // enough items for every thread, rows short enough for float32 partial sums
-  i64 want = (4 * nthreads + N - 1) / N;
-  i64 rows = (S + want - 1) / want;
+// Rows per chunk of the channels-last kernels: about 2^16 values a chunk, 16 to 256 rows (short
+// enough for float32 partial sums, enough chunks for the threads). A function of the shape
+// alone: the chunks' float32 sums, and so the results, must not depend on the thread count
+// (they did when the count of chunks followed it: 2x128x14x14, 2 chunks a sample on one
+// thread and 4 on two; test_determinism's few-samples-channels-last).
+inline i64 rows_per_chunk(i64 C) {
+  i64 rows = (i64{1} << 16) / (C > 0 ? C : 1);
   if (rows > 256) rows = 256;
-  if (rows < 1) rows = 1;
-  (void)C;
+  if (rows < 16) rows = 16;
   return rows;
 }
 
@@ -1010,7 +1012,7 @@ template <typename T, int ACT>
 void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_out,
                   float* rstd_out, i64 N, i64 C, i64 S, i64 G, float eps, int nthreads) {
   const i64 D = C / G;
-  const i64 rows = rows_per_chunk(N, S, C, nthreads);
+  const i64 rows = rows_per_chunk(C);
   const i64 chunks = (S + rows - 1) / rows;
   // per (n, c): z = (x - m_c) a_c + h_c, with m_c the mean of c's group; per (n, g): mean
   std::vector<float> coef_a(N * C), coef_m(N * C), group_mean(N * G);
@@ -1192,7 +1194,7 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
                    const float* rstd, T* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
                    int nthreads) {
   const i64 D = C / G;
-  const i64 rows = rows_per_chunk(N, S, C, nthreads);
+  const i64 rows = rows_per_chunk(C);
   const i64 chunks = (S + rows - 1) / rows;
   std::vector<float> coef_a(N * C), coef_h(N * C), mu_c(N * C);
   for (i64 n = 0; n < N; ++n) {
