@@ -917,37 +917,14 @@ inline void rows_moments(const T* p, i64 stride, i64 rows, i64 n, const float* r
                          double* mean_off, double* m2) {
   const i64 len = FULL ? kBlock : n;
   float tmp[kBlock];  // a float16 row block as float32
-  float a1[kBlock], a2[kBlock], sh[kBlock];
-  for (i64 j = 0; j < len; ++j) {
-    sh[j] = load(p[j]);
-    a1[j] = a2[j] = 0.0f;
-  }
-  for (i64 s = 0; s < rows; ++s) {
-    with_f32(p + s * stride, len, tmp, [&](const auto* row) {
-#pragma omp simd
-      for (i64 j = 0; j < len; ++j) {
-        const float d = load(row[j]) - sh[j];
-        a1[j] += d;
-        a2[j] += d * d;
-      }
-    });
-  }
+  float a1[kBlock], a2[kBlock], sh[kBlock], mr[kBlock];
+  for (i64 j = 0; j < len; ++j) sh[j] = load(p[j]);
   const float nr = static_cast<float>(rows), inv = 1.0f / nr;
-  float mr[kBlock];
-  float worst = 0.0f;  // > 0 where a channel's shift was ill-chosen (vector code: no branches)
-#pragma omp simd reduction(max : worst)
-  for (i64 j = 0; j < len; ++j) {
-    mr[j] = a1[j] * inv;
-    const float excess = a1[j] * mr[j] - kIllShift * a2[j];
-    worst = excess > worst ? excess : worst;
-  }
-  if (worst > 0.0f) {
-    // second pass around the chunk's means (rows * kBlock values: in L1 or L2), as float32
-    // shifts: x - (shift + mean) keeps the digits that x - shift rounded away
-    for (i64 j = 0; j < len; ++j) {
-      sh[j] += mr[j];
-      a1[j] = a2[j] = 0.0f;
-    }
+  // pass 0 around the first row; pass 1, only where some channel's shift was ill-chosen,
+  // around the chunk's means (rows * kBlock values: in L1 or L2) as float32 shifts, since
+  // x - (shift + mean) keeps the digits that x - shift rounded away
+  for (int pass = 0; pass < 2; ++pass) {
+    for (i64 j = 0; j < len; ++j) a1[j] = a2[j] = 0.0f;
     for (i64 s = 0; s < rows; ++s) {
       with_f32(p + s * stride, len, tmp, [&](const auto* row) {
 #pragma omp simd
@@ -958,8 +935,15 @@ inline void rows_moments(const T* p, i64 stride, i64 rows, i64 n, const float* r
         }
       });
     }
-#pragma omp simd
-    for (i64 j = 0; j < len; ++j) mr[j] = a1[j] * inv;
+    float worst = 0.0f;  // > 0 where a channel's shift was ill-chosen (vector code: no branches)
+#pragma omp simd reduction(max : worst)
+    for (i64 j = 0; j < len; ++j) {
+      mr[j] = a1[j] * inv;
+      const float excess = a1[j] * mr[j] - kIllShift * a2[j];
+      worst = excess > worst ? excess : worst;
+    }
+    if (pass == 1 || worst <= 0.0f) break;
+    for (i64 j = 0; j < len; ++j) sh[j] += mr[j];
   }
 #pragma omp simd
   for (i64 j = 0; j < len; ++j) {
@@ -1330,10 +1314,11 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
 }
 
 // ---- batch norm forward: one set per channel, across all samples ----------------------------
-// Training: statistics over (N, S) of each channel, shifted by the channel's first value and
-// summed in float32 lanes that move into double every kRun values (one pass; the shift keeps
-// the one-pass variance accurate, as for nhwc above). Eval (given_mean/given_var non-null): the
-// given statistics. Then y = f((x - mean) * rstd * w + b), and mean/rstd are written (the
+// Training: statistics over (N, S) of each channel, summed in one pass in float32 lanes that
+// move into double every kRun values, around the channel's first value, checked afterwards for
+// that value lying far from the mean (then summed again around the mean; see rows_moments and
+// channel_stats in bn_forward_nchw). Eval (given_mean/given_var non-null): the given
+// statistics. Then y = f((x - mean) * rstd * w + b), and mean/rstd are written (the
 // backward, torch's native_batch_norm_backward, takes them). torch's own CPU kernel for this
 // runs at a fraction of the memory bandwidth; this one runs at the speed of group norm.
 
