@@ -278,6 +278,27 @@ def test_batch_norm_statistics_survive_an_outlier_as_the_shift(layout, shape, dt
     assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
 
 
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [(torch.float32, (8, 512, 28, 28)), (torch.bfloat16, (12, 512, 28, 28))],
+    ids=["float32", "bfloat16"],
+)
+def test_batch_norm_sweep_over_large_tensors(dtype, shape):
+    """Batch norm over 28x28 maps in tensors of 8 MiB or more reads the samples in the order
+    they lie (channel blocks, one a thread): statistics and y against float64, with the outlier
+    as each channel's first value."""
+    lib = cpu_ext.library()
+    if lib is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    x = _far_first_values(15, shape, first_sample_only=True).to(dtype)
+    assert x.numel() * x.element_size() >= 8 << 20
+    ref = groupnorm.reference_norm(x.double(), "batch")
+    y, mean, rstd = cpu_ext.batch_forward(lib, x, None, None, None, None, 1e-5, "", False)
+    _check_statistics(mean, rstd, ref)
+    tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
+    assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
+
+
 def test_float16_channels_last_layer_norm_past_the_flat_threshold():
     """float16 channels-last layer norm sums each sample flat (as float32 does) from 2^22
     values on: statistics against float64, with the outlier at the start of every sample."""

@@ -1472,7 +1472,13 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     }
   };
 
-  if (S > kBnShortRow) {  // long rows: one channel at a time, its rows read again from cache
+  // Maps of 257-1024 values (28x28, 32x32) in tensors of 8 MiB or more, which come from
+  // memory: the row blocks below, one block per thread, read as a sweep over the samples in
+  // the order they lie (bfloat16 32x512x28x28 was ~0.9x of torch, float16 0.6x; #69 in
+  // benchmarks/README.md: the sweep at every map size lost at 56x56 and 14x14)
+  const bool sweep = S > kBnShortRow && S <= 4 * kBnShortRow &&
+                     N * C * S * static_cast<i64>(sizeof(T)) >= (i64{8} << 20);
+  if (S > kBnShortRow && !sweep) {  // long rows: one channel at a time, read again from cache
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 c = 0; c < C; ++c) {
       float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
@@ -1485,17 +1491,18 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     }
     return;
   }
-  if constexpr (std::is_same_v<T, float>) {
+  if (std::is_same_v<T, float> || sweep) {
     // float32 short rows: blocks of channels that fill ~256 KB, whose rows of one sample are
     // contiguous; each row summed into its channel's lane accumulator around the channel's
     // first value (flushed to double every kRun values; an ill-conditioned channel is summed
     // again by channel_stats), then the block normalized row by row from L2. (The per-value
     // spans below, which bfloat16 and float16 take, were 5-20 % slower in float32: 32x2048x7x7
     // 1190 -> 1249 us, 32x1024x14x14 3042 -> 3360, harness.)
-    constexpr i64 kRowBlock = 64;
+    // (In a sweep a block is a thread's share of the channels, at most kRowBlock.)
+    constexpr i64 kRowBlock = 512;
     const i64 per_channel = N * S * static_cast<i64>(sizeof(T));
-    i64 rb = (i64{256} << 10) / per_channel;
-    rb = rb < 1 ? 1 : (rb > kRowBlock ? kRowBlock : rb);
+    i64 rb = sweep ? (C + nthreads - 1) / nthreads : (i64{256} << 10) / per_channel;
+    rb = rb < 1 ? 1 : (rb > (sweep ? kRowBlock : 64) ? (sweep ? kRowBlock : 64) : rb);
     const i64 row_blocks = (C + rb - 1) / rb;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 blk = 0; blk < row_blocks; ++blk) {
@@ -1508,14 +1515,20 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
         float piv[kRowBlock];
         double t1[kRowBlock], t2[kRowBlock];
         for (i64 j = 0; j < nc; ++j) {
-          piv[j] = x[(c0 + j) * S];
+          piv[j] = load(x[(c0 + j) * S]);
           t1[j] = t2[j] = 0.0;
           for (int l = 0; l < kVec; ++l) acc1[j][l] = acc2[j][l] = 0.0f;
         }
         i64 pending = 0;
         for (i64 n = 0; n < N; ++n) {
-          for (i64 j = 0; j < nc; ++j)
-            add_shifted(x + (n * C + c0 + j) * S, S, piv[j], acc1[j], acc2[j]);
+          for (i64 j = 0; j < nc; ++j) {
+            if constexpr (std::is_same_v<T, float>) {
+              add_shifted(x + (n * C + c0 + j) * S, S, piv[j], acc1[j], acc2[j]);
+            } else {  // (a sweep: S <= 1024 <= kStage, one staged block a row)
+              with_f32(x + (n * C + c0 + j) * S, S, in_buf,
+                       [&](const auto* row) { add_shifted(row, S, piv[j], acc1[j], acc2[j]); });
+            }
+          }
           pending += S;
           if (pending >= kRun || n == N - 1) {
             for (i64 j = 0; j < nc; ++j) {
