@@ -408,12 +408,18 @@ def test_fallback_without_compiler(monkeypatch):
         _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", True)
 
 
-def test_fallback_on_failed_build(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_ext, "_state", {})
+def _break_build(monkeypatch, tmp_path, state: str, source: str) -> None:
+    """Point one of cpu_ext's loaders (its cached state and source attribute) at a source that
+    does not compile, with an empty cache, so that its next call builds and fails."""
+    monkeypatch.setattr(cpu_ext, state, {})
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_ext, "_SOURCE", broken)
+    monkeypatch.setattr(cpu_ext, source, broken)
+
+
+def test_fallback_on_failed_build(monkeypatch, tmp_path):
+    _break_build(monkeypatch, tmp_path, "_state", "_SOURCE")
     with pytest.warns(RuntimeWarning, match="build or load failed"):
         assert cpu_ext.library() is None
 
@@ -762,11 +768,7 @@ def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
     """A broken extension build warns once and leaves the ctypes path, still correct;
     GROUPNORM_CPU_OPS=0 turns the extension off."""
     _ext_or_skip()
-    monkeypatch.setattr(cpu_ext, "_ops_state", {})
-    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_ext, "_OPS_SOURCE", broken)
+    _break_build(monkeypatch, tmp_path, "_ops_state", "_OPS_SOURCE")
     with pytest.warns(RuntimeWarning, match="extension is unavailable"):
         assert cpu_ext.fused_op() is None
     assert "build or load failed" in cpu_ext.fused_op_unavailable_reason()

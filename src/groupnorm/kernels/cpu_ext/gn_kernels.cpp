@@ -522,7 +522,7 @@ __attribute__((always_inline)) inline Moments run_moments(const T* p, i64 n, flo
           q = shifted_sq<kLanes>(run, len, shift);
         }
         mr = 0.0f;
-        const float moved = shift - load(p[0]);
+        const float moved = shift - static_cast<float>(base);  // (base = p[0], exactly)
         const float half_ulp = std::fabs(shift) * 0x1p-24f;  // the shift's own rounding
         if (moved * moved * nr > 4.0f * q || half_ulp * half_ulp * nr > 0x1p-24f * q) {
           float s1, s2;
@@ -1453,6 +1453,20 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     finish_stats(static_cast<double>(pivot) + mean_off, m2, static_cast<double>(N * S), eps,
                  &mean_out[c], &rstd_out[c], run, c);
   };
+  // channel c's statistics from its sums t1, t2 of (x - pivot) and (x - pivot)^2 over N * S
+  // values, or, where they are ill-conditioned (pivot far from the mean), from channel_stats:
+  // sum (x - pivot)^2 = t2 bounds every partial sum's float32 error, so while t2 is within 16x
+  // the channel's M2 that error is a few ulps of the M2
+  auto finish_channel = [&](i64 c, float pivot, double t1, double t2, float* in_buf) {
+    const double count = static_cast<double>(N * S);
+    if (t1 * t1 > kIllShift * count * t2) {
+      channel_stats(c, in_buf);
+      return;
+    }
+    const double mc = t1 / count;
+    finish_stats(static_cast<double>(pivot) + mc, t2 - t1 * mc, count, eps, &mean_out[c],
+                 &rstd_out[c], run, c);
+  };
   auto given_stats = [&](i64 c) {
     mean_out[c] = given_mean[c];
     rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
@@ -1501,8 +1515,9 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     // (In a sweep a block is a thread's share of the channels, at most kRowBlock.)
     constexpr i64 kRowBlock = 512;
     const i64 per_channel = N * S * static_cast<i64>(sizeof(T));
+    const i64 cap = sweep ? kRowBlock : 64;
     i64 rb = sweep ? (C + nthreads - 1) / nthreads : (i64{256} << 10) / per_channel;
-    rb = rb < 1 ? 1 : (rb > (sweep ? kRowBlock : 64) ? (sweep ? kRowBlock : 64) : rb);
+    rb = rb < 1 ? 1 : (rb > cap ? cap : rb);
     const i64 row_blocks = (C + rb - 1) / rb;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (i64 blk = 0; blk < row_blocks; ++blk) {
@@ -1539,16 +1554,7 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
             pending = 0;
           }
         }
-        const double count = static_cast<double>(N * S);
-        for (i64 j = 0; j < nc; ++j) {
-          if (t1[j] * t1[j] > kIllShift * count * t2[j]) {  // (see the check below)
-            channel_stats(c0 + j, in_buf);
-            continue;
-          }
-          const double mc = t1[j] / count;
-          finish_stats(static_cast<double>(piv[j]) + mc, t2[j] - t1[j] * mc, count, eps,
-                       &mean_out[c0 + j], &rstd_out[c0 + j], run, c0 + j);
-        }
+        for (i64 j = 0; j < nc; ++j) finish_channel(c0 + j, piv[j], t1[j], t2[j], in_buf);
       }
       for (i64 n = 0; n < N; ++n)
         for (i64 j = 0; j < nc; ++j) apply_row(n, c0 + j, in_buf, out_buf);
@@ -1607,18 +1613,7 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
           }
         }
       }
-      const double count = static_cast<double>(N * S);
-      for (i64 j = 0; j < nc; ++j) {
-        // (sum (x - pivot)^2 = t2 bounds every partial sum's float32 error; when t2 is within
-        // 16x the channel's M2, that error is a few ulps of the M2)
-        if (t1[j] * t1[j] > kIllShift * count * t2[j]) {
-          channel_stats(c0 + j, in_buf);
-          continue;
-        }
-        const double mc = t1[j] / count;
-        finish_stats(static_cast<double>(e0[j * S]) + mc, t2[j] - t1[j] * mc, count, eps,
-                     &mean_out[c0 + j], &rstd_out[c0 + j], run, c0 + j);
-      }
+      for (i64 j = 0; j < nc; ++j) finish_channel(c0 + j, e0[j * S], t1[j], t2[j], in_buf);
     }
     for (i64 j = 0; j < nc; ++j) {
       const i64 c = c0 + j;
