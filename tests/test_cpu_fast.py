@@ -603,6 +603,67 @@ def test_channels_last_backward_with_and_without_kept_dz(shape):
     _check_against_reference(shape, 8, torch.float32, "channels_last", "silu", False, seed=11)
 
 
+def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of t whose data starts `offset` elements into its storage (a leaf)."""
+    flat = torch.zeros(t.numel() + offset, dtype=t.dtype)
+    flat[offset:] = t.reshape(-1)
+    return flat[offset:].view(t.shape).detach()
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((2, 32, 7, 7), 2),  # 16 channels of 49: a channel ends on a vector boundary
+        ((3, 6, 14, 14), 3),
+        ((1, 6, 9, 9), 1),
+        ((2, 4, 10, 10), 4),  # one channel per set
+        ((2, 5, 17), 5),
+        ((2, 8, 16, 16), 4),  # whole vectors (the backward walks them; the forward does not)
+    ],
+    ids=["7x7", "14x14", "9x9", "10x10-instance", "17", "16x16"],
+)
+def test_short_rows_at_any_line_offset(shape, groups, activation, affine):
+    """float32 sets of short rows are walked in vectors aligned to x's 64-byte lines, so the
+    first and last vectors of a set are partial and most hold two channels. x and dy start at
+    offsets within a line (sets then start at every offset), against float64: y and all
+    gradients."""
+    x0, _, dy0, w0, b0 = _data(shape, torch.float32, "contiguous", seed=5)
+    params = (w0, b0) if affine else (None, None)
+    for ox, ody in [(0, 0), (1, 1), (5, 9), (15, 3)]:
+        x = _offset_view(x0, ox).requires_grad_()
+        dy = _offset_view(dy0, ody)
+        ws = [p.clone().requires_grad_() if p is not None else None for p in params]
+        out = gf.group_norm(x, groups, ws[0], ws[1], activation=activation)
+        leaves = [x] + [p for p in ws if p is not None]
+        grads = torch.autograd.grad(out, leaves, dy)
+        xr = x0.double().requires_grad_()
+        wr = [p.double().requires_grad_() if p is not None else None for p in params]
+        ref = groupnorm.reference_norm(
+            xr, "group", num_groups=groups, weight=wr[0], bias=wr[1], activation=activation
+        ).output
+        ref_grads = torch.autograd.grad(ref, [xr] + [p for p in wr if p is not None], dy0.double())
+        xt = x0.clone().requires_grad_()
+        wt = [p.clone().requires_grad_() if p is not None else None for p in params]
+        theirs = TORCH_ACT[activation](F.group_norm(xt, groups, wt[0], wt[1]))
+        t_grads = torch.autograd.grad(theirs, [xt] + [p for p in wt if p is not None], dy0)
+        for name, got, want, t in zip(
+            ("y", "dx", "dweight", "dbias"),
+            (out, *grads),
+            (ref, *ref_grads),
+            (theirs, *t_grads),
+            strict=False,
+        ):
+            want = want.detach()
+            tol = 2 * _err(t.detach(), want) + ATOL[torch.float32] * max(
+                1.0, want.abs().max().item()
+            )
+            assert _err(got.detach(), want) <= tol, (
+                f"offsets {ox}/{ody} {name}: {_err(got.detach(), want):.3g} > {tol:.3g}"
+            )
+
+
 def test_tensor_past_the_prefetch_threshold_matches_reference():
     """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
     backward fetch the next set ahead (hints only, which must not change a value)."""
