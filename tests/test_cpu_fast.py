@@ -620,13 +620,15 @@ def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
         ((1, 6, 9, 9), 1),
         ((2, 4, 10, 10), 4),  # one channel per set
         ((2, 5, 17), 5),
-        ((2, 8, 16, 16), 4),  # whole vectors (the backward walks them; the forward does not)
+        ((2, 8, 16, 16), 4),  # whole vectors (walked in both directions)
+        ((2, 6, 8, 8), 3),  # whole vectors (walked forward; the backward keeps its channel loops)
+        ((2, 6, 3, 3), 3),  # rows under a vector: the older short-row paths
     ],
-    ids=["7x7", "14x14", "9x9", "10x10-instance", "17", "16x16"],
+    ids=["7x7", "14x14", "9x9", "10x10-instance", "17", "16x16", "8x8", "3x3"],
 )
 def test_short_rows_at_any_line_offset(shape, groups, activation, affine):
-    """float32 sets of short rows are walked in vectors aligned to x's 64-byte lines, so the
-    first and last vectors of a set are partial and most hold two channels. x and dy start at
+    """float32 sets of short rows (over 16 values) are walked in vectors aligned to x's 64-byte
+    lines, so the first and last vectors of a set are partial and most hold two channels. x and dy start at
     offsets within a line (sets then start at every offset), against float64: y and all
     gradients."""
     x0, _, dy0, w0, b0 = _data(shape, torch.float32, "contiguous", seed=5)
