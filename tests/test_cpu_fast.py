@@ -666,6 +666,13 @@ def test_short_rows_at_any_line_offset(shape, groups, activation, affine):
             )
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 17, 18), (1, 4, 50, 50)], ids=["306", "2500"])
+def test_long_rows_silu_backward_matches_reference(shape):
+    """float32 rows of over 256 values with SiLU: the backward's first pass (its own AVX-512
+    loop) over a partial last vector (306 values) and over runs of 2048 and 452 (2500)."""
+    _check_against_reference(shape, 2, torch.float32, "contiguous", "silu", False, seed=17)
+
+
 def test_tensor_past_the_prefetch_threshold_matches_reference():
     """A float32 tensor of 4 MiB with sets of 8 KiB: the size at which the forward and the
     backward fetch the next set ahead (hints only, which must not change a value)."""
