@@ -627,10 +627,10 @@ def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
     ids=["7x7", "14x14", "9x9", "10x10-instance", "17", "16x16", "8x8", "3x3"],
 )
 def test_short_rows_at_any_line_offset(shape, groups, activation, affine):
-    """float32 sets of short rows (over 16 values) are walked in vectors aligned to x's 64-byte
-    lines, so the first and last vectors of a set are partial and most hold two channels. x and dy start at
-    offsets within a line (sets then start at every offset), against float64: y and all
-    gradients."""
+    """float32 sets of short rows (over 16 values) are walked in vectors aligned to x's
+    64-byte lines, so the first and last vectors of a set are partial and most hold two
+    channels. x and dy start at offsets within a line (sets then start at every offset),
+    against float64: y and all gradients."""
     x0, _, dy0, w0, b0 = _data(shape, torch.float32, "contiguous", seed=5)
     params = (w0, b0) if affine else (None, None)
     for ox, ody in [(0, 0), (1, 1), (5, 9), (15, 3)]:
