@@ -145,3 +145,29 @@ def test_summary_table_groups_and_lists_the_slow_shapes():
     assert "| 2 | 0.50 |" in small and "2x8x4x4 0.50" in small  # 1x64x16x16 (16384) is small
     ln = next(line for line in lines if line.startswith("| ln |"))
     assert ln.endswith("| -" + " |")
+    # a slow cell whose torch calls faulted in fresh pages is marked; ours' few faults are not
+    faults = [
+        {**row("8x256x56x56", 40.0), "provider": "torch", "metric": "page_faults"},
+        {**row("4x256x56x56", 2.0), "metric": "page_faults"},
+    ]
+    gn = next(line for line in summary_table(rows + faults).splitlines() if "larger" in line)
+    assert "8x256x56x56 (paging) 0.90" in gn and "4x256x56x56 (paging)" not in gn
+
+
+def test_page_faults_are_counted_per_call():
+    """measure() counts minor page faults per call: a call that maps and touches 64 fresh
+    pages faults at least that often, one that allocates nothing about never."""
+    import mmap
+
+    resource = pytest.importorskip("resource")
+    assert resource is not None
+
+    def fresh_pages():
+        m = mmap.mmap(-1, 64 * mmap.PAGESIZE)
+        for i in range(0, 64 * mmap.PAGESIZE, mmap.PAGESIZE):
+            m[i] = 1
+        m.close()
+
+    t = measure({"fresh": fresh_pages, "none": lambda: None}, repeats=3, warmup=1)
+    assert t["fresh"].faults >= 63, t["fresh"].faults
+    assert t["none"].faults < 1, t["none"].faults

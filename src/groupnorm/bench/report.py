@@ -13,9 +13,27 @@ from pathlib import Path
 from .cases import MODES
 from .suite import read_rows
 
+# A cell where ours or torch averaged at least this many minor page faults a call is marked:
+# fresh pages then weigh in the ratio, and whether a call gets them depends on the allocator's
+# state (benchmarks/README.md, "Method")
+PAGING_FAULTS = 16.0
+
+
+def paging_cells(rows: list[dict]) -> set[tuple]:
+    """(op, shape, dtype, layout, mode) of the cells where ours or torch faulted in fresh pages
+    on most calls (PAGING_FAULTS or more a call)."""
+    return {
+        (r["op"], r["shape"], r["dtype"], r["layout"], r["mode"])
+        for r in rows
+        if r["metric"] == "page_faults"
+        and r["provider"] in ("ours", "torch")
+        and float(r["value"]) >= PAGING_FAULTS
+    }
+
 
 def speedup_table(rows: list[dict]) -> str:
-    """One line per (op, shape, dtype, layout): torch time / ours time for each mode."""
+    """One line per (op, shape, dtype, layout): torch time / ours time for each mode; "(paging)"
+    marks a cell where ours or torch faulted in fresh pages on most calls."""
     table: dict[tuple, dict[str, str]] = defaultdict(dict)
     for r in rows:
         if r["provider"] == "ours" and r["metric"] == "speedup_vs_torch":
@@ -28,6 +46,7 @@ def speedup_table(rows: list[dict]) -> str:
         for r in rows
         if r["provider"] == "ours" and r["metric"] == "time_us"
     }
+    paging = paging_cells(rows)
     lines = [
         "| op | shape | dtype | layout | " + " | ".join(MODES) + " |",
         "|---|---|---|---|" + "---|" * len(MODES),
@@ -38,7 +57,8 @@ def speedup_table(rows: list[dict]) -> str:
             if m in by_mode:
                 us = float(times.get((*key, m), "nan"))
                 med, p20 = by_mode[m]
-                cells.append(f"{float(med):.2f}x / {float(p20):.2f}x ({us:.0f} us)")
+                mark = " (paging)" if (*key, m) in paging else ""
+                cells.append(f"{float(med):.2f}x / {float(p20):.2f}x ({us:.0f} us){mark}")
             else:
                 cells.append("")
         lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + " |")
@@ -51,16 +71,22 @@ SMALL_VALUES = 16384  # tensors of up to this many values form their own row of 
 def summary_table(rows: list[dict], below: float = 0.95) -> str:
     """One line per (op, dtype, layout, mode, size class): how many shapes, the smallest,
     median and largest speedup over torch (ratio of medians), and every shape under ``below``
-    with its ratio, slowest first. Size classes: tensors of up to 16k values (the "small"
-    shape set), and the rest."""
+    with its ratio, slowest first, "(paging)" marking those whose calls faulted in fresh
+    pages. Size classes: tensors of up to 16k values (the "small" shape set), and the rest."""
+    paging = paging_cells(rows)
     groups: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
     for r in rows:
         if r["provider"] != "ours" or r["metric"] != "speedup_vs_torch":
             continue
         numel = math.prod(int(d) for d in r["shape"].split("x"))
         size = f"up to {SMALL_VALUES // 1024}k values" if numel <= SMALL_VALUES else "larger"
+        mark = (
+            " (paging)"
+            if (r["op"], r["shape"], r["dtype"], r["layout"], r["mode"]) in paging
+            else ""
+        )
         groups[(r["op"], r["dtype"], r["layout"], r["mode"], size)].append(
-            (float(r["value"]), r["shape"])
+            (float(r["value"]), r["shape"] + mark)
         )
     lines = [
         f"| op | dtype | layout | mode | shapes | n | min | median | max | below {below} |",

@@ -13,6 +13,8 @@ For the two ratios the ``p20``/``p80`` columns hold the same ratio taken between
 percentile times. On a shared machine the p20 ratio is the one least touched by preemption.
 ``retained_bytes``     bytes autograd keeps for backward (mode ``forward``)
 ``peak_bytes``         high-water mark allocated during the call (forward, forward+backward)
+``page_faults``        minor page faults per timed call (:class:`.timing.Timing`), where the
+                       OS counts them: fresh pages cost the call ~1 us each
 """
 
 from __future__ import annotations
@@ -227,6 +229,9 @@ def run_case(case: C.Case, modes: Iterable[str], plan: Plan, stamp: dict) -> lis
             row(name, mode, "vs_copy", "x", t.median / copy, t.p20 / tc.p20, t.p80 / tc.p80)
         t = times["copy"]
         row("copy", mode, "time_us", "us", t.median * 1e6, t.p20 * 1e6, t.p80 * 1e6)
+        for name, t in times.items():
+            if t.faults is not None:
+                row(name, mode, "page_faults", "1/call", t.faults)
         if plan.memory and mode != "backward":
             for name, fn in fns.items():
                 if name == "compile":

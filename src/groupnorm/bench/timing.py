@@ -4,12 +4,24 @@ Every provider of a case is timed in the same loop, one sample each per round an
 order, so a burst of load from another process hits all of them alike, and ratios between them
 are taken from one run. A sample times ``inner`` back-to-back calls (enough for about a
 millisecond) and is divided by ``inner``.
+
+Minor page faults are counted around every sample too (``Timing.faults``, per call). A call
+that writes fresh pages pays the kernel to map and zero each 4 KiB page (~1 us here), and
+whether a tensor's pages are fresh depends on the allocator's state (glibc returns a freed
+block to the system or keeps it, by thresholds it moves as the process runs), not on the
+kernel being timed: the same call swung 2-3x between runs on this machine. A ratio whose
+providers fault differently measures the allocator as much as the kernels.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+try:
+    import resource
+except ImportError:  # (not on Windows)
+    resource = None
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +29,18 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: median and the 20th/80th percentiles over the samples."""
+    """Seconds per call: median and the 20th/80th percentiles over the samples; ``faults``:
+    minor page faults per call over all timed calls (None where the OS does not count them)."""
 
     median: float
     p20: float
     p80: float
     samples: int
+    faults: float | None = None
+
+
+def _minor_faults() -> int | None:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -63,16 +81,27 @@ def measure(
             fns[name]()
     inner = {name: _inner_count(fns[name], target_s) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
+    faults = dict.fromkeys(names, 0)
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn, k = fns[name], inner[name]
+            f0 = _minor_faults()
             start = time.perf_counter()
             for _ in range(k):
                 fn()
             samples[name].append((time.perf_counter() - start) / k)
+            if f0 is not None:
+                faults[name] += _minor_faults() - f0
+    counted = _minor_faults() is not None
     return {
-        name: Timing(percentile(s, 50), percentile(s, 20), percentile(s, 80), len(s))
+        name: Timing(
+            percentile(s, 50),
+            percentile(s, 20),
+            percentile(s, 80),
+            len(s),
+            faults[name] / (repeats * inner[name]) if counted else None,
+        )
         for name, s in samples.items()
     }
 
