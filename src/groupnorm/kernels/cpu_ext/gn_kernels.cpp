@@ -478,6 +478,21 @@ inline void prefetch_range(const T* p, i64 n) {
   for (i64 k = 0; k < bytes; k += 64) __builtin_prefetch(c + k);
 }
 
+// body(i0, n) over the n values from i0 of [0, L), chunk by chunk (kPrefetchChunk), each
+// after fetching the same stretch of the next set's a and b when `more` (a, b point at the
+// next set)
+template <typename A, typename B, typename F>
+inline void for_each_prefetch_chunk(i64 L, bool more, const A* a, const B* b, F&& body) {
+  for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
+    const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
+    if (more) {
+      prefetch_range(a + i0, n);
+      prefetch_range(b + i0, n);
+    }
+    body(i0, n);
+  }
+}
+
 // sum of (p[i] - shift)^2, i < n, with W lane accumulators
 template <int W, typename T>
 inline float shifted_sq(const T* p, i64 n, float shift) {
@@ -711,14 +726,8 @@ __attribute__((noinline)) void forward_short_set_lines(const float* x, float* y,
   pa[D] = ph[D] = 0.0f;
   z_lines(x, mu, pa, ph, D, S, y);
   const i64 L = D * S;
-  for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
-    const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
-    if (more) {
-      prefetch_range(x + L + i0, n);
-      prefetch_range(y + L + i0, n);
-    }
-    act_flat<ACT, true>(y + i0, nullptr, n);
-  }
+  for_each_prefetch_chunk(L, more, x + L, y + L,
+                          [&](i64 i0, i64 n) { act_flat<ACT, true>(y + i0, nullptr, n); });
 }
 #endif
 
@@ -793,12 +802,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
       });
       // the next set's x and y are fetched while this one computes (see kPrefetchChunk)
       const bool more = item + 1 < N * G;
-      for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
-        const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
-        if (more) {
-          prefetch_range(px + L + i0, n);
-          prefetch_range(py + L + i0, n);
-        }
+      for_each_prefetch_chunk(L, more, px + L, py + L, [&](i64 i0, i64 n) {
         const i64 whole = n - n % kVec;
         const float* qz = zb + i0;
         via_f32(py + i0, n, out_buf, [&](auto* qy) {
@@ -806,7 +810,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
           for (i64 j = 0; j < whole; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
           for (i64 j = whole; j < n; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
         });
-      }
+      });
       continue;
     }
     const bool more = prefetch && item + 1 < N * G;
@@ -901,14 +905,8 @@ __attribute__((noinline)) void backward_short_set_lines(const float* dy, const f
   double m1 = 0.0, m2 = 0.0;
   __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
   z_lines(x, mu, pa, ph, D, S, zb);
-  for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
-    const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
-    if (more) {
-      prefetch_range(x + L + i0, n);
-      prefetch_range(dy + L + i0, n);
-    }
-    act_flat<ACT, false>(zb + i0, dy + i0, n);
-  }
+  for_each_prefetch_chunk(L, more, x + L, dy + L,
+                          [&](i64 i0, i64 n) { act_flat<ACT, false>(zb + i0, dy + i0, n); });
   for_each_line_vec(x, D, S, [&](auto step, i64 i, i64 d, __mmask16 m) {
     constexpr int K = decltype(step)::value;
     if constexpr (K == kFull) {
@@ -996,26 +994,21 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
     });
   });
   const i64 L = D * S;
-  for (i64 i0 = 0; i0 < L; i0 += kPrefetchChunk) {
-    const i64 n = L - i0 < kPrefetchChunk ? L - i0 : kPrefetchChunk;
-    if (more) {
-      prefetch_range(x + L + i0, n);
-      prefetch_range(dy + L + i0, n);
-    }
-    const i64 whole = n - n % kVec;
+  for_each_prefetch_chunk(L, more, x + L, dy + L, [&](i64 i0, i64 n) {
     float* qz = zb + i0;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float>) {
       act_flat<ACT, false>(qz, dy + i0, n);
-      continue;
+      return;
     }
 #endif
+    const i64 whole = n - n % kVec;
     with_f32(dy + i0, n, stage, [&](const auto* qdy) {
 #pragma omp simd
       for (i64 j = 0; j < whole; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
       for (i64 j = whole; j < n; ++j) qz[j] = load(qdy[j]) * act_grad<ACT>(qz[j]);
     });
-  }
+  });
   double m1 = 0.0, m2 = 0.0;
   for (i64 d = 0; d < D; ++d) {
     const i64 c = g * D + d;
