@@ -639,9 +639,10 @@ def test_short_rows_at_any_line_offset(shape, groups, activation, affine):
     """float32 sets of short rows (over 16 values) are walked in vectors aligned to x's
     64-byte lines, so the first and last vectors of a set are partial and most hold two
     channels. x and dy start at offsets within a line (sets then start at every offset),
-    against float64: y and all gradients."""
+    against float64: y and all gradients, bit-identical at every offset."""
     x0, _, dy0, w0, b0 = _data(shape, torch.float32, "contiguous", seed=5)
     params = (w0, b0) if affine else (None, None)
+    first = None
     for ox, ody in [(0, 0), (1, 1), (5, 9), (15, 3)]:
         x = _offset_view(x0, ox).requires_grad_()
         dy = _offset_view(dy0, ody)
@@ -667,6 +668,11 @@ def test_short_rows_at_any_line_offset(shape, groups, activation, affine):
             (theirs, *t_grads),
             f"offsets {ox}/{ody} ",
         )
+        # the same values give the same bits wherever in a line they start
+        if first is None:
+            first = (out, *grads)
+        for got, base in zip((out, *grads), first, strict=True):
+            assert torch.equal(got, base), f"offsets {ox}/{ody}: not bit-identical to offset 0"
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 17, 18), (1, 4, 50, 50)], ids=["306", "2500"])

@@ -691,19 +691,29 @@ inline void z_lines(const float* x, float mu, const float* pa, const float* ph, 
 template <int ACT, bool FWD>
 inline void act_flat(float* q, const float* dy, i64 n) {
   if constexpr (ACT == ACT_SILU) {
-    const auto f = [](__m512 z, const float* pdy, __mmask16 m) {
-      return FWD ? silu16(z) : _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pdy), silu_grad16(z));
+    // (dy is null for the forward: no pointer is formed from it there)
+    const auto f = [dy](__m512 z, i64 j, __mmask16 m) {
+      if constexpr (FWD) {
+        return silu16(z);
+      } else {
+        return _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + j), silu_grad16(z));
+      }
     };
     const i64 whole = n - n % kVec;
     for (i64 j = 0; j < whole; j += kVec)
-      _mm512_storeu_ps(q + j, f(_mm512_loadu_ps(q + j), dy + j, 0xFFFF));
+      _mm512_storeu_ps(q + j, f(_mm512_loadu_ps(q + j), j, 0xFFFF));
     if (whole < n) {
       const __mmask16 t = static_cast<__mmask16>((1u << (n - whole)) - 1u);
-      _mm512_mask_storeu_ps(q + whole, t, f(_mm512_maskz_loadu_ps(t, q + whole), dy + whole, t));
+      _mm512_mask_storeu_ps(q + whole, t, f(_mm512_maskz_loadu_ps(t, q + whole), whole, t));
     }
   } else {
+    if constexpr (FWD) {
 #pragma omp simd
-    for (i64 j = 0; j < n; ++j) q[j] = FWD ? act_fwd<ACT>(q[j]) : dy[j] * act_grad<ACT>(q[j]);
+      for (i64 j = 0; j < n; ++j) q[j] = act_fwd<ACT>(q[j]);
+    } else {
+#pragma omp simd
+      for (i64 j = 0; j < n; ++j) q[j] = dy[j] * act_grad<ACT>(q[j]);
+    }
   }
 }
 
@@ -738,9 +748,9 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
   const i64 L = D * S;
   // short rows with an activation: z of the whole set first, then f over it in one loop (see
   // kShortRowMax); z goes straight into y for float32, else into a float32 buffer. Not for
-  // float32 rows of whole 16-value blocks (4x4), where nothing is wasted (8x8: the extra pass
-  // cost 2 %). With AVX-512, float32 rows of more than 16 values take forward_short_set_lines
-  // (8x8 included: 1x1280x8x8 20.6 -> 18.6 us, 8x1280x8x8 177 -> 151).
+  // float32 rows of whole 16-value blocks (4x4 to 16x16), where nothing is wasted (8x8: the
+  // extra pass cost 2 %) -- except with AVX-512, where float32 rows of more than 16 values take
+  // forward_short_set_lines (8x8 included: 1x1280x8x8 20.6 -> 18.6 us, 8x1280x8x8 177 -> 151).
   const bool short_rows = (ACT == ACT_SILU || ACT == ACT_GELU) && S <= kShortRowMax &&
                           (!std::is_same_v<T, float> || S % kVec != 0);
 #if defined(__AVX512F__)
@@ -772,7 +782,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
     if (rstd_out) rstd_out[item] = r;
 #if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> && (ACT == ACT_SILU || ACT == ACT_GELU)) {
       if (lines) {
         forward_short_set_lines<ACT>(px, py, w, b, mu, r, g, D, S, par_buf.data(),
                                      item + 1 < N * G);
@@ -834,9 +844,10 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
 }
 
 // Sums over s < n of u[s] and u[s] * v[s] (float32 arrays, n short): for the per-channel sums
-// of the short-row backward below. With AVX-512 the sums stay in two registers and the last
-// partial block is a masked load, so a channel of 49 or 64 values costs a few vector adds and
-// two horizontal reductions; the generic code keeps its lanes in memory (approaches 18, 25, 27).
+// of the short-row backward below (with AVX-512, the float32 rows it still takes are those of
+// up to 16 values and of 32, 48 and 64). With AVX-512 the sums stay in two registers and the
+// last partial block is a masked load, so a channel costs a few vector adds and two horizontal
+// reductions; the generic code keeps its lanes in memory (approaches 18, 25, 27).
 #if defined(__AVX512F__)
 // the 16 lanes' total: halves, then quarters, pairs and neighbours added
 inline float lanes_total16(__m512 v) {
@@ -904,6 +915,11 @@ __attribute__((noinline)) void backward_short_set_lines(const float* dy, const f
   const i64 L = D * S;
   double m1 = 0.0, m2 = 0.0;
   __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+  // Lane j sums the channel's positions p with p + phase = j (mod 16), phase being x's offset
+  // in its line, in order: each lane's sum does not depend on the phase, only which lane holds
+  // it, and lanes_total16x2's butterfly (lane k with k + 8, then k + 4, ...) gives the same
+  // total for any rotation of the lanes. So the gradients do not depend on where in a line x
+  // starts (tested: a view at an offset and a copy agree bit for bit).
   z_lines(x, mu, pa, ph, D, S, zb);
   for_each_prefetch_chunk(L, more, x + L, dy + L,
                           [&](i64 i0, i64 n) { act_flat<ACT, false>(zb + i0, dy + i0, n); });
@@ -1041,7 +1057,8 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
 #if defined(__AVX512F__)
 // The first pass of the general nchw backward for float32 SiLU over one run of n values of a
 // channel: dz = dy f'(z) with z = (x - mu) a + h (stored), and the sums of dz and dz (x - mu),
-// in 64 lanes as sum_two's, with silu_grad16. Harness, 1T, against sum_two with act_grad:
+// in 64 lanes as sum_two does for long runs (its lane groups are added in another order, so
+// the bits differ), with silu_grad16. Harness, 1T, against sum_two with act_grad:
 // 2x512x28x28 305 -> 292 us, 1x640x32x32 ~250 -> 240, 2x320x64x64 1340 -> 1290 (#74).
 inline void silu_dz_sums(const float* x, const float* dy, float* dz, i64 n, float mu, float a,
                          float h, float& s1, float& s2) {
