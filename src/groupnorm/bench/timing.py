@@ -93,7 +93,7 @@ def measure(
             samples[name].append((time.perf_counter() - start) / k)
             if f0 is not None:
                 faults[name] += _minor_faults() - f0
-    counted = _minor_faults() is not None
+    counted = resource is not None
     return {
         name: Timing(
             percentile(s, 50),

@@ -717,6 +717,17 @@ inline void act_flat(float* q, const float* dy, i64 n) {
   }
 }
 
+// a_d = r w_d and h_d = b_d of group g's D channels into pa and ph (D + 1 floats each; the
+// last, read by the walks for lanes past the set, is 0)
+inline void set_lane_params(const float* w, const float* b, float r, i64 g, i64 D, float* pa,
+                            float* ph) {
+  for (i64 d = 0; d < D; ++d) {
+    pa[d] = w ? r * w[g * D + d] : r;
+    ph[d] = b ? b[g * D + d] : 0.0f;
+  }
+  pa[D] = ph[D] = 0.0f;
+}
+
 // The forward of one set of float32 short rows of S > 16 values: z walked in x's lines
 // (z_lines) into y, then f over y in one flat loop, a chunk at a time after fetching the
 // same stretch of the next set's x and y (more). Harness, SiLU, 64-byte aligned tensors:
@@ -729,11 +740,7 @@ __attribute__((noinline)) void forward_short_set_lines(const float* x, float* y,
                                                        i64 D, i64 S, float* par, bool more) {
   float* pa = par;
   float* ph = par + D + 1;
-  for (i64 d = 0; d < D; ++d) {
-    pa[d] = w ? r * w[g * D + d] : r;
-    ph[d] = b ? b[g * D + d] : 0.0f;
-  }
-  pa[D] = ph[D] = 0.0f;
+  set_lane_params(w, b, r, g, D, pa, ph);
   z_lines(x, mu, pa, ph, D, S, y);
   const i64 L = D * S;
   for_each_prefetch_chunk(L, more, x + L, y + L,
@@ -905,12 +912,7 @@ __attribute__((noinline)) void backward_short_set_lines(const float* dy, const f
                                                         double* part_dw, float* dx, bool more) {
   float* pa = par;
   float* ph = par + D + 1;
-  for (i64 d = 0; d < D; ++d) {
-    const i64 c = g * D + d;
-    pa[d] = w ? r * w[c] : r;
-    ph[d] = b ? b[c] : 0.0f;
-  }
-  pa[D] = ph[D] = 0.0f;
+  set_lane_params(w, b, r, g, D, pa, ph);
   const __m512 vmu = _mm512_set1_ps(mu);
   const i64 L = D * S;
   double m1 = 0.0, m2 = 0.0;
@@ -958,7 +960,7 @@ __attribute__((noinline)) void backward_short_set_lines(const float* dy, const f
   m2 /= static_cast<double>(L);
   const __m512 B = _mm512_set1_ps(static_cast<float>(-static_cast<double>(r) * r * m2));
   const __m512 K_ = _mm512_set1_ps(static_cast<float>(-static_cast<double>(r) * m1));
-  for (i64 d = 0; d <= D; ++d) pa[d] = d < D ? r * (w ? w[g * D + d] : 1.0f) : 0.0f;
+  // (dx's A_d = r w_d is z's a_d: pa as set above)
   for_each_line_vec(x, D, S, [&](auto step, i64 i, i64 d, __mmask16 m) {
     constexpr int K = decltype(step)::value;
     if constexpr (K == kFull) {
