@@ -596,10 +596,15 @@ def test_channels_last_groups_of_16_channels_or_more(dtype, activation):
         assert _err(g, r) <= tol, f"{name}: error {_err(g, r):.3g} > {tol:.3g}"
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 9, 11), (1, 64, 190, 180)])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 40, 9, 11), (3, 64, 120, 120), (1, 64, 190, 180)],
+    ids=["small", "sample-by-sample", "not-kept"],
+)
 def test_channels_last_backward_with_and_without_kept_dz(shape):
-    """The channels-last backward keeps dz between its passes for tensors up to 2^21 values and
-    computes f'(z) again above: both sides of the switch, with SiLU, against float64."""
+    """With an activation the channels-last backward keeps dz between its passes: sample by
+    sample where a sample has up to 2^21 values (so also in a tensor past that size), and
+    computes f'(z) again above: each case, with SiLU, against float64."""
     _check_against_reference(shape, 8, torch.float32, "channels_last", "silu", False, seed=11)
 
 
