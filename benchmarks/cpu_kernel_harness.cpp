@@ -5,11 +5,12 @@
 //   g++ -O3 -march=native -fopenmp -std=c++17 -fno-math-errno -fno-trapping-math -I.
 //       -DKERNELS='"src/groupnorm/kernels/cpu_ext/gn_kernels.cpp"'
 //       benchmarks/cpu_kernel_harness.cpp -o /tmp/harness      (one command line)
-//   /tmp/harness DTYPE ACT N C S G LAYOUT PASS REPS
+//   /tmp/harness DTYPE ACT N C S G LAYOUT PASS REPS [THREADS]
 //
 // DTYPE 0 float32, 1 bfloat16, 2 float16; ACT 0 none, 1 silu, 2 gelu, 3 relu; the input is
 // (N, C, S) with G groups, LAYOUT 0 (N, C, S) in memory or 1 (N, S, C); PASS 0 forward, 1
-// backward, 2 batch norm's forward (training statistics; G is ignored); one thread. Prints the median and 20th percentile of REPS calls, and a checksum
+// backward, 2 batch norm's forward (training statistics; G is ignored); THREADS threads (1 if
+// not given). Prints the median and 20th percentile of REPS calls, and a checksum
 // of the output (y for the forward, dx for the backward) to compare builds by. Buffers are
 // reused between calls, so unlike the Python benchmark no call faults in fresh pages, and
 // start on a 64-byte line, as torch's CPU allocator places tensors (malloc's 16-byte offset
@@ -57,7 +58,7 @@ double checksum(const Bytes& buf, i64 n) {
 }
 
 template <typename T>
-int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
+int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps, int threads) {
   const i64 n = N * C * S;
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
@@ -70,7 +71,7 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
   std::vector<float> mean(N * G + C), rstd(N * G + C), dw(C), db(C);
   auto forward = [&] {
     forward_any<T>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), N, C, S, G,
-                   layout, 1e-5f, act, 1);
+                   layout, 1e-5f, act, threads);
   };
   forward();  // (the statistics the backward needs)
   std::vector<double> times;
@@ -81,10 +82,10 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
     else if (pass == 2)
       bn_forward_any<T>(x.data(), y.data(), w.data(), b.data(), nullptr, nullptr, mean.data(),
                         rstd.data(), N, C, S, layout, 1e-5f, Running{nullptr, nullptr, 0.0}, act,
-                        1);
+                        threads);
     else
       backward_any<T>(dy.data(), x.data(), w.data(), b.data(), mean.data(), rstd.data(),
-                      dx.data(), dw.data(), db.data(), N, C, S, G, layout, act, 1);
+                      dx.data(), dw.data(), db.data(), N, C, S, G, layout, act, threads);
     times.push_back(
         std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
@@ -97,21 +98,23 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 10) {
-    std::fprintf(stderr, "usage: %s DTYPE ACT N C S G LAYOUT PASS REPS\n", argv[0]);
+  if (argc != 10 && argc != 11) {
+    std::fprintf(stderr, "usage: %s DTYPE ACT N C S G LAYOUT PASS REPS [THREADS]\n", argv[0]);
     return 2;
   }
   const int dtype = std::atoi(argv[1]), act = std::atoi(argv[2]);
   const i64 N = std::atol(argv[3]), C = std::atol(argv[4]), S = std::atol(argv[5]);
   const i64 G = std::atol(argv[6]);
   const int layout = std::atoi(argv[7]), pass = std::atoi(argv[8]), reps = std::atoi(argv[9]);
-  if (N < 1 || C < 1 || S < 1 || G < 1 || C % G || reps < 1 || dtype < 0 || dtype > 2) {
+  const int threads = argc == 11 ? std::atoi(argv[10]) : 1;
+  if (N < 1 || C < 1 || S < 1 || G < 1 || C % G || reps < 1 || dtype < 0 || dtype > 2 ||
+      threads < 1) {
     std::fprintf(stderr, "bad arguments: C must divide by G, all sizes positive\n");
     return 2;
   }
   switch (dtype) {
-    case 0: return run<float>(act, N, C, S, G, layout, pass, reps);
-    case 1: return run<BF16>(act, N, C, S, G, layout, pass, reps);
-    default: return run<F16>(act, N, C, S, G, layout, pass, reps);
+    case 0: return run<float>(act, N, C, S, G, layout, pass, reps, threads);
+    case 1: return run<BF16>(act, N, C, S, G, layout, pass, reps, threads);
+    default: return run<F16>(act, N, C, S, G, layout, pass, reps, threads);
   }
 }

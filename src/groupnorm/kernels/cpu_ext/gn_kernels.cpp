@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -1531,11 +1532,14 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
 
 // The backward of samples [n0, n0 + N) (pointers and N as if they were the whole tensor, so
 // x, dy, dx, mean and rstd start at sample n0), writing each (n, c)'s sums of dz and
-// dz (x - mu) rstd into sdz and sdzx (N * C doubles each).
+// dz (x - mu) rstd into sdz and sdzx (N * C doubles each). With an activation, dz is kept
+// between the passes in dz_buf (N * S * C floats) when the samples fit kKeepDzMax; a null
+// dz_buf means a buffer of its own.
 template <typename T, int ACT>
 void backward_nhwc_samples(const T* dy, const T* x, const float* w, const float* b,
                            const float* mean, const float* rstd, T* dx, double* sdz,
-                           double* sdzx, i64 N, i64 C, i64 S, i64 G, int nthreads) {
+                           double* sdzx, i64 N, i64 C, i64 S, i64 G, int nthreads,
+                           float* dz_buf) {
   const i64 D = C / G;
   const i64 rows = rows_per_chunk(C);
   const i64 chunks = (S + rows - 1) / rows;
@@ -1555,7 +1559,9 @@ void backward_nhwc_samples(const T* dy, const T* x, const float* w, const float*
   // enough for the buffer to stay in cache (f'(z) is the costly part; nchw keeps each set's
   // dz the same way); larger tensors compute f'(z) again rather than stream the buffer.
   const bool keep_dz = ACT != ACT_NONE && N * S * C <= kKeepDzMax;
-  std::vector<float> dz_all(keep_dz ? N * S * C : 0);
+  // (not value-initialized: the first pass writes every value)
+  std::unique_ptr<float[]> own_dz(keep_dz && !dz_buf ? new float[N * S * C] : nullptr);
+  float* const dz_all = dz_buf ? dz_buf : own_dz.get();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 item = 0; item < N * chunks; ++item) {
     const i64 n = item / chunks, k = item % chunks;
@@ -1574,7 +1580,7 @@ void backward_nhwc_samples(const T* dy, const T* x, const float* w, const float*
           with_f32(dy + (n * S + s) * C + c0, len, dy_buf, [&](const auto* drow) {
             const float *ac = a + c0, *hc = h + c0, *mc = mu + c0;
             float *t1 = s1 + c0, *t2 = s2 + c0;
-            float* kept = keep_dz ? dz_all.data() + (n * S + s) * C + c0 : nullptr;
+            float* kept = keep_dz ? dz_all + (n * S + s) * C + c0 : nullptr;
 #pragma omp simd
             for (i64 c = 0; c < len; ++c) {
               const float xv = load(row[c]);
@@ -1637,7 +1643,7 @@ void backward_nhwc_samples(const T* dy, const T* x, const float* w, const float*
         const i64 len = C - c0 < kStage ? C - c0 : kStage;
         const float *ac = a + c0, *hc = h + c0, *mc = mu + c0, *bc = cb + c0, *kc = ck + c0;
         if (keep_dz) {
-          const float* kept = dz_all.data() + (n * S + s) * C + c0;
+          const float* kept = dz_all + (n * S + s) * C + c0;
           with_f32(x + (n * S + s) * C + c0, len, x_buf, [&](const auto* row) {
             via_f32(dx + (n * S + s) * C + c0, len, dx_buf, [&](auto* out) {
 #pragma omp simd
@@ -1681,16 +1687,22 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
   const bool per_sample = ACT != ACT_NONE && S * C <= kKeepDzMax &&
                           (N % nthreads == 0 || N >= 4 * nthreads);
   if (per_sample) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (i64 n = 0; n < N; ++n) {
-      const i64 at = n * S * C;
-      backward_nhwc_samples<T, ACT>(dy + at, x + at, w, b, mean + n * G, rstd + n * G,
-                                    dx ? dx + at : nullptr, sdz.data() + n * C,
-                                    sdzx.data() + n * C, 1, C, S, G, 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+      // one dz buffer a thread, for all its samples (a fresh one per sample could come from
+      // fresh pages each time, as glibc serves large blocks with mmap)
+      std::unique_ptr<float[]> dz_sample(new float[S * C]);
+#pragma omp for schedule(static)
+      for (i64 n = 0; n < N; ++n) {
+        const i64 at = n * S * C;
+        backward_nhwc_samples<T, ACT>(dy + at, x + at, w, b, mean + n * G, rstd + n * G,
+                                      dx ? dx + at : nullptr, sdz.data() + n * C,
+                                      sdzx.data() + n * C, 1, C, S, G, 1, dz_sample.get());
+      }
     }
   } else {
     backward_nhwc_samples<T, ACT>(dy, x, w, b, mean, rstd, dx, sdz.data(), sdzx.data(), N, C,
-                                  S, G, nthreads);
+                                  S, G, nthreads, nullptr);
   }
   // dw and db: each channel's sums over the samples, in sample order, sample by sample so
   // that the reads run along memory (channel by channel they stride C doubles per step)
