@@ -1680,7 +1680,8 @@ template <typename T, int ACT>
 void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
                    int nthreads) {
-  std::vector<double> sdz(N * C, 0.0), sdzx(N * C, 0.0);
+  // (one sample's worth at least: dw and db are read from the first, zeros when N is 0)
+  std::vector<double> sdz((N > 0 ? N : 1) * C, 0.0), sdzx((N > 0 ? N : 1) * C, 0.0);
   // Both drivers do the same arithmetic on each sample (its chunks do not depend on the
   // driver), so which one runs, and so the thread count, changes no bit. Without an
   // activation there is no f'(z) to save: the per-sample driver measured even there.
