@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 try:
     import resource
 except ImportError:  # (not on Windows)
     resource = None
-from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -82,18 +82,18 @@ def measure(
     inner = {name: _inner_count(fns[name], target_s) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
     faults = dict.fromkeys(names, 0)
+    counted = resource is not None
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn, k = fns[name], inner[name]
-            f0 = _minor_faults()
+            f0 = _minor_faults() if counted else 0
             start = time.perf_counter()
             for _ in range(k):
                 fn()
             samples[name].append((time.perf_counter() - start) / k)
-            if f0 is not None:
+            if counted:
                 faults[name] += _minor_faults() - f0
-    counted = resource is not None
     return {
         name: Timing(
             percentile(s, 50),

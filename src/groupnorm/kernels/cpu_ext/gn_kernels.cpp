@@ -1706,9 +1706,9 @@ void backward_nhwc_samples(const T* dy, const T* x, const float* w, const float*
 // The backward with an activation runs sample by sample where one sample's dz fits the
 // kept-dz limit (kKeepDzMax): each sample's second pass then reads its dz and x while the
 // first has left them in cache, and samples whose tensor is too large to keep dz whole still
-// keep it. Harness, 1 thread, SiLU (#76): bfloat16 32x2048x7x7 2810 -> 1900 us, 16x1024x14x14
-// 2370 -> 1690, 8x512x28x28 2280 -> 1520, 2x320x64x64 1820 -> 1150; float32 32x2048x7x7
-// 3840 -> 2960.
+// keep it. Harness, 1 thread, SiLU, against babfc47 (#76): bfloat16 32x2048x7x7 2630 -> 1690
+// us, 16x1024x14x14 2260 -> 1540, 8x512x28x28 2170 -> 1350, 2x320x64x64 1810 -> 1070; float32
+// 32x2048x7x7 3670 -> 2830.
 template <typename T, int ACT>
 void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean,
                    const float* rstd, T* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
@@ -1723,8 +1723,8 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
   if (per_sample) {
 #pragma omp parallel num_threads(nthreads)
     {
-      // one dz buffer a thread, for all its samples (a fresh one per sample could come from
-      // fresh pages each time, as glibc serves large blocks with mmap)
+      // one dz buffer a thread, for all its samples, not zero-filled (the whole-tensor
+      // buffer's zero-fill, which the first pass overwrites, cost bfloat16 6-7 %)
       std::unique_ptr<float[]> dz_sample(new float[S * C]);
 #pragma omp for schedule(static)
       for (i64 n = 0; n < N; ++n) {
