@@ -1,6 +1,7 @@
 """The command line's names: `groupnorm demo` is what `make demo` runs (the quick reproduction),
 `groupnorm modes` shows the four modes on one tensor."""
 
+import os
 import re
 import subprocess
 import sys
@@ -81,3 +82,19 @@ def test_help_names_the_command(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert f"groupnorm {command}" in capsys.readouterr().out
+
+
+def test_reproduce_without_its_extra_names_the_extra(tmp_path):
+    # a tqdm that does not import stands for an install without the `experiment` extra
+    (tmp_path / "tqdm").mkdir()
+    (tmp_path / "tqdm" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "groupnorm", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "tqdm" in proc.stderr and "groupnorm[experiment]" in proc.stderr
