@@ -782,8 +782,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "groupnorm.kernels.triton.compile_check",
+            os.path.join(os.path.dirname(__file__), "..", "tools", "triton_compile_check.py"),
             "--quick",
             "--vector-check",
             "--spill-check",

@@ -9,7 +9,7 @@ to 1 become constants, as Triton specializes them), and compiles it to a cubin f
 
 Run it in a process without ``TRITON_INTERPRET`` set::
 
-    python -m groupnorm.kernels.triton.compile_check [--arch 90] [--quick]
+    python tools/triton_compile_check.py [--arch 90] [--quick]
 
 It proves the kernels compile; it cannot say anything about their speed.
 """
@@ -53,7 +53,7 @@ class _Recorder:
 @contextmanager
 def recording() -> Iterator[list]:
     """Within the block, launchers record kernel calls (into the yielded list) and skip them."""
-    from . import kernels, launch
+    from groupnorm.kernels.triton import kernels, launch
 
     calls: list = []
     saved = {}
@@ -190,8 +190,8 @@ def _cases(quick: bool) -> Iterator[tuple[str, dict]]:
 
 
 def _record_case(spec: dict) -> list:
-    from .launch import norm_backward, norm_forward
-    from .plan import TritonConfig
+    from groupnorm.kernels.triton.launch import norm_backward, norm_forward
+    from groupnorm.kernels.triton.plan import TritonConfig
 
     shape, dtype = spec["shape"], spec["dtype"]
     x = torch.randn(shape).to(dtype)
@@ -243,8 +243,8 @@ def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .launch import norm_backward, norm_forward
-    from .plan import TritonConfig
+    from groupnorm.kernels.triton.launch import norm_backward, norm_forward
+    from groupnorm.kernels.triton.plan import TritonConfig
 
     result = {}
     for layout in ("contiguous", "channels_last"):
@@ -296,8 +296,8 @@ def register_report(arch: int = 90) -> list[tuple[str, str, int, int]]:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from .launch import norm_backward, norm_forward
-    from .plan import TritonConfig
+    from groupnorm.kernels.triton.launch import norm_backward, norm_forward
+    from groupnorm.kernels.triton.plan import TritonConfig
 
     ptxas = get_ptxas(arch).path
     cfg = TritonConfig(num_sms=132)
