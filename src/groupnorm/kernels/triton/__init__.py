@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .plan import Plan, TritonConfig, config_from_env, make_plan
-from .settings import reload_config, settings
+from .settings import reload_config
 
 __all__ = [
     "forward",
@@ -110,5 +110,7 @@ def prefers_triton(x: torch.Tensor, num_groups: int, pool_batch: bool) -> bool:
     >>> prefers_triton(torch.empty(0), 1, False)
     False
     """
+    from .settings import settings  # a local name: the package attribute stays the module
+
     del num_groups, pool_batch  # one threshold for every mode until measured otherwise
     return x.numel() >= max(1, settings().auto_min_numel)

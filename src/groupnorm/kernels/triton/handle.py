@@ -181,6 +181,13 @@ class Launch:
         if self.direct:
             self._remember(fn, args, compiled)
 
+    def traced(self, *args: Any) -> None:
+        """The same launch recorded for ``torch.compile``: through ``torch.library.wrap_triton``
+        (inside a ``triton_op``), so the graph holds the kernel itself."""
+        from torch.library import wrap_triton
+
+        wrap_triton(self.kernel())[self.grid](*args, **self.options)
+
     def _remember(self, fn: Any, args: tuple, compiled: Any) -> None:
         """Keep the compiled kernel of this first launch for the direct path, or give it up."""
         if compiled is not None and hasattr(compiled, "result"):  # an asynchronous compile

@@ -303,7 +303,8 @@ class _ForwardPlan:
             ),
         )
 
-    def __call__(self, x, weight, bias, residual, given_mean, given_var, eps):
+    def __call__(self, x, weight, bias, residual, given_mean, given_var, eps, traced=False):
+        main = self.main.traced if traced else self.main
         if self.copy_x:
             x = x.contiguous()
         y = torch.empty_like(x, memory_format=self.out_format)
@@ -323,15 +324,16 @@ class _ForwardPlan:
         b = bias if self.has_b else x
         eps = float(eps)
         if self.path == "fused":
-            self.main(x, r, y, t, w, b, mean, rstd, eps, self.set_size, *self.ints)
+            main(x, r, y, t, w, b, mean, rstd, eps, self.set_size, *self.ints)
             return y, total, mean, rstd
         if self.partial is not None:
             pmean = _empty(self.ws_shape, self.acc, x.device, self.poison)
             pm2 = _empty(self.ws_shape, self.acc, x.device, self.poison)
-            self.partial(x, r, pmean, pm2, *self.partial_ints)
+            partial = self.partial.traced if traced else self.partial
+            partial(x, r, pmean, pm2, *self.partial_ints)
         else:  # statistics given: the apply kernel reads them in place of the partials
             pmean, pm2 = given_mean, given_var
-        self.main(x, r, y, t, w, b, pmean, pm2, mean, rstd, eps, self.set_size, *self.ints)
+        main(x, r, y, t, w, b, pmean, pm2, mean, rstd, eps, self.set_size, *self.ints)
         return y, total, mean, rstd
 
 
@@ -510,7 +512,10 @@ class _BackwardPlan:
             )
             self.column_ints = (self.ws_shape[0], c)
 
-    def __call__(self, dy, x, weight, bias, mean, rstd):
+    def __call__(self, dy, x, weight, bias, mean, rstd, traced=False):
+        def run(launch, *args):
+            return launch.traced(*args) if traced else launch(*args)
+
         if self.copy_x:
             x = x.contiguous()
         if self.copy_dy:
@@ -532,21 +537,22 @@ class _BackwardPlan:
         if self.path == "fused":
             pdw = _empty(self.ws_shape, self.acc, device, self.poison)
             pdb = _empty(self.ws_shape, self.acc, device, self.poison)
-            self.main(dy, x, w, b, mean, rstd, pdw, pdb, dx_arg, self.set_size, *self.ints)
+            run(self.main, dy, x, w, b, mean, rstd, pdw, pdb, dx_arg, self.set_size, *self.ints)
         else:
             if self.partial is not None:
                 pdw = _empty(self.ws_shape, self.acc, device, self.poison)
                 pdb = _empty(self.ws_shape, self.acc, device, self.poison)
-                self.partial(dy, x, w, b, mean, rstd, pdw, pdb, *self.partial_ints)
+                run(self.partial, dy, x, w, b, mean, rstd, pdw, pdb, *self.partial_ints)
             if self.apply is not None:
                 pw = pdw if pdw is not None else mean  # not read when the statistics are given
                 pb = pdb if pdb is not None else mean
-                self.apply(dy, x, w, b, mean, rstd, pw, pb, dx_arg, self.set_size, *self.ints)
+                run(self.apply, dy, x, w, b, mean, rstd, pw, pb, dx_arg, self.set_size, *self.ints)
         if self.columns is None:
             return dx, None, None
         dw = _empty((x.shape[1],), weight.dtype, device, self.poison) if self.need_dw else None
         db = _empty((x.shape[1],), bias.dtype, device, self.poison) if self.need_db else None
-        self.columns(
+        run(
+            self.columns,
             pdw,
             pdb,
             dw if dw is not None else pdw,
@@ -622,3 +628,65 @@ def norm_backward(
             plans.clear()
         plans[key] = plan
     return plan(dy, x, weight, bias, mean, rstd)
+
+
+def _concrete(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or a stand-in with plain-int sizes and strides when they are symbolic
+    (``torch.compile(dynamic=True)``): planning needs ints, and specializes on them."""
+    if t is None or all(type(d) is int for d in (*t.shape, *t.stride())):
+        return t
+    shape = [int(d) for d in t.shape]
+    strides = [int(d) for d in t.stride()]
+    return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
+
+
+def traced_forward_launch(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """:func:`norm_forward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    xc, rc = _concrete(x), _concrete(residual)
+    key = _forward_key(
+        xc, weight, bias, rc, given_mean, given_var, num_groups, pool_batch, activation
+    )
+    config, plans, _ = _caches(None)
+    plan = plans.get(key)
+    if plan is None:
+        check_device(x)
+        _check_dtype(x)
+        plan = _ForwardPlan(
+            xc, weight, bias, rc, given_mean, num_groups, pool_batch, activation, config
+        )
+        plans[key] = plan
+    return plan(x, weight, bias, residual, given_mean, given_var, eps, traced=True)
+
+
+def traced_backward_launch(
+    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
+):
+    """:func:`norm_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    xc, dyc = _concrete(x), _concrete(dy)
+    config, _, plans = _caches(None)
+    key = (
+        xc.shape,
+        xc.stride(),
+        x.dtype,
+        x.device,
+        dyc.stride(),
+        dy.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        needs,
+    )
+    plan = plans.get(key)
+    if plan is None:
+        check_device(x)
+        _check_dtype(x)
+        plan = _BackwardPlan(
+            dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs, config
+        )
+        plans[key] = plan
+    return plan(dy, x, weight, bias, mean, rstd, traced=True)
