@@ -25,13 +25,14 @@ from .plan import Plan, TritonConfig, make_plan
 from .settings import on_reload, settings
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SET_BLOCK = 1024  # entries of a multi-channel set merged at a time by the apply kernels
+_SET_BLOCK = 256  # entries of a multi-channel set merged at a time by the apply kernels
 _COLUMN_BLOCK_R = 16
 _COLUMN_BLOCK_C = 128
 
 _forward_plans: dict[tuple, _ForwardPlan] = {}
 _backward_plans: dict[tuple, _BackwardPlan] = {}
 _explicit: dict[TritonConfig, tuple[dict, dict]] = {}  # plans made under a given config
+_traced: tuple[dict, dict] = ({}, {})  # plans of the triton_op bodies (may hold fake tensors)
 #: Most plans kept per cache before it is emptied (a program with ever-changing shapes).
 MAX_PLANS = 1024
 
@@ -41,6 +42,8 @@ def clear_plans() -> None:
     _forward_plans.clear()
     _backward_plans.clear()
     _explicit.clear()
+    _traced[0].clear()
+    _traced[1].clear()
 
 
 on_reload(clear_plans)
@@ -250,7 +253,9 @@ class _ForwardPlan:
         self.plan = plan = plan_for(x, num_groups, pool_batch, stats_given, config)
         self.path = plan.path
         self.set_size = float(n * s if pool_batch else cg * s)
-        self.stat_shape = (c,) if pool_batch else (n, num_groups)
+        stat_shape = (c,) if pool_batch else (n, num_groups)
+        # empty_like of a kept tensor is the cheapest allocation torch offers from Python.
+        self.stats_like = torch.empty(stat_shape, dtype=self.acc, device=x.device)
         self.has_w = weight is not None
         self.has_b = bias is not None
         flags = dict(
@@ -318,8 +323,16 @@ class _ForwardPlan:
             t = total
         else:
             r, total, t = x, x.new_empty(0), y
-        mean = _empty(self.stat_shape, self.acc, x.device, self.poison)
-        rstd = _empty(self.stat_shape, self.acc, x.device, self.poison)
+        if traced:  # plain torch ops only; the kept tensor may be a fake one
+            like = self.stats_like
+            mean = torch.empty(like.shape, dtype=like.dtype, device=x.device)
+            rstd = torch.empty(like.shape, dtype=like.dtype, device=x.device)
+        else:
+            mean = torch.empty_like(self.stats_like)
+            rstd = torch.empty_like(self.stats_like)
+        if self.poison:
+            mean.fill_(float("nan"))
+            rstd.fill_(float("nan"))
         w = weight if self.has_w else x
         b = bias if self.has_b else x
         eps = float(eps)
@@ -648,7 +661,7 @@ def traced_forward_launch(
     key = _forward_key(
         xc, weight, bias, rc, given_mean, given_var, num_groups, pool_batch, activation
     )
-    config, plans, _ = _caches(None)
+    config, plans = settings().config, _traced[0]
     plan = plans.get(key)
     if plan is None:
         check_device(x)
@@ -665,7 +678,7 @@ def traced_backward_launch(
 ):
     """:func:`norm_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
     xc, dyc = _concrete(x), _concrete(dy)
-    config, _, plans = _caches(None)
+    config, plans = settings().config, _traced[1]
     key = (
         xc.shape,
         xc.stride(),

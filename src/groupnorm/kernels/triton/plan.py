@@ -246,6 +246,10 @@ def make_plan(
         tile = block_c * block_s
         return Plan("fused", block_c, block_s, 1, s, 1, one_tile, _warps(tile))
 
+    if wide and not backward and config.block is None:
+        # The split forward's apply keeps per-channel shift, mean and rstd beside its tile; with
+        # 8-byte values a channels-last tile of the default size spilled on sm_90 (ptxas -v).
+        block //= 2
     block_c, block_s = _tile(c, s, channel_contiguous, block)
     while _cdiv(c, block_c) > MAX_GRID_Y and block_s > 1:  # CUDA caps grid dim 1 at 65535
         block_c, block_s = 2 * block_c, block_s // 2
@@ -264,7 +268,10 @@ def make_plan(
         block_c, block_s = block_c // 2, min(block_s * 2, next_pow2(s))
     c_tiles, split, chunk_s, batch_block = geometry
     tile = block_c * block_s
-    return Plan(path, block_c, block_s, split, chunk_s, c_tiles, False, _warps(tile), batch_block)
+    warps = _warps(tile)
+    if wide and not backward:
+        warps = max(warps, 8)  # the same reason: fewer 8-byte values per thread
+    return Plan(path, block_c, block_s, split, chunk_s, c_tiles, False, warps, batch_block)
 
 
 def fold_reads(
