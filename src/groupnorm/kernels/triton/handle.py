@@ -94,7 +94,7 @@ class Launch:
     Args:
         kernel: the ``@triton.jit`` function, or a zero-argument callable returning it (looked up
             on every JIT-path call, so a test can swap the module attribute).
-        grid: the launch grid (1 to 3 ints).
+        grid: the launch grid (1 to 3 ints; padded to 3 with ones).
         options: constexpr arguments by name, plus launch options such as ``num_warps``.
         direct: try the compiled launcher (see :func:`direct_launch_declined`); False forces the
             JIT path.
@@ -108,7 +108,7 @@ class Launch:
         ...         return lambda *a, **kw: calls.append((grid, a, kw))
         >>> Launch(Kernel(), (2, 3), {"BLOCK": 16}, direct=False)(1.5, 7)
         >>> calls
-        [((2, 3), (1.5, 7), {'BLOCK': 16})]
+        [((2, 3, 1), (1.5, 7), {'BLOCK': 16})]
     """
 
     __slots__ = (

@@ -114,6 +114,7 @@ def _fwd_partial_kernel(
     R,  # (N, C, S) residual (unused unless HAS_RESIDUAL)
     PMEAN,  # (rows, C) workspace: mean of (v - shift) over the program's chunk, per channel
     PM2,  # (rows, C) workspace: sum of squared deviations over the chunk, per channel
+    m2_at,  # offset of PM2 from the pointer passed (both halves of one buffer)
     N,  # samples
     C,  # channels
     S,  # spatial positions per (n, c)
@@ -133,6 +134,7 @@ def _fwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    PM2 = PM2 + m2_at
     # Program (pid_r, pid_c): samples [n_lo, n_hi) x positions [s_lo, s_hi) x BLOCK_C channels.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -287,6 +289,7 @@ def _fwd_apply_kernel(
     B,  # (C,) bias
     PMEAN,  # (rows, C) partial shifted means (STATS_GIVEN: the given mean, (C,))
     PM2,  # (rows, C) partial M2 (STATS_GIVEN: the given variance, (C,))
+    m2_at,  # offset of PM2 from the pointer passed (both halves of one buffer; 0 if given)
     MEAN,  # (N, G) or (C,) out: mean, written once per set
     RSTD,  # out: 1 / sqrt(var + eps)
     eps,
@@ -323,6 +326,7 @@ def _fwd_apply_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_F: tl.constexpr,  # entries merged at a time when a set spans several channels
 ):
+    PM2 = PM2 + m2_at
     # Each program first reduces the partials of the sets its channels belong to (the work of a
     # separate finalize launch, repeated by every program of a set: the workspace is small),
     # then normalizes its tile as ((v - shift) - mean_d) * rstd, which keeps the digits of v
@@ -644,6 +648,7 @@ def _bwd_partial_kernel(
     RSTD,
     PDW,  # (rows, C) out: sum of dz * xhat per channel over the program's chunk
     PDB,  # (rows, C) out: sum of dz per channel over the program's chunk
+    db_at,  # offset of PDB from the pointer passed (both halves of one buffer)
     N,
     C,
     S,
@@ -666,6 +671,7 @@ def _bwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    PDB = PDB + db_at
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     nb_id = pid_r // split
@@ -774,6 +780,7 @@ def _bwd_apply_kernel(
     RSTD,
     PDW,  # (rows, C) partial sums of dz * xhat (unused if STATS_GIVEN)
     PDB,  # (rows, C) partial sums of dz (unused if STATS_GIVEN)
+    db_at,  # offset of PDB from the pointer passed (both halves of one buffer)
     DX,  # (N, C, S) out
     set_size,
     N,
@@ -804,6 +811,7 @@ def _bwd_apply_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
+    PDB = PDB + db_at
     # c1 = mean over the set of w * dz and c2 = mean of w * dz * xhat are reduced here from the
     # partials of the program's own sets (no separate finalize launch).
     pid_r = tl.program_id(0)
@@ -892,6 +900,7 @@ def _bwd_fused_kernel(
     RSTD,
     PDW,  # (N, C) out: sum over positions of dz * xhat
     PDB,  # (N, C) out: sum over positions of dz
+    db_at,  # offset of PDB from the pointer passed (both halves of one buffer)
     DX,  # (N, C, S) out
     set_size,
     C,
@@ -914,6 +923,7 @@ def _bwd_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    PDB = PDB + db_at
     set_id = tl.program_id(0)
     n = set_id // G
     c0 = (set_id - n * G) * Cg
@@ -997,6 +1007,7 @@ def _bwd_fused_kernel(
 def _column_sum_kernel(
     PW,  # (rows, C) partials of dweight
     PB,  # (rows, C) partials of dbias
+    b_at,  # offset of PB from the pointer passed (both halves of one buffer)
     DW,  # (C,) out: sum over rows of PW, in fixed order (written if HAS_DW)
     DB,  # (C,) out: sum over rows of PB (written if HAS_DB)
     rows,
@@ -1007,6 +1018,7 @@ def _column_sum_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """dweight and dbias in one launch; the reduction order depends only on the shape."""
+    PB = PB + b_at
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     acc_w = tl.zeros([BLOCK_C], PW.dtype.element_ty)

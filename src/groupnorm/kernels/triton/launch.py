@@ -198,8 +198,13 @@ def _launch(name: str, grid: tuple[int, ...], options: dict[str, Any]) -> Launch
     return Launch(lambda: getattr(k, name), grid, options, direct)
 
 
-def _empty(shape, dtype, device, poison: bool) -> torch.Tensor:
-    buf = torch.empty(shape, dtype=dtype, device=device)
+def _new(like: torch.Tensor, poison: bool, traced: bool = False) -> torch.Tensor:
+    """A fresh tensor like the kept ``like`` (shape, dtype, device): ``empty_like`` is the
+    cheapest allocation from Python. Traced plans may keep fake tensors: there, plain ``empty``."""
+    if traced:
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    else:
+        buf = torch.empty_like(like)
     if poison:
         buf.fill_(float("nan"))
     return buf
@@ -276,7 +281,9 @@ class _ForwardPlan:
             )
             return
         rows = _cdiv(n, plan.batch_block) * plan.split
-        self.ws_shape = (rows, c)
+        # One workspace for both partials: means in the first half, M2 in the second.
+        self.ws_like = torch.empty((2, rows, c), dtype=self.acc, device=x.device)
+        self.half = rows * c
         geometry = (n, c, s, cg, plan.batch_block, plan.chunk_s, plan.split)
         self.partial = None
         if not stats_given:
@@ -323,16 +330,8 @@ class _ForwardPlan:
             t = total
         else:
             r, total, t = x, x.new_empty(0), y
-        if traced:  # plain torch ops only; the kept tensor may be a fake one
-            like = self.stats_like
-            mean = torch.empty(like.shape, dtype=like.dtype, device=x.device)
-            rstd = torch.empty(like.shape, dtype=like.dtype, device=x.device)
-        else:
-            mean = torch.empty_like(self.stats_like)
-            rstd = torch.empty_like(self.stats_like)
-        if self.poison:
-            mean.fill_(float("nan"))
-            rstd.fill_(float("nan"))
+        mean = _new(self.stats_like, self.poison, traced)
+        rstd = _new(self.stats_like, self.poison, traced)
         w = weight if self.has_w else x
         b = bias if self.has_b else x
         eps = float(eps)
@@ -340,13 +339,13 @@ class _ForwardPlan:
             main(x, r, y, t, w, b, mean, rstd, eps, self.set_size, *self.ints)
             return y, total, mean, rstd
         if self.partial is not None:
-            pmean = _empty(self.ws_shape, self.acc, x.device, self.poison)
-            pm2 = _empty(self.ws_shape, self.acc, x.device, self.poison)
+            ws = _new(self.ws_like, self.poison, traced)
             partial = self.partial.traced if traced else self.partial
-            partial(x, r, pmean, pm2, *self.partial_ints)
+            partial(x, r, ws, ws, self.half, *self.partial_ints)
+            main(x, r, y, t, w, b, ws, ws, self.half, mean, rstd, eps, self.set_size, *self.ints)
         else:  # statistics given: the apply kernel reads them in place of the partials
-            pmean, pm2 = given_mean, given_var
-        main(x, r, y, t, w, b, pmean, pm2, mean, rstd, eps, self.set_size, *self.ints)
+            main(x, r, y, t, w, b, given_mean, given_var, 0, mean, rstd, eps, self.set_size,
+                 *self.ints)  # fmt: skip
         return y, total, mean, rstd
 
 
@@ -484,12 +483,11 @@ class _BackwardPlan:
         )
         self.partial = self.apply = None
         if plan.path == "fused":
-            self.ws_shape = (n, c)
+            rows = n
             self.main = _launch("_bwd_fused_kernel", (n * num_groups,), flags)
             self.ints = (c, s, num_groups, cg, *xs, *ds, *os_)
         else:
             rows = _cdiv(n, plan.batch_block) * plan.split
-            self.ws_shape = (rows, c)
             geometry = (n, c, s, num_groups, cg, plan.batch_block, plan.chunk_s, plan.split)
             need_partials = self.need_dw or self.need_db or (self.need_dx and not stats_given)
             if need_partials:
@@ -510,6 +508,9 @@ class _BackwardPlan:
                     ),
                 )
                 self.ints = (*geometry, *xs, *ds, *os_)
+        # One workspace for both partials: dweight's in the first half, dbias's in the second.
+        self.ws_like = torch.empty((2, rows, c), dtype=self.acc, device=x.device)
+        self.half = rows * c
         self.columns = None
         if self.need_dw or self.need_db:
             self.columns = _launch(
@@ -523,7 +524,7 @@ class _BackwardPlan:
                     num_warps=4,
                 ),
             )
-            self.column_ints = (self.ws_shape[0], c)
+            self.column_ints = (rows, c)
 
     def __call__(self, dy, x, weight, bias, mean, rstd, traced=False):
         def run(launch, *args):
@@ -537,7 +538,6 @@ class _BackwardPlan:
             mean = mean.to(self.acc).contiguous()
         if rstd.dtype != self.acc or not rstd.is_contiguous():
             rstd = rstd.to(self.acc).contiguous()
-        device = x.device
         w = weight if self.has_w else x
         b = bias if self.has_b else x
         dx = None
@@ -546,30 +546,33 @@ class _BackwardPlan:
             if self.poison:
                 dx.fill_(float("nan"))
         dx_arg = dx if dx is not None else x
-        pdw = pdb = None
+        ws = None
+        half = self.half
         if self.path == "fused":
-            pdw = _empty(self.ws_shape, self.acc, device, self.poison)
-            pdb = _empty(self.ws_shape, self.acc, device, self.poison)
-            run(self.main, dy, x, w, b, mean, rstd, pdw, pdb, dx_arg, self.set_size, *self.ints)
+            ws = _new(self.ws_like, self.poison, traced)
+            run(self.main, dy, x, w, b, mean, rstd, ws, ws, half, dx_arg, self.set_size, *self.ints)
         else:
             if self.partial is not None:
-                pdw = _empty(self.ws_shape, self.acc, device, self.poison)
-                pdb = _empty(self.ws_shape, self.acc, device, self.poison)
-                run(self.partial, dy, x, w, b, mean, rstd, pdw, pdb, *self.partial_ints)
+                ws = _new(self.ws_like, self.poison, traced)
+                run(self.partial, dy, x, w, b, mean, rstd, ws, ws, half, *self.partial_ints)
             if self.apply is not None:
-                pw = pdw if pdw is not None else mean  # not read when the statistics are given
-                pb = pdb if pdb is not None else mean
-                run(self.apply, dy, x, w, b, mean, rstd, pw, pb, dx_arg, self.set_size, *self.ints)
+                if ws is None:  # statistics given: no partials are read
+                    p, half = mean, 0
+                else:
+                    p = ws
+                run(self.apply, dy, x, w, b, mean, rstd, p, p, half, dx_arg, self.set_size,
+                    *self.ints)  # fmt: skip
         if self.columns is None:
             return dx, None, None
-        dw = _empty((x.shape[1],), weight.dtype, device, self.poison) if self.need_dw else None
-        db = _empty((x.shape[1],), bias.dtype, device, self.poison) if self.need_db else None
+        dw = _new(weight, self.poison, traced) if self.need_dw else None
+        db = _new(bias, self.poison, traced) if self.need_db else None
         run(
             self.columns,
-            pdw,
-            pdb,
-            dw if dw is not None else pdw,
-            db if db is not None else pdb,
+            ws,
+            ws,
+            self.half,
+            dw if dw is not None else ws,
+            db if db is not None else ws,
             *self.column_ints,
         )
         return dx, dw, db
