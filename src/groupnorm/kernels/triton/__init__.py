@@ -38,14 +38,24 @@ __all__ = [
 ]
 
 
+_impl = None  # the launch and autograd modules, imported on the first call (they import torch)
+
+
+def _load():
+    global _impl
+    from . import autograd, launch
+
+    _impl = (launch.norm_forward, launch.norm_backward, autograd.eager)
+    return _impl
+
+
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
     """The backend ``forward`` (see :mod:`groupnorm.kernels`): (y, x + residual or empty,
     mean, rstd)."""
-    from .launch import norm_forward
-
-    return norm_forward(
+    run = (_impl or _load())[0]
+    return run(
         x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
     )
 
@@ -54,9 +64,8 @@ def backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
     """The backend ``backward`` (see :mod:`groupnorm.kernels`): (dx, dweight, dbias)."""
-    from .launch import norm_backward
-
-    return norm_backward(
+    run = (_impl or _load())[1]
+    return run(
         dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
     )
 
@@ -71,8 +80,7 @@ def eager(
     alone; otherwise one ``torch.autograd.Function`` saves x (or x + residual), weight, bias,
     mean and rstd and runs :func:`backward`. Inputs must already be validated.
     """
-    from .autograd import eager as run
-
+    run = (_impl or _load())[2]
     return run(
         x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
     )
