@@ -143,10 +143,10 @@ def run(
         return export.decomposed_normalize(*args, running=running)
     if _forward_ad._current_level >= 0:  # neither the op nor the kernels carry tangents
         y, total, mean, rstd = portable.forward(*args)
-    elif not plain:  # compiling, tracing, subclasses, modes, transforms: the custom op
-        y, total, mean, rstd = ops.norm_forward(*args, name)
+    elif not plain:  # compiling, tracing, subclasses, modes, transforms: a registered op
+        y, total, mean, rstd = _traced(name, x, args)
     else:
-        y, total, mean, rstd = _eager(select(name, x, num_groups, spec.pool_batch), args)
+        y, total, mean, rstd = select(name, x, num_groups, spec.pool_batch).eager(*args)
     if running is not None and x.numel() > 0:
         running_mean, running_var, momentum = running
         count = x.numel() // x.shape[1]
@@ -163,8 +163,15 @@ def run(
     return y, (total if residual is not None else None)
 
 
-def _eager(backend, args):
-    eager = getattr(backend, "eager", None)
-    if eager is None:  # a backend without its own eager entry: the custom op
-        return ops.norm_forward(*args, backend.__name__.rsplit(".", 1)[-1])
-    return eager(*args)
+def _traced(name: str, x: Tensor, args: tuple):
+    """The op a tracer sees: on CUDA with the triton backend, the Triton kernels registered with
+    ``torch.library.triton_op`` (Inductor launches them itself) where this torch and Triton allow
+    it; otherwise the opaque ``groupnorm::forward`` op."""
+    if x.is_cuda and (name == "triton" or name == "auto"):
+        from .kernels import triton as triton_backend
+
+        if name == "triton" or triton_backend.prefers_triton(x, args[6], args[7]):
+            out = triton_backend.traced(*args)
+            if out is not None:
+                return out
+    return ops.norm_forward(*args, name)

@@ -104,7 +104,6 @@ def select(name: str, x: torch.Tensor, num_groups: int, pool_batch: bool) -> Mod
             triton_backend = _load("triton")
         except RuntimeError:  # no Triton installed: torch's kernels
             return _load("aten")
-        prefers = getattr(triton_backend, "prefers_triton", None)
-        if prefers is None or prefers(x, num_groups, pool_batch):
+        if triton_backend.prefers_triton(x, num_groups, pool_batch):
             return triton_backend
     return _load("aten")
