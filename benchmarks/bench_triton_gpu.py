@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> Path:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     card = "".join(ch if ch.isalnum() else "-" for ch in gpu.lower()).strip("-")
-    out = args.out or RESULTS / f"triton_gpu_{card}_{date[:10]}_{commit}.csv"
+    out = args.out or RESULTS / f"triton-{card}-{date[:10]}.csv"
     rows: list[dict] = []
 
     def emit(provider, mode, shape, dtype, layout, metric, value):

@@ -1,6 +1,6 @@
 """Markdown tables from the GPU benchmark's CSVs (``bench_triton_gpu.py``).
 
-    python benchmarks/summarize_gpu.py benchmarks/results/triton_gpu_*.csv
+    python benchmarks/summarize_gpu.py benchmarks/results/triton-*.csv
 
 For each shape, dtype and layout: our time and torch eager's in the same run (eager clock and
 CUDA-graph clock), their ratio, and the bandwidth of our forward against the copy's; then the

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call: the machine and versions, the Triton
+# Everything to run on a GPU machine, in one call: the machine and versions, the Triton
 # tests compiled on the GPU, and the benchmark. It uses the python3 that is there (with its own
 # torch and triton) and this checkout's src/ on PYTHONPATH, so nothing needs installing; wheels
 # under .whl/ (e.g. Liger-Kernel, for the peer comparison) are installed to /tmp/site first.
 #
-#   bash benchmarks/gpu_session.sh [OUTDIR]        # OUTDIR: $OUT, else benchmarks/results
+#   bash benchmarks/gpu_checks.sh [OUTDIR]        # OUTDIR: $OUT, else benchmarks/results
 #
 # STAGES picks what runs (default "info tests profile bench compile"); each stage has a time limit
-# (TESTS_S, BENCH_S, COMPILE_S seconds) so the whole call ends inside the lease, and the CSVs are
+# (TESTS_S, BENCH_S, COMPILE_S seconds) so the whole call ends inside a fixed time budget, and the CSVs are
 # written row by row, so a stage cut short still leaves its measurements.
 set -u
 out=${1:-${OUT:-benchmarks/results}}
@@ -45,7 +45,7 @@ fi
 
 if [[ $stages == *bench* ]]; then
     timeout "${BENCH_S:-300}" python3 benchmarks/bench_triton_gpu.py --no-plot --rep "${REP:-50}" \
-        --providers groupnorm,torch,liger --out "$out/triton_gpu_${stamp}${TAG:-}.csv" ${BENCH_ARGS:-} \
+        --providers groupnorm,torch,liger --out "$out/triton-${stamp}${TAG:-}.csv" ${BENCH_ARGS:-} \
         > "$out/gpu_bench.log" 2>&1
     tail -5 "$out/gpu_bench.log"
 fi
@@ -53,7 +53,7 @@ fi
 if [[ $stages == *compile* ]]; then
     timeout "${COMPILE_S:-150}" python3 benchmarks/bench_triton_gpu.py --no-plot --rep "${REP:-50}" \
         --providers groupnorm,torch,torch.compile --quick \
-        --out "$out/triton_gpu_compile_${stamp}.csv" ${COMPILE_ARGS:-} \
+        --out "$out/triton-compile-${stamp}.csv" ${COMPILE_ARGS:-} \
         > "$out/gpu_compile.log" 2>&1
     tail -5 "$out/gpu_compile.log"
 fi
