@@ -96,7 +96,7 @@ $(INTEROP_STAMP): pyproject.toml Makefile
 	touch $(INTEROP_STAMP)
 
 test-interop: $(INTEROP_STAMP)
-	$(INTEROP_PY) -m pytest -q tests/interop
+	GROUPNORM_INTEROP_TESTS=1 $(INTEROP_PY) -m pytest -q tests/interop
 
 clean:
 	rm -rf $(VENV) $(INTEROP_VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -361,12 +361,12 @@ def convert_batchnorm(
     Converted: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, :class:`groupnorm.BatchNorm`, frozen
     batch norm and the subclasses that carry an activation and dropout (timm's
     ``BatchNormAct2d``...; see the module docstring). A layer's own activation and dropout are
-    kept (fused into :class:`groupnorm.GroupNormAct` when possible). Each new layer gets the old layer's affine
-    :math:`\\gamma, \\beta` (the same Parameter objects; a frozen BN's weight/bias buffers become
-    trainable Parameters), its eps, device, dtype and train/eval mode. Running statistics are
-    dropped: group norm has none, so the converted model computes a different function and needs
-    training or fine-tuning. The model is changed in place (the root is returned new when it is
-    itself a batch norm).
+    kept (fused into :class:`groupnorm.GroupNormAct` when possible). Each new layer gets the old
+    layer's affine :math:`\\gamma, \\beta` (the same Parameter objects; a frozen BN's weight/bias
+    buffers become trainable Parameters), its eps, device, dtype and train/eval mode. Running
+    statistics are dropped: group norm has none, so the converted model computes a different
+    function and needs training or fine-tuning. The model is changed in place (the root is
+    returned new when it is itself a batch norm).
 
     When a layer's channel count is not divisible by the requested groups, the nearest valid
     count is used (:func:`choose_num_groups`) and one ``UserWarning`` per call names every such
@@ -440,8 +440,9 @@ def convert_batchnorm(
                 f"forward pass before converting"
             )
         weight, bias = _bn_tensor(m, "weight"), _bn_tensor(m, "bias")
-        like = next((t for t in (weight, bias, _bn_tensor(m, "running_mean")) if t is not None))
-        channels = like.numel()
+        rm = _bn_tensor(m, "running_mean")
+        like = next((t for t in (weight, bias, rm) if t is not None), None)
+        channels = m.num_features if isinstance(m, _BatchNorm) else like.numel()
         own = getattr(m, "_activation", "") if isinstance(m, _BatchNorm) else ""
         carries = bool(own) or act is not None or drop is not None
         fused = bool(activation) and not carries
@@ -458,7 +459,9 @@ def convert_batchnorm(
         ):
             why = ""
             if groups != choose_num_groups(channels, num_groups, group_size):
-                why = " (BatchNorm1d: at least 2 channels a group, as (N, C) input has no positions)"
+                why = (
+                    " (BatchNorm1d: at least 2 channels a group, as (N, C) input has no positions)"
+                )
             msg = f"{name} (C={channels}): {asked} -> num_groups={groups}{why}"
             if strict:
                 valid = [str(d) for d in v.divisors(channels) if channels // d >= min_size]
