@@ -269,7 +269,7 @@ def test_batchnorm1d_never_gets_single_channel_groups():
     y = net(torch.randn(4, 16))
     assert y.std(dim=0).min() > 0  # depends on the input, not the constant bias
     with pytest.warns(UserWarning, match=r"kept these BatchNorm1d.*0 \(C=1\)"):
-        kept = groupnorm.convert_batchnorm(nn.Sequential(nn.BatchNorm1d(1), nn.BatchNorm2d(1)))
+        kept = groupnorm.convert_batchnorm(nn.Sequential(nn.BatchNorm1d(1), nn.BatchNorm2d(1)), 1)
     assert type(kept[0]) is nn.BatchNorm1d and type(kept[1]) is GroupNorm
     with pytest.raises(ValueError, match="valid group counts: 1, 2, 4"):
         groupnorm.convert_batchnorm(nn.BatchNorm1d(8), num_groups=8, strict=True)
