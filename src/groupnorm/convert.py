@@ -55,7 +55,6 @@ class _DefaultGroups(int):
 
 
 _DEFAULT_GROUPS = _DefaultGroups(32)
-_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 _CARRIED = frozenset(("act", "drop"))
 _BN_PARAMS = frozenset(("weight", "bias"))
 _BN_BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
