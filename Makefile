@@ -9,7 +9,8 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groupnorm-installed
 
-.PHONY: setup test test-gpu lint format demo reproduce data bench bench-gpu fuzz test-large figures clean
+.PHONY: setup test test-gpu lint format demo reproduce data bench bench-gpu fuzz test-large figures clean \
+	test-interop
 
 setup: $(STAMP)
 
@@ -76,5 +77,27 @@ BENCH_ARGS ?=
 bench: setup
 	$(PY) -m groupnorm bench --plot $(BENCH_ARGS)
 
+# Conversions of real timm and torchvision models (tests/interop), in a virtual environment of
+# their own: torchvision's wheels need the full torch build from the package index (several
+# GB with its CUDA libraries; the tests run on the CPU), so this is not part of make test.
+# INTEROP_TORCH_SPEC uses === (this exact version string) so that a CPU-only local build such
+# as 2.13.0+cpu is not picked in its place; keep it the same release as TORCHVISION_SPEC needs.
+INTEROP_VENV ?= .venv-interop
+INTEROP_TORCH_SPEC ?= torch===2.13.0
+TORCHVISION_SPEC ?= torchvision==0.28.0
+TIMM_SPEC ?= timm==1.0.31
+INTEROP_PY := $(INTEROP_VENV)/bin/python
+INTEROP_STAMP := $(INTEROP_VENV)/.groupnorm-installed
+
+$(INTEROP_STAMP): pyproject.toml Makefile
+	test -x $(INTEROP_PY) || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_PY) -m pip install -q --disable-pip-version-check "$(INTEROP_TORCH_SPEC)" \
+		"$(TORCHVISION_SPEC)" "$(TIMM_SPEC)"
+	$(INTEROP_PY) -m pip install -q --disable-pip-version-check -e ".[interop]" "pytest>=7"
+	touch $(INTEROP_STAMP)
+
+test-interop: $(INTEROP_STAMP)
+	GROUPNORM_INTEROP_TESTS=1 $(INTEROP_PY) -m pytest -q tests/interop
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -255,7 +255,7 @@ def test_replace_group_norm_root_and_foreign_subclass():
             return super().forward(x) * 2
 
     net = nn.Sequential(CustomGN(2, 4), groupnorm.LayerNorm(4))
-    with pytest.warns(UserWarning, match=r"0 \(CustomGN\)"):
+    with pytest.warns(UserWarning, match=r"0 \(CustomGN from "):
         groupnorm.replace_group_norm(net)
     assert type(net[0]) is CustomGN and type(net[1]) is groupnorm.LayerNorm
 

@@ -5,15 +5,28 @@ Both converters walk the model, build new modules and put them where the old one
 ``copy.deepcopy`` it first to keep the original. Affine Parameters are moved over as the same
 ``Parameter`` objects, so an optimizer built before the conversion still updates them.
 
-What counts as what:
+What counts as what (see ``docs/moving-from-bn-to-gn.md`` for the list of known layers):
 
-* batch norm: any ``torch.nn.modules.batchnorm._BatchNorm`` (``BatchNorm1d/2d/3d``,
-  ``SyncBatchNorm``, ``groupnorm.BatchNorm``), and *frozen* batch norm, recognised by its
-  buffers: a leaf module with no Parameters and 1-D buffers ``weight``, ``bias``,
-  ``running_mean`` and ``running_var`` of one size (torchvision's and detectron2's
-  ``FrozenBatchNorm2d``);
-* activation that can be fused: an exact ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU`` with
-  ``approximate="none"``, the next child of the same ``nn.Sequential``;
+* batch norm: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and :class:`groupnorm.BatchNorm` as they
+  are; a subclass of torch's ``_BatchNorm`` whose only submodules are ``act`` and/or ``drop``
+  (timm's ``BatchNormAct2d``, ``SyncBatchNormAct``; detectron2's ``NaiveSyncBatchNorm``); and a
+  module that is not a ``_BatchNorm`` but has its structure: 1-D ``running_mean`` and
+  ``running_var`` buffers and ``weight``/``bias`` (Parameters or buffers) of one size, no other
+  Parameters, submodules only ``act``/``drop`` (torchvision's and detectron2's
+  ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``, mmcv's ``SyncBatchNorm``);
+* group norm (for :func:`replace_group_norm`): ``torch.nn.GroupNorm`` as it is, and a subclass
+  with no buffers and submodules only ``act``/``drop`` (timm's ``GroupNorm``, ``GroupNorm1``,
+  ``GroupNormAct``, ``GroupNorm1Act``);
+* every layer above whose ``forward`` is not torch's own is *checked*: in eval mode, on a small
+  random input, its output must equal the norm followed by its ``drop`` and ``act`` (computed
+  here from its own tensors). A subclass that fails the check, or has other submodules, Parameters
+  or buffers, is *unknown*: it is left alone and named in one warning, or converted as a plain
+  norm with ``convert_unknown=True`` (and named in a warning saying so);
+* activation: a layer's own ``act`` is carried over, fused into :class:`groupnorm.GroupNormAct`
+  when it is an exact ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU`` with ``approximate="none"`` and no
+  dropout sits between, else kept as the same module after the norm; ``drop`` is kept too. With
+  ``activation_fusion``/``fuse_activation``, the next child of the same ``nn.Sequential`` is fused
+  when it is one of those three;
 * residual block (for ``zero_init_last``): see :func:`find_last_norms`.
 """
 
@@ -26,8 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _act
 from . import _validation as v
-from .modules import GroupNorm, GroupNormAct
+from .modules import BatchNorm, GroupNorm, GroupNormAct
 from .weight_standardization import DEFAULT_EPS, WSConv1d, WSConv2d, WSConv3d
 
 __all__ = ["convert_batchnorm", "replace_group_norm", "choose_num_groups", "find_last_norms"]
@@ -41,8 +55,15 @@ class _DefaultGroups(int):
 
 
 _DEFAULT_GROUPS = _DefaultGroups(32)
-_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
-_FUSABLE = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
+_CARRIED = frozenset(("act", "drop"))
+_BN_PARAMS = frozenset(("weight", "bias"))
+_BN_BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
+_TORCH_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNorm.forward)
+_ACT_FNS = {
+    "silu": torch.nn.functional.silu,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+}
 _CONVS = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
 _BLOCK_WORDS = ("block", "bottleneck")
 _SHORTCUT_NAMES = frozenset(
@@ -51,15 +72,23 @@ _SHORTCUT_NAMES = frozenset(
 
 
 def choose_num_groups(
-    num_channels: int, num_groups: int | None = None, group_size: int | None = None
+    num_channels: int,
+    num_groups: int | None = None,
+    group_size: int | None = None,
+    *,
+    min_group_size: int = 1,
 ) -> int:
     """The valid group count for ``num_channels`` nearest to the one asked for.
 
     With ``num_groups``: the divisor of ``num_channels`` closest to it (on a tie, the smaller
     count, i.e. larger groups, further from instance norm). With ``group_size``: the divisor of
     ``num_channels`` closest to that group size (on a tie, the larger size), turned into a count.
-    When the request is valid it is returned unchanged.
+    When the request is valid it is returned unchanged. ``min_group_size`` leaves out counts
+    whose groups would have fewer channels (the converter passes 2 for ``BatchNorm1d``); a
+    ValueError when no count qualifies.
 
+    >>> choose_num_groups(10, 32, min_group_size=2)  # 5 groups of 2, not 10 groups of 1
+    5
     >>> choose_num_groups(64, 32), choose_num_groups(48, 32), choose_num_groups(30, 32)
     (32, 24, 30)
     >>> choose_num_groups(96, group_size=20)  # sizes 16 and 24 are both 4 away: take 24
@@ -69,9 +98,15 @@ def choose_num_groups(
     if num_channels <= 0:
         raise ValueError(f"num_channels must be positive, got {num_channels}")
     _check_group_args(num_groups, group_size)
-    divs = v.divisors(num_channels)
+    divs = [d for d in v.divisors(num_channels) if num_channels // d >= min_group_size]
+    if not divs:
+        raise ValueError(
+            f"no group count gives groups of at least {min_group_size} channels for "
+            f"num_channels={num_channels}"
+        )
     if group_size is not None:
-        size = min(divs, key=lambda d: (abs(d - group_size), -d))
+        sizes = [num_channels // d for d in divs]
+        size = min(sizes, key=lambda d: (abs(d - group_size), -d))
         return num_channels // size
     return min(divs, key=lambda d: (abs(d - num_groups), d))
 
@@ -102,20 +137,125 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _is_frozen_bn(m: nn.Module) -> bool:
-    if isinstance(m, (_BatchNorm, nn.GroupNorm)):
-        return False
-    if next(m.parameters(recurse=False), None) is not None or next(m.children(), None):
-        return False
-    bufs = dict(m.named_buffers(recurse=False))
-    if any(bufs.get(name) is None for name in _FROZEN_BUFFERS):
-        return False
-    shapes = {bufs[name].shape for name in _FROZEN_BUFFERS}
-    return len(shapes) == 1 and bufs["weight"].dim() == 1
+def _carried(m: nn.Module) -> tuple[nn.Module | None, nn.Module | None] | None:
+    """(act, drop) when the only submodules are ``act``/``drop`` (an Identity counts as none)."""
+    children = dict(m.named_children())
+    if set(children) - _CARRIED:
+        return None
+    act, drop = children.get("act"), children.get("drop")
+    return (
+        None if isinstance(act, nn.Identity) else act,
+        None if isinstance(drop, nn.Identity) else drop,
+    )
 
 
-def _is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, _BatchNorm) or _is_frozen_bn(m)
+def _own_names(m: nn.Module) -> tuple[set[str], set[str]]:
+    params = {n for n, p in m.named_parameters(recurse=False) if p is not None}
+    buffers = {n for n, b in m.named_buffers(recurse=False) if b is not None}
+    return params, buffers
+
+
+def _bn_tensor(m: nn.Module, name: str) -> Tensor | None:
+    t = getattr(m, name, None)
+    return t if isinstance(t, Tensor) else None
+
+
+def _is_bn_like(m: nn.Module) -> bool:
+    """Batch norm by structure, for modules that are not torch's ``_BatchNorm`` (frozen BN...)."""
+    if isinstance(m, (_BatchNorm, nn.GroupNorm)) or _carried(m) is None:
+        return False
+    params, buffers = _own_names(m)
+    if params - _BN_PARAMS or not {"running_mean", "running_var"} <= buffers:
+        return False
+    tensors = [_bn_tensor(m, n) for n in ("weight", "bias", "running_mean", "running_var")]
+    shapes = {t.shape for t in tensors if t is not None}
+    return len(shapes) == 1 and next(iter(shapes)) != () and len(next(iter(shapes))) == 1
+
+
+def _probe(m: nn.Module, kind: str, act: nn.Module | None, drop: nn.Module | None) -> bool:
+    """Whether ``m`` (in eval mode) computes the plain norm, then ``drop``, then ``act``.
+
+    Run on a small random input with ``m``'s own tensors; no buffer changes (eval mode), and the
+    modes of ``m`` and its submodules are restored afterwards.
+    """
+    weight, bias = _bn_tensor(m, "weight"), _bn_tensor(m, "bias")
+    rm, rv = _bn_tensor(m, "running_mean"), _bn_tensor(m, "running_var")
+    like = next((t for t in (weight, bias, rm) if t is not None), None)
+    device = like.device if like is not None else torch.device("cpu")
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    if device.type == "meta":
+        return False
+    channels = m.num_channels if kind == "group" else like.numel() if like is not None else 0
+    if channels <= 0:
+        return False
+    rank = 4
+    if isinstance(m, nn.BatchNorm1d):
+        rank = 3
+    elif isinstance(m, nn.BatchNorm3d):
+        rank = 5
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, channels) + (3,) * (rank - 2)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).mul(1.5).add(0.3)
+    x = x.to(device=device, dtype=dtype)
+    eps = float(getattr(m, "eps", 1e-5))
+    modes = [(mod, mod.training) for mod in m.modules()]
+    try:
+        m.eval()
+        with torch.no_grad():
+            y = m(x.clone())
+            if kind == "group":
+                ref = torch.nn.functional.group_norm(x, m.num_groups, weight, bias, eps)
+            else:
+                ref = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, rm is None, 0.0, eps)
+            own = getattr(m, "_activation", "")
+            if own:
+                ref = _ACT_FNS[own](ref)
+            if drop is not None:
+                ref = drop(ref)
+            if act is not None:
+                ref = act(ref)
+    except Exception:  # any failure means: not the layer we know how to replace
+        return False
+    finally:
+        for mod, training in modes:
+            mod.training = training
+    if not isinstance(y, Tensor) or y.shape != ref.shape:
+        return False
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    return torch.allclose(y.double(), ref.double(), atol=tol, rtol=tol)
+
+
+def _classify_bn(m: nn.Module) -> tuple[str, nn.Module | None, nn.Module | None]:
+    """("known" | "unknown" | "", act, drop) for a batch norm to convert; "" = not one."""
+    if isinstance(m, _BatchNorm):
+        extras = _carried(m)
+        if extras is None:
+            return "unknown", None, None
+        act, drop = extras
+        if type(m).forward in _TORCH_BN_FORWARDS and next(m.children(), None) is None:
+            return "known", None, None
+        params, buffers = _own_names(m)
+        if params - _BN_PARAMS or buffers - _BN_BUFFERS or not _probe(m, "batch", act, drop):
+            return "unknown", None, None
+        return "known", act, drop
+    if _is_bn_like(m):
+        act, drop = _carried(m)
+        return ("known", act, drop) if _probe(m, "batch", act, drop) else ("unknown", None, None)
+    return "", None, None
+
+
+def _classify_gn(m: nn.Module) -> tuple[str, nn.Module | None, nn.Module | None]:
+    """("known" | "unknown" | "", act, drop) for a torch or foreign group norm to swap."""
+    if type(m) is nn.GroupNorm:
+        return "known", None, None
+    if not isinstance(m, nn.GroupNorm) or isinstance(m, GroupNorm):
+        return "", None, None
+    extras = _carried(m)
+    params, buffers = _own_names(m)
+    if extras is None or params - _BN_PARAMS or buffers:
+        return "unknown", None, None
+    act, drop = extras
+    return ("known", act, drop) if _probe(m, "group", act, drop) else ("unknown", None, None)
 
 
 def _new_group_norm(
@@ -127,23 +267,31 @@ def _new_group_norm(
     activation: str,
     training: bool,
     like: Tensor | None,
+    act: nn.Module | None = None,
+    drop: nn.Module | None = None,
 ) -> GroupNorm:
-    """A GroupNorm(Act) taking over ``weight``/``bias`` (Parameters are shared, buffers cloned)."""
+    """A GroupNorm(Act) taking over ``weight``/``bias`` (Parameters are shared, buffers cloned).
+
+    ``activation`` is a fused name; ``act``/``drop`` are modules carried over (the same objects;
+    an ``act`` that is an exact SiLU/ReLU/erf GELU with no ``drop`` is fused instead).
+    """
     affine = weight is not None or bias is not None
     device = like.device if like is not None else None
     dtype = like.dtype if like is not None and like.is_floating_point() else None
-    kwargs = {"activation": activation} if activation else {}
-    cls = GroupNormAct if activation else GroupNorm
-    gn = cls(
-        num_groups,
-        num_channels,
-        eps=eps,
-        affine=affine,
-        device=device,
-        dtype=dtype,
-        bias=bias is not None,
-        **kwargs,
-    )
+    common = dict(eps=eps, affine=affine, device=device, dtype=dtype, bias=bias is not None)
+    if act is not None or drop is not None:
+        gn = GroupNormAct(
+            num_groups,
+            num_channels,
+            act_layer=act if act is not None else activation or None,
+            drop_layer=drop,
+            activation=None,
+            **common,
+        )
+    elif activation:
+        gn = GroupNormAct(num_groups, num_channels, activation=activation, **common)
+    else:
+        gn = GroupNorm(num_groups, num_channels, **common)
     if affine:
         for name, t in (("weight", weight), ("bias", bias)):
             if t is None:
@@ -157,11 +305,11 @@ def _new_group_norm(
 
 
 def _fusable_activation(m: nn.Module | None) -> str:
-    if m is None or type(m) not in _FUSABLE:
-        return ""
-    if isinstance(m, nn.GELU) and m.approximate != "none":
-        return ""  # the fused GELU is the exact (erf) one
-    return _FUSABLE[type(m)]
+    return "" if m is None else _act.fused_name(m)
+
+
+def _describe(name: str, m: nn.Module) -> str:
+    return f"{name or 'model'} ({type(m).__name__} from {type(m).__module__})"
 
 
 def _walk(
@@ -205,20 +353,31 @@ def convert_batchnorm(
     eps: float | None = None,
     strict: bool = False,
     ws_eps: float = DEFAULT_EPS,
+    convert_unknown: bool = False,
 ) -> nn.Module:
     """Replace every batch norm in ``model`` by :class:`groupnorm.GroupNorm`; returns the model.
 
-    Converted: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, :class:`groupnorm.BatchNorm` and frozen
-    batch norm (see the module docstring). Each new layer gets the old layer's affine
-    :math:`\\gamma, \\beta` (the same Parameter objects; a frozen BN's weight/bias buffers become
-    trainable Parameters), its eps, device, dtype and train/eval mode. Running statistics are
-    dropped: group norm has none, so the converted model computes a different function and needs
-    training or fine-tuning. The model is changed in place (the root is returned new when it is
-    itself a batch norm).
+    Converted: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, :class:`groupnorm.BatchNorm`, frozen
+    batch norm and the subclasses that carry an activation and dropout (timm's
+    ``BatchNormAct2d``...; see the module docstring). A layer's own activation and dropout are
+    kept (fused into :class:`groupnorm.GroupNormAct` when possible). Each new layer gets the old
+    layer's affine :math:`\\gamma, \\beta` (the same Parameter objects; a frozen BN's weight/bias
+    buffers become trainable Parameters), its eps, device, dtype and train/eval mode. Running
+    statistics are dropped: group norm has none, so the converted model computes a different
+    function and needs training or fine-tuning. The model is changed in place (the root is
+    returned new when it is itself a batch norm).
 
     When a layer's channel count is not divisible by the requested groups, the nearest valid
     count is used (:func:`choose_num_groups`) and one ``UserWarning`` per call names every such
-    layer; ``strict=True`` raises instead.
+    layer; ``strict=True`` raises instead. A ``BatchNorm1d`` may see (N, C) input, where a group
+    of one channel holds one element (its output would be the constant bias): its groups always
+    have at least 2 channels (fewer groups than asked, in the same warning), and a
+    ``BatchNorm1d(1)`` is kept as it is, with a warning.
+
+    A batch norm subclass that is not recognised (its ``forward`` does not compute the norm, then
+    its ``drop``, then its ``act``, or it has other submodules or tensors) is left alone and named
+    in one warning; ``convert_unknown=True`` converts it as a plain batch norm (its own
+    ``forward`` and other submodules are dropped), and a warning names those too.
 
     Args:
         model: the ``nn.Module`` to convert (not a DDP/DataParallel wrapper).
@@ -234,6 +393,7 @@ def convert_batchnorm(
         eps: overrides every layer's eps; by default each batch norm's own eps is kept.
         strict: raise a ValueError instead of adjusting a group count.
         ws_eps: eps of the weight standardization.
+        convert_unknown: also convert unrecognised batch norm subclasses (see above).
 
     Examples:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.BatchNorm2d(64),
@@ -255,47 +415,63 @@ def convert_batchnorm(
         eps = v.check_eps(eps)
     ws_eps = v.check_eps(ws_eps)
     adjusted: list[str] = []
+    single: list[str] = []
+    unknown: list[str] = []
 
     def replace(name: str, m: nn.Module, activation: str) -> tuple[nn.Module | None, bool]:
         if weight_standardization and type(m) in _CONVS:
             return _CONVS[type(m)].from_conv(m, eps=ws_eps), False
-        if not _is_batchnorm(m):
+        kind, act, drop = _classify_bn(m)
+        if not kind:
             return None, False
-        return _bn_to_gn(name or type(m).__name__, m, activation)
+        if kind == "unknown":
+            unknown.append(_describe(name, m))
+            if not convert_unknown:
+                return None, False
+        return _bn_to_gn(name or type(m).__name__, m, activation, act, drop)
 
-    def _bn_to_gn(name: str, m: nn.Module, activation: str) -> tuple[GroupNorm, bool]:
-        frozen = not isinstance(m, _BatchNorm)
-        if frozen:
-            weight, bias = m.weight, m.bias
-            channels = weight.numel()
-        else:
-            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-                raise ValueError(
-                    f"{name} is a lazy batch norm that has not seen an input yet; run one "
-                    f"forward pass before converting"
-                )
-            weight, bias = m.weight, m.bias
-            channels = m.num_features
+    def _bn_to_gn(
+        name: str, m: nn.Module, activation: str, act: nn.Module | None, drop: nn.Module | None
+    ) -> tuple[nn.Module | None, bool]:
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(
+                f"{name} is a lazy batch norm that has not seen an input yet; run one "
+                f"forward pass before converting"
+            )
+        weight, bias = _bn_tensor(m, "weight"), _bn_tensor(m, "bias")
+        rm = _bn_tensor(m, "running_mean")
+        like = next((t for t in (weight, bias, rm) if t is not None), None)
+        channels = m.num_features if isinstance(m, _BatchNorm) else like.numel()
         own = getattr(m, "_activation", "") if isinstance(m, _BatchNorm) else ""
-        fused = bool(activation) and not own
-        if own:  # groupnorm.BatchNorm with a fused activation keeps it, and fuses nothing more
+        carries = bool(own) or act is not None or drop is not None
+        fused = bool(activation) and not carries
+        if not fused:  # its own activation (if any) is kept, the next child is left alone
             activation = own
-        groups = choose_num_groups(channels, num_groups, group_size)
+        min_size = 2 if isinstance(m, nn.BatchNorm1d) else 1
+        if channels < min_size:
+            single.append(f"{name} (C={channels})")
+            return None, False
+        groups = choose_num_groups(channels, num_groups, group_size, min_group_size=min_size)
         asked = num_groups if num_groups is not None else f"group_size={group_size}"
         if (num_groups is not None and groups != num_groups) or (
             group_size is not None and groups * group_size != channels
         ):
-            msg = f"{name} (C={channels}): {asked} -> num_groups={groups}"
+            why = ""
+            if groups != choose_num_groups(channels, num_groups, group_size):
+                why = (
+                    " (BatchNorm1d: at least 2 channels a group, as (N, C) input has no positions)"
+                )
+            msg = f"{name} (C={channels}): {asked} -> num_groups={groups}{why}"
             if strict:
+                valid = [str(d) for d in v.divisors(channels) if channels // d >= min_size]
                 raise ValueError(
                     f"cannot use {asked} for {name} with {channels} channels (strict=True); "
-                    f"valid group counts: {', '.join(map(str, v.divisors(channels)))}"
+                    f"valid group counts: {', '.join(valid)}"
                 )
             adjusted.append(msg)
         layer_eps = eps if eps is not None else v.check_eps(float(getattr(m, "eps", 1e-5)))
-        like = weight if weight is not None else getattr(m, "running_mean", None)
         gn = _new_group_norm(
-            weight, bias, channels, groups, layer_eps, activation, m.training, like
+            weight, bias, channels, groups, layer_eps, activation, m.training, like, act, drop
         )
         return gn, fused
 
@@ -311,6 +487,28 @@ def convert_batchnorm(
             UserWarning,
             stacklevel=2,
         )
+    if single:
+        warnings.warn(
+            "convert_batchnorm kept these BatchNorm1d layers as they are: with one channel, "
+            "group norm on (N, C) input normalizes sets of one element (output = bias): "
+            + ", ".join(single),
+            UserWarning,
+            stacklevel=2,
+        )
+    if unknown:
+        if convert_unknown:
+            msg = (
+                "convert_batchnorm converted these unrecognised batch norm subclasses as plain "
+                "batch norms (convert_unknown=True); their own forward and any other submodules "
+                "are gone: "
+            )
+        else:
+            msg = (
+                "convert_batchnorm left these batch norm subclasses alone, since their forward "
+                "or contents are not a batch norm followed by its act/drop (pass "
+                "convert_unknown=True to convert them as plain batch norms): "
+            )
+        warnings.warn(msg + ", ".join(unknown), UserWarning, stacklevel=2)
     if zero_init_last:
         for _, norm in find_last_norms(model):
             with torch.no_grad():
@@ -318,12 +516,21 @@ def convert_batchnorm(
     return model
 
 
-def replace_group_norm(model: nn.Module, *, fuse_activation: bool = False) -> nn.Module:
+def replace_group_norm(
+    model: nn.Module, *, fuse_activation: bool = False, convert_unknown: bool = False
+) -> nn.Module:
     """Swap every ``torch.nn.GroupNorm`` in ``model`` for :class:`groupnorm.GroupNorm`.
 
     The new layers compute the same function (same groups, eps, Parameters shared), so outputs
-    agree to float rounding. Only modules whose type is exactly ``torch.nn.GroupNorm`` are swapped;
-    other subclasses may override ``forward``, so they are left alone with a warning naming them.
+    agree to float rounding. Swapped: modules whose type is exactly ``torch.nn.GroupNorm``, and
+    subclasses with no buffers and no submodules but ``act``/``drop`` whose ``forward`` is checked
+    to compute group norm, then ``drop``, then ``act`` (timm's ``GroupNorm``, ``GroupNorm1``,
+    ``GroupNormAct``, ``GroupNorm1Act``; see the module docstring). Their activation and dropout
+    are kept: fused into :class:`groupnorm.GroupNormAct` when it is an exact SiLU, ReLU or erf
+    GELU with no dropout, else the same modules applied after the norm. Other subclasses are left
+    alone with one warning naming them; ``convert_unknown=True`` swaps them as plain group norms
+    (their own ``forward`` and other submodules are dropped; a warning names them).
+
     With ``fuse_activation=True``, a group norm (torch's or our plain one) directly followed by
     ``nn.SiLU``/``nn.GELU``/``nn.ReLU`` in an ``nn.Sequential`` becomes one
     :class:`groupnorm.GroupNormAct` and the activation an ``nn.Identity``. The model is changed in
@@ -337,31 +544,54 @@ def replace_group_norm(model: nn.Module, *, fuse_activation: bool = False) -> nn
     )
     """
     model = _check_model(model)
-    skipped: list[str] = []
+    unknown: list[str] = []
 
     def replace(name: str, m: nn.Module, activation: str) -> tuple[nn.Module | None, bool]:
-        if type(m) is not nn.GroupNorm and not (activation and type(m) is GroupNorm):
-            if isinstance(m, nn.GroupNorm) and not isinstance(m, GroupNorm):
-                skipped.append(f"{name or 'model'} ({type(m).__name__})")
+        if type(m) is GroupNorm and activation:
+            kind, act, drop = "known", None, None
+        else:
+            kind, act, drop = _classify_gn(m)
+        if not kind:
             return None, False
+        if kind == "unknown":
+            unknown.append(_describe(name, m))
+            if not convert_unknown:
+                return None, False
+        fused = bool(activation) and act is None and drop is None
         like = m.weight if m.weight is not None else m.bias
         gn = _new_group_norm(
-            m.weight, m.bias, m.num_channels, m.num_groups, m.eps, activation, m.training, like
+            m.weight,
+            m.bias,
+            m.num_channels,
+            m.num_groups,
+            m.eps,
+            activation if fused else "",
+            m.training,
+            like,
+            act,
+            drop,
         )
-        return gn, bool(activation)
+        return gn, fused
 
     new_root, _ = replace("", model, "")
     if new_root is not None:
         model = new_root
     else:
         _walk(model, "", replace, fuse_activation)
-    if skipped:
-        warnings.warn(
-            "replace_group_norm left these subclasses of torch.nn.GroupNorm alone (they may "
-            "override forward): " + ", ".join(skipped),
-            UserWarning,
-            stacklevel=2,
-        )
+    if unknown:
+        if convert_unknown:
+            msg = (
+                "replace_group_norm swapped these unrecognised subclasses of torch.nn.GroupNorm "
+                "as plain group norms (convert_unknown=True); their own forward and any other "
+                "submodules are gone: "
+            )
+        else:
+            msg = (
+                "replace_group_norm left these subclasses of torch.nn.GroupNorm alone, since "
+                "their forward or contents are not a group norm followed by its act/drop (pass "
+                "convert_unknown=True to swap them as plain group norms): "
+            )
+        warnings.warn(msg + ", ".join(unknown), UserWarning, stacklevel=2)
     return model
 
 

@@ -11,6 +11,14 @@ name                        layer
 ``in`` (``instance``)       :class:`InstanceNorm`
 ==========================  =====================================================
 
+Group norm layers also take an activation the way timm's norm-act layers do: ``act_layer``
+(a name, an ``nn.Module`` class, a callable or a module), ``act_kwargs``, ``inplace``,
+``apply_act`` and ``drop_layer`` (see :class:`GroupNormAct`).
+
+:func:`get_norm_layer` returns a ``functools.partial`` with keyword arguments only, so frameworks
+that take ``norm_layer=`` can call it as ``norm_layer(num_channels)`` (torchvision, detectron2)
+or take it apart and bind their own keywords (timm).
+
 Examples:
     >>> create_norm_layer("gn_silu", 64, num_groups=16)
     GroupNormAct(16, 64, eps=1e-05, affine=True, bias=True, activation=silu)
@@ -32,7 +40,8 @@ from .modules import BatchNorm, GroupNorm, GroupNormAct, InstanceNorm, LayerNorm
 __all__ = ["create_norm_layer", "get_norm_layer", "NORM_LAYERS"]
 
 _COMMON = frozenset(("eps", "affine", "device", "dtype"))
-_GN_KWARGS = _COMMON | {"num_groups", "group_size", "bias"}
+_ACT_KWARGS = frozenset(("act_layer", "act_kwargs", "apply_act", "inplace", "drop_layer"))
+_GN_KWARGS = _COMMON | {"num_groups", "group_size", "bias"} | _ACT_KWARGS
 _BN_KWARGS = _COMMON | {"momentum", "track_running_stats", "bias"}
 
 #: name -> (class, fused activation or None, keyword arguments it accepts)
@@ -64,10 +73,18 @@ def _resolve(name: object) -> str:
 
 def _check_kwargs(key: str, kwargs: dict[str, Any]) -> None:
     allowed = NORM_LAYERS[key][2]
+    fixed = NORM_LAYERS[key][1]
+    if fixed is not None and kwargs.keys() & {"act_layer", "act_kwargs"}:
+        raise TypeError(
+            f"norm layer {key!r} fixes the activation to {fixed}; use 'gn' with act_layer= to "
+            f"choose another"
+        )
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         hint = ""
-        if "activation" in unknown:
+        if "activation" in unknown and key.startswith("gn"):
+            hint = "; the name fixes the activation (use e.g. 'gn_silu' or 'gn' with act_layer=)"
+        elif "activation" in unknown:
             hint = f"; the name fixes the activation (use e.g. '{key.split('_')[0]}_silu')"
         raise TypeError(
             f"norm layer {key!r} does not take {', '.join(unknown)}; it accepts "
@@ -83,7 +100,9 @@ def create_norm_layer(name: str, num_channels: int, **kwargs: Any) -> nn.Module:
             ``"group"``, ``"batch"``, ``"layer"``, ``"instance"``.
         num_channels: C.
         **kwargs: passed to the layer: ``eps``, ``affine``, ``device``, ``dtype``; for group norm
-            ``num_groups`` (default 32) or ``group_size``, ``bias``; for batch norm
+            ``num_groups`` (default 32) or ``group_size``, ``bias``, and timm's ``act_layer``,
+            ``act_kwargs``, ``inplace`` (added to ``act_kwargs``), ``apply_act`` (False: no
+            activation, even for ``gn_silu``...), ``drop_layer``; for batch norm
             ``momentum``, ``track_running_stats``, ``bias``.
 
     Raises:
@@ -103,25 +122,59 @@ def create_norm_layer(name: str, num_channels: int, **kwargs: Any) -> nn.Module:
         num_groups = kwargs.pop("num_groups", None)
         if num_groups is None and kwargs.get("group_size") is None:
             num_groups = 32
-        if activation is not None:
-            kwargs["activation"] = activation
-        return cls(num_groups, num_channels, **kwargs)
+        act_layer = kwargs.pop("act_layer", activation)
+        act_kwargs = dict(kwargs.pop("act_kwargs", None) or {})
+        apply_act = kwargs.pop("apply_act", None)
+        if "inplace" in kwargs:
+            act_kwargs.setdefault("inplace", kwargs.pop("inplace"))
+        if apply_act is False:
+            act_layer = None
+        elif act_layer is None and (apply_act or "inplace" in act_kwargs):
+            raise TypeError(
+                f"norm layer {key!r} was called as a norm-act layer (apply_act/inplace given) "
+                f"but has no activation; timm passes act_layer only to its own classes, so bind "
+                f"it: get_norm_layer('gn', act_layer=...), or build the model with batch norm "
+                f"and use groupnorm.convert_batchnorm, which keeps each layer's activation"
+            )
+        if act_layer is None:
+            act_kwargs = {}
+        if act_layer is None and kwargs.get("drop_layer") is None:
+            kwargs.pop("drop_layer", None)
+            return GroupNorm(num_groups, num_channels, **kwargs)
+        return GroupNormAct(
+            num_groups,
+            num_channels,
+            activation=None,
+            act_layer=act_layer,
+            act_kwargs=act_kwargs or None,
+            **kwargs,
+        )
     if activation is not None:
         kwargs["activation"] = activation
     return cls(num_channels, **kwargs)
 
 
+def _build_norm_layer(num_channels: int, *, layer: str, **kwargs: Any) -> nn.Module:
+    """``create_norm_layer(layer, num_channels, **kwargs)``, with the name as a keyword."""
+    return create_norm_layer(layer, num_channels, **kwargs)
+
+
 def get_norm_layer(name: str, **defaults: Any) -> Callable[..., nn.Module]:
     """A callable ``f(num_channels, **overrides)`` making the layer ``name``, for ``norm_layer=``.
 
-    The name and the keyword names are checked now, so a typo fails where it is written.
+    It is a ``functools.partial`` holding keyword arguments only (the name included), so it works
+    where frameworks take a norm layer: torchvision and detectron2 call ``f(num_channels)``;
+    timm takes a partial apart and binds its keywords again, which keeps all of them. The name
+    and the keyword names are checked now, so a typo fails where it is written.
 
     >>> norm_layer = get_norm_layer("gn_relu", num_groups=4)
     >>> norm_layer(16)
     GroupNormAct(4, 16, eps=1e-05, affine=True, bias=True, activation=relu)
     >>> norm_layer(8, num_groups=2)
     GroupNormAct(2, 8, eps=1e-05, affine=True, bias=True, activation=relu)
+    >>> norm_layer.args, sorted(norm_layer.keywords)
+    ((), ['layer', 'num_groups'])
     """
     key = _resolve(name)
     _check_kwargs(key, defaults)
-    return functools.partial(create_norm_layer, key, **defaults)
+    return functools.partial(_build_norm_layer, layer=key, **defaults)

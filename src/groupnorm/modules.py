@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _act
 from . import _validation as v
 from .dispatch import NormSpec, run
 from .kernels import check_backend
@@ -178,15 +179,28 @@ def _warn_single_element_sets(module: nn.Module, input: Tensor) -> None:
 
 
 class GroupNormAct(GroupNorm):
-    """Group norm followed by an activation, computed as one op.
+    """Group norm followed by an activation; silu, gelu (erf) and relu are computed in one op.
 
-    The state_dict has the same keys as :class:`GroupNorm` (``weight``, ``bias``). The backward
-    recomputes the activation's input, so only x, mean and rstd are kept for backward (the
-    unfused pair also keeps the normalized output).
+    The activation is given either as ``activation=`` (``"silu"``, ``"gelu"``, ``"relu"`` or
+    ``None``) or the way timm gives it: ``act_layer=`` a name (``"silu"``, ``"hard_swish"``,
+    ``"gelu_tanh"``, ...), an ``nn.Module`` class, a callable returning an ``nn.Module`` (each
+    built with ``act_kwargs``) or an ``nn.Module`` instance. An exact ``nn.SiLU``, ``nn.ReLU`` or
+    ``nn.GELU(approximate="none")`` is fused; any other activation is kept as the submodule
+    ``act`` and applied after the norm. ``drop_layer`` (a class called with no arguments, or a
+    module) is applied between the norm and the activation, as in timm's norm-act layers; with one
+    the activation is not fused.
+
+    The state_dict has the same keys as :class:`GroupNorm` (``weight``, ``bias``), plus those of
+    an ``act``/``drop`` module that has some (e.g. ``nn.PReLU``). With a fused activation the
+    backward recomputes the activation's input, so only x, mean and rstd are kept for backward.
 
     Args:
-        activation: ``"silu"`` (default, as in diffusion UNets), ``"gelu"``, ``"relu"`` or
-            ``None``. The rest as :class:`GroupNorm`.
+        activation: ``"silu"`` (the default when ``act_layer`` is not given, as in diffusion
+            UNets), ``"gelu"``, ``"relu"`` or ``None``.
+        act_layer: the activation, timm's way (see above); pass this or ``activation``.
+        act_kwargs: keyword arguments to build ``act_layer`` with (e.g. ``{"inplace": True}``).
+        drop_layer: dropout applied before the activation.
+        The rest as :class:`GroupNorm`.
 
     >>> m = GroupNormAct(32, 64, activation="silu")
     >>> m
@@ -195,7 +209,17 @@ class GroupNormAct(GroupNorm):
     >>> ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32))
     >>> torch.allclose(m(x), ref, atol=1e-5)
     True
+    >>> GroupNormAct(8, 64, act_layer=torch.nn.GELU, act_kwargs={"approximate": "tanh"})
+    GroupNormAct(
+      8, 64, eps=1e-05, affine=True, bias=True, activation=GELU
+      (act): GELU(approximate='tanh')
+    )
     """
+
+    class _Default(str):
+        """The default ``activation="silu"``, told apart from an explicit one."""
+
+    _DEFAULT_ACT = _Default("silu")
 
     def __init__(
         self,
@@ -206,21 +230,56 @@ class GroupNormAct(GroupNorm):
         device: Any = None,
         dtype: Any = None,
         *,
-        activation: str | None = "silu",
+        activation: str | None = _DEFAULT_ACT,
+        act_layer: Any = None,
+        act_kwargs: dict[str, Any] | None = None,
+        drop_layer: Any = None,
         group_size: int | None = None,
         bias: bool = True,
     ) -> None:
         super().__init__(
             num_groups, num_channels, eps, affine, device, dtype, group_size=group_size, bias=bias
         )
-        self._activation = v.check_activation(activation)
+        if act_layer is not None or act_kwargs:
+            if activation is not None and not isinstance(activation, GroupNormAct._Default):
+                raise ValueError(
+                    f"pass activation= or act_layer=, not both (got activation={activation!r}, "
+                    f"act_layer={act_layer!r})"
+                )
+            name, module = _act.resolve_act(act_layer, act_kwargs)
+        else:
+            name, module = v.check_activation(activation), None
+        drop = drop_layer
+        if drop is not None and not isinstance(drop, nn.Module):
+            if not callable(drop):
+                raise TypeError(
+                    f"drop_layer must be an nn.Module class or instance, got {type(drop).__name__}"
+                )
+            drop = drop()
+        if isinstance(drop, nn.Identity):
+            drop = None
+        if drop is not None and name:  # the dropout sits between norm and activation: no fusion
+            name, module = "", _act.module_for(name)
+        if module is not None and (device is not None or dtype is not None):
+            module = module.to(device=device, dtype=dtype)  # e.g. nn.PReLU's weight
+        self._activation = name
+        self.drop = drop
+        self.act = module
 
     @property
-    def activation(self) -> str | None:
-        return self._activation or None
+    def activation(self) -> str | nn.Module | None:
+        """The fused activation's name, the module applied after the norm, or None."""
+        return self._activation or self.act
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+        act = self._activation or (type(self.act).__name__ if self.act is not None else None)
+        return f"{super().extra_repr()}, activation={act}"
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        y = super().forward(input, residual)
+        if self.drop is not None:
+            y = self.drop(y)
+        return y if self.act is None else self.act(y)
 
 
 class LayerNorm(GroupNorm):
