@@ -21,12 +21,17 @@
 #include <ATen/ops/native_batch_norm_backward.h>
 #include <ATen/TensorOperators.h>
 #include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::collect_next_edges;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::set_history;
 using torch::autograd::variable_list;
 
 int dtype_code(const at::Tensor& t) {
@@ -104,67 +109,91 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   TORCH_CHECK(rc == 0, "groupnorm_cpu::fused_norm: the forward kernel returned ", rc);
 }
 
-// Saves what the Python path saved (x, float32 weight and bias, mean, rstd: the memory target
-// of benchmarks/README.md), and returns the params' gradients in their own dtype.
-struct FusedNorm : public torch::autograd::Function<FusedNorm> {
-  // (weight and bias come as optionals: autograd's Function rejects undefined tensors as
-  // inputs, "tensor does not have a device")
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
-                            const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, int64_t G, double eps,
-                            int64_t act, int64_t layout) {
-    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-    const at::Tensor w32 = as_f32(w), b32 = as_f32(b);
-    const auto stats = x.options().dtype(at::kFloat);
-    at::Tensor y = at::empty_like(x);  // same strides as x (dense)
-    at::Tensor mean = at::empty({x.size(0), G}, stats), rstd = at::empty({x.size(0), G}, stats);
-    forward_kernel(x, y, w32, b32, mean, rstd, G, eps, act, layout);
-    ctx->save_for_backward({x, w32, b32, mean, rstd});
-    ctx->saved_data["G"] = G;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["layout"] = layout;
-    ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.defined() ? w.scalar_type() : at::kFloat);
-    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.defined() ? b.scalar_type() : at::kFloat);
-    return y;
+// The gradients of x, weight and bias need the same refusal of create_graph=True: the kernels'
+// gradients are not themselves differentiable, so a second-order graph would silently lack
+// their terms.
+void refuse_double_backward(const char* fallback) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "groupnorm: the fused CPU kernels have no double backward (create_graph=True "
+              "was passed); for higher-order gradients use ", fallback);
+}
+
+// The autograd node of a fused group/layer/instance norm: a plain Node rather than a
+// torch::autograd::Function, whose general machinery (saved-data dictionary, output wrapping)
+// cost more than the kernels on small tensors. Saves x, float32 weight and bias, mean and rstd
+// (the memory target of benchmarks/README.md); its next edges are x, weight, bias (an absent
+// one is an invalid edge); returns the params' gradients in their own dtype.
+struct GroupNormBackward : public Node {
+  SavedVariable x_, w32_, b32_, mean_, rstd_;
+  int64_t G = 0, act = 0, layout = 0;
+  at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
+
+  std::string name() const override { return "groupnorm::GroupNormBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    w32_.reset_data();
+    b32_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // the kernels' gradients are not themselves differentiable: refuse rather than return a
-    // second-order graph that silently lacks their terms (the Python path's
-    // once_differentiable refuses one step later, at the second backward)
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "groupnorm: the fused CPU kernels have no double backward (create_graph=True "
-                "was passed); for higher-order gradients use torch.nn.functional.group_norm");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w32 = saved[1], &b32 = saved[2];
-    const at::Tensor &mean = saved[3], &rstd = saved[4];
-    const int64_t G = ctx->saved_data["G"].toInt();
-    const int64_t act = ctx->saved_data["act"].toInt();
-    const int64_t layout = ctx->saved_data["layout"].toInt();
+  variable_list apply(variable_list&& grads) override {
+    refuse_double_backward("torch.nn.functional.group_norm");
+    const at::Tensor x = x_.unpack(), w32 = w32_.unpack(), b32 = b32_.unpack();
+    const at::Tensor mean = mean_.unpack(), rstd = rstd_.unpack();
     at::Tensor dy = grads[0];
+    if (!dy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
       dy = at::empty_like(x).copy_(dy);  // the kernel reads dy with x's layout
     const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
     const auto f32 = x.options().dtype(at::kFloat);
-    // (needs_input_grad counts tensor inputs only: an absent weight shifts the bias to edge 1)
-    const size_t b_edge = w32.defined() ? 2 : 1;
-    at::Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : at::Tensor();
-    at::Tensor dw = w32.defined() && ctx->needs_input_grad(1) ? at::empty({C}, f32) : at::Tensor();
+    at::Tensor dx = task_should_compute_output(0) ? at::empty_like(x) : at::Tensor();
+    at::Tensor dw =
+        w32.defined() && task_should_compute_output(1) ? at::empty({C}, f32) : at::Tensor();
     at::Tensor db =
-        b32.defined() && ctx->needs_input_grad(b_edge) ? at::empty({C}, f32) : at::Tensor();
+        b32.defined() && task_should_compute_output(2) ? at::empty({C}, f32) : at::Tensor();
     const int rc = gn_backward(dtype_code(x), dy.data_ptr(), x.data_ptr(), f32_ptr(w32),
                                f32_ptr(b32), f32_ptr(mean), f32_ptr(rstd),
                                dx.defined() ? dx.data_ptr() : nullptr, f32_out(dw), f32_out(db),
                                N, C, S, G, static_cast<int>(layout), static_cast<int>(act),
                                at::get_num_threads());
     TORCH_CHECK(rc == 0, "groupnorm_cpu::fused_norm: the backward kernel returned ", rc);
-    const auto w_dtype = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
-    const auto b_dtype = static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt());
     if (dw.defined() && w_dtype != at::kFloat) dw = dw.to(w_dtype);
     if (db.defined() && b_dtype != at::kFloat) db = db.to(b_dtype);
-    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dw, db};
   }
 };
+
+// y with a GroupNormBackward node as its grad_fn
+at::Tensor fused_norm_with_grad(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                int64_t G, double eps, int64_t act, int64_t layout) {
+  at::Tensor y, w32, b32, mean, rstd;
+  {
+    at::NoGradGuard no_grad;  // (a conversion of the params records nothing)
+    w32 = as_f32(w);
+    b32 = as_f32(b);
+    const auto stats = x.options().dtype(at::kFloat);
+    y = at::empty_like(x);  // same strides as x (dense)
+    mean = at::empty({x.size(0), G}, stats);
+    rstd = at::empty({x.size(0), G}, stats);
+    forward_kernel(x, y, w32, b32, mean, rstd, G, eps, act, layout);
+  }
+  auto node = c10::make_intrusive<GroupNormBackward>();
+  node->set_next_edges(collect_next_edges(x, w, b));
+  node->x_ = SavedVariable(x, false);
+  node->w32_ = SavedVariable(w32, false);
+  node->b32_ = SavedVariable(b32, false);
+  node->mean_ = SavedVariable(mean, false);
+  node->rstd_ = SavedVariable(rstd, false);
+  node->G = G;
+  node->act = act;
+  node->layout = layout;
+  node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
+  node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
+  set_history(y, node);
+  return y;
+}
 
 // y, or None when the kernels cannot take the call as given: the caller then takes the full
 // path, whose validation explains what is wrong.
@@ -181,7 +210,7 @@ std::optional<at::Tensor> fused_norm(const at::Tensor& x, const std::optional<at
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || (w.defined() && w.requires_grad()) ||
                      (b.defined() && b.requires_grad()));
-  if (grad) return FusedNorm::apply(x, weight, bias, G, eps, act, layout);
+  if (grad) return fused_norm_with_grad(x, w, b, G, eps, act, layout);
   at::Tensor y = at::empty_like(x);  // no autograd: no statistics either
   const F32Copy w32 = f32_copy(w), b32 = f32_copy(b);
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
@@ -278,43 +307,31 @@ at::Tensor activation(const at::Tensor& z_in, int64_t act, bool grad) {
 // is torch's native_batch_norm_backward for batch statistics, and for given (running)
 // statistics, which are constants, dx = dz * w * rstd per channel. Saves x, the float32 params,
 // mean and rstd.
-struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& given_mean,
-                               const std::optional<at::Tensor>& given_var, double eps,
-                               int64_t act, int64_t layout) {
-    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-    const at::Tensor w32 = as_f32(w), b32 = as_f32(b);
-    const F32Copy gm = f32_copy(given_mean.value_or(at::Tensor()));
-    const F32Copy gv = f32_copy(given_var.value_or(at::Tensor()));
-    auto [y, mean, rstd] = batch_kernel(x, f32_ptr(w32), f32_ptr(b32), gm.ptr, gv.ptr, eps, act,
-                                        static_cast<int>(layout));
-    ctx->save_for_backward({x, w32, b32, mean, rstd});
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["given"] = gm.ptr != nullptr;
-    ctx->saved_data["has_bias"] = b.defined();
-    ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.defined() ? w.scalar_type() : at::kFloat);
-    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.defined() ? b.scalar_type() : at::kFloat);
-    ctx->mark_non_differentiable({mean, rstd});
-    return {y, mean, rstd};
+struct BatchNormBackward : public Node {
+  SavedVariable x_, w32_, b32_, mean_, rstd_;
+  int64_t act = 0;
+  bool given = false;
+  at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
+
+  std::string name() const override { return "groupnorm::BatchNormBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    w32_.reset_data();
+    b32_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "groupnorm: the fused CPU batch norm has no double backward (create_graph=True "
-                "was passed); for higher-order gradients use torch.nn.functional.batch_norm");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w32 = saved[1], &b32 = saved[2];
-    const at::Tensor &mean = saved[3], &rstd = saved[4];
-    const int64_t act = ctx->saved_data["act"].toInt();
-    const bool given = ctx->saved_data["given"].toBool();
-    const size_t b_edge = w32.defined() ? 2 : 1;
-    const bool need_dx = ctx->needs_input_grad(0);
-    const bool need_dw = w32.defined() && ctx->needs_input_grad(1);
-    const bool need_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(b_edge);
+  variable_list apply(variable_list&& grads) override {
+    refuse_double_backward("torch.nn.functional.batch_norm");
+    const at::Tensor x = x_.unpack(), w32 = w32_.unpack(), b32 = b32_.unpack();
+    const at::Tensor mean = mean_.unpack(), rstd = rstd_.unpack();
+    const bool need_dx = task_should_compute_output(0);
+    const bool need_dw = w32.defined() && task_should_compute_output(1);
+    const bool need_db = b32.defined() && task_should_compute_output(2);
     at::Tensor dy = grads[0];
+    if (!dy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
       dy = at::empty_like(x).copy_(dy);  // torch's backward reads dy with x's layout
     at::Tensor dx, dw, db;
@@ -350,16 +367,42 @@ struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         dx.view(rows).copy_(g * scale);
       }
     }
-    const auto w_dtype = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
-    const auto b_dtype = static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt());
     if (dw.defined() && w_dtype != at::kFloat) dw = dw.to(w_dtype);
     if (db.defined() && b_dtype != at::kFloat) db = db.to(b_dtype);
     if (!need_dx) dx = at::Tensor();
     if (!need_dw) dw = at::Tensor();
     if (!need_db) db = at::Tensor();
-    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dw, db};
   }
 };
+
+// (y, mean, rstd) with a BatchNormBackward node as y's grad_fn; mean and rstd carry no gradient
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_with_grad(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& given_mean,
+    const at::Tensor& given_var, double eps, int64_t act, int layout) {
+  at::Tensor y, mean, rstd, w32, b32;
+  {
+    at::NoGradGuard no_grad;
+    w32 = as_f32(w);
+    b32 = as_f32(b);
+    const F32Copy gm = f32_copy(given_mean), gv = f32_copy(given_var);
+    std::tie(y, mean, rstd) =
+        batch_kernel(x, f32_ptr(w32), f32_ptr(b32), gm.ptr, gv.ptr, eps, act, layout);
+  }
+  auto node = c10::make_intrusive<BatchNormBackward>();
+  node->set_next_edges(collect_next_edges(x, w, b));
+  node->x_ = SavedVariable(x, false);
+  node->w32_ = SavedVariable(w32, false);
+  node->b32_ = SavedVariable(b32, false);
+  node->mean_ = SavedVariable(mean, false);
+  node->rstd_ = SavedVariable(rstd, false);
+  node->act = act;
+  node->given = given_mean.defined();
+  node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
+  node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
+  set_history(y, node);
+  return {y, mean, rstd};
+}
 
 // Batch norm in plain eager mode: (y, mean, rstd), or None when the kernel cannot take the call
 // (the caller then takes another route). Training uses the batch's statistics and updates the running ones
@@ -390,10 +433,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> batch_norm(
                      (b.defined() && b.requires_grad()));
   at::Tensor y, mean, rstd;
   if (grad) {
-    std::optional<at::Tensor> gm, gv;
-    if (!training) gm = rm, gv = rv;
-    variable_list out = FusedBatchNorm::apply(x, weight, bias, gm, gv, eps, act, layout);
-    y = out[0], mean = out[1], rstd = out[2];
+    std::tie(y, mean, rstd) = batch_norm_with_grad(x, w, b, training ? at::Tensor() : rm,
+                                                   training ? at::Tensor() : rv, eps, act, layout);
   } else {
     const F32Copy w32 = f32_copy(w), b32 = f32_copy(b);
     F32Copy gm, gv;
