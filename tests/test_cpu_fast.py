@@ -415,11 +415,11 @@ def _break_build(monkeypatch, tmp_path, state: str, source: str) -> None:
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_ext, source, broken)
+    monkeypatch.setattr(cpu_ext, source, [broken] if source == "KERNEL_SOURCES" else broken)
 
 
 def test_fallback_on_failed_build(monkeypatch, tmp_path):
-    _break_build(monkeypatch, tmp_path, "_state", "_SOURCE")
+    _break_build(monkeypatch, tmp_path, "_state", "KERNEL_SOURCES")
     with pytest.warns(RuntimeWarning, match="build or load failed"):
         assert cpu_ext.library() is None
 

@@ -35,7 +35,11 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("gn_kernels.cpp")
+_HERE = Path(__file__).parent
+#: the kernel sources, one translation unit each (gn_kernels.h declares what they export)
+KERNEL_SOURCES = [_HERE / name for name in ("gn_entry.cpp", "gn_nchw.cpp", "gn_nhwc.cpp", "bn.cpp")]
+#: headers the kernel sources include (part of the build key)
+KERNEL_HEADERS = [_HERE / name for name in ("gn_kernels.h", "gn_common.h", "gn_tuning.h")]
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -93,9 +97,10 @@ def _cpu_signature() -> str:
 def _build(
     cxx: str, sources: list[Path], flags: list[str], stem: str, libs: tuple[str, ...] = ()
 ) -> Path:
-    """Compile ``sources[0]`` (which includes the rest) into the cache, linking ``libs`` (after
-    the source: linkers drop libraries named before the objects that need them), unless a
-    build of the same sources, compiler, flags, libraries and CPU is already there."""
+    """Compile the ``.cpp`` files of ``sources`` (the others are headers they include) into one
+    library in the cache, linking ``libs`` (after the sources: linkers drop libraries named
+    before the objects that need them), unless a build of the same sources, compiler, flags,
+    libraries and CPU is already there."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
         b"\0".join(
@@ -121,7 +126,8 @@ def _build(
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             out = Path(tmp) / "lib.so"
             proc = subprocess.run(
-                [cxx, *flags, str(sources[0]), "-o", str(out), *libs],
+                [cxx, *flags, *(str(s) for s in sources if s.suffix == ".cpp"), "-o", str(out),
+                 *libs],
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -183,7 +189,7 @@ def library() -> ctypes.CDLL | None:
     return _load_once(
         _state,
         "disabled by GROUPNORM_CPU_EXT=0" if off else None,
-        lambda cxx: _bind(_build(cxx, [_SOURCE], _FLAGS, "gn_kernels")),
+        lambda cxx: _bind(_build(cxx, [*KERNEL_SOURCES, *KERNEL_HEADERS], _FLAGS, "gn_kernels")),
         "groupnorm: the fused CPU kernels are unavailable ({reason}); "
         "using torch's kernels plus the portable core",
     )
@@ -210,7 +216,7 @@ def _ops_flags() -> tuple[list[str], tuple[str, ...]]:
         "-std=c++20",
         "-w",  # torch's headers warn a lot; failures still show in the error
         f"-DGROUPNORM_TORCH_VERSION={torch.__version__}",
-        f"-I{_SOURCE.parent}",
+        f"-I{_HERE}",
         f"-I{root / 'include'}",
         f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
         f"-I{sysconfig.get_paths()['include']}",
@@ -253,7 +259,7 @@ def extension():
 
     def load(cxx):
         flags, libs = _ops_flags()
-        path = _build(cxx, [_OPS_SOURCE, _SOURCE], flags, "gn_ops", libs)
+        path = _build(cxx, [_OPS_SOURCE, *KERNEL_SOURCES, *KERNEL_HEADERS], flags, "gn_ops", libs)
         return _import_extension("groupnorm_cpu_ops", path)
 
     return _load_once(
