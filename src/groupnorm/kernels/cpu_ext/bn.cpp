@@ -75,11 +75,17 @@ inline void add_shifted(const T* p, i64 n, float pivot, float* a1, float* a2) {
 }
 
 // mean and 1/sqrt(var + eps) from a channel's mean and centred sum of squares m2 over count
-// values, and the update of channel c's running statistics
+// values, the channel's shift (the pivot its sums were taken around) and its mean minus the
+// shift, md, for the shifted apply ((x - shift) - md: x - shift is exact near the mean, and md
+// keeps the digits that a float32 mean loses when the mean is large against the spread), and
+// the update of channel c's running statistics
 inline void finish_stats(double mean_d, double m2, double count, float eps, float* mean,
-                         float* rstd, const Running& run, i64 c) {
+                         float* rstd, float pivot, float* shift, float* md, const Running& run,
+                         i64 c) {
   if (m2 < 0.0) m2 = 0.0;
   *mean = static_cast<float>(mean_d);
+  *shift = pivot;
+  *md = static_cast<float>(mean_d - static_cast<double>(pivot));
   *rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + eps));
   if (run.mean) {
     const double m = run.momentum;
@@ -113,6 +119,8 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
                      i64 S, float eps, const Running& run, int nthreads) {
   // float16 rows go through float32 buffers (see with_f32), in blocks of up to kStage values
   const i64 step = std::is_same_v<T, F16> && S > kStage ? kStage : S;
+  // per channel: the shift and the mean minus the shift (see finish_stats)
+  std::vector<float> shift_c(C), md_c(C);
 
   // channel c's statistics, walking its N rows
   auto channel_stats = [&](i64 c, float* in_buf) {
@@ -175,7 +183,7 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
       }
     }
     finish_stats(static_cast<double>(pivot) + mean_off, m2, static_cast<double>(N * S), eps,
-                 &mean_out[c], &rstd_out[c], run, c);
+                 &mean_out[c], &rstd_out[c], pivot, &shift_c[c], &md_c[c], run, c);
   };
   // channel c's statistics from its sums t1, t2 of (x - pivot) and (x - pivot)^2 over N * S
   // values, or, where they are ill-conditioned (pivot far from the mean), from channel_stats:
@@ -189,22 +197,26 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     }
     const double mc = t1 / count;
     finish_stats(static_cast<double>(pivot) + mc, t2 - t1 * mc, count, eps, &mean_out[c],
-                 &rstd_out[c], run, c);
+                 &rstd_out[c], pivot, &shift_c[c], &md_c[c], run, c);
   };
   auto given_stats = [&](i64 c) {
     mean_out[c] = given_mean[c];
     rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
+    shift_c[c] = given_mean[c];  // (a float32 mean: nothing below it to keep)
+    md_c[c] = 0.0f;
   };
   // y of row (n, c)
   auto apply_row = [&](i64 n, i64 c, float* in_buf, float* out_buf) {
-    const float mu = mean_out[c], r = rstd_out[c];
+    const float k = shift_c[c], md = md_c[c], r = rstd_out[c];
     const float a = w ? r * w[c] : r;
     const float h = b ? b[c] : 0.0f;
     for (i64 s0 = 0; s0 < S; s0 += step) {
       const i64 len = S - s0 < step ? S - s0 : step;
       with_f32(x + (n * C + c) * S + s0, len, in_buf, [&](const auto* qx) {
         via_f32(y + (n * C + c) * S + s0, len, out_buf, [&](auto* qy) {
-          for_each_vec(len, [&](i64 s) { store(qy + s, act_fwd<ACT>((load(qx[s]) - mu) * a + h)); });
+          for_each_vec(len, [&](i64 s) {
+            store(qy + s, act_fwd<ACT>(((load(qx[s]) - k) - md) * a + h));
+          });
         });
       });
     }
@@ -294,7 +306,8 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
   for (i64 blk = 0; blk < blocks; ++blk) {
     const i64 c0 = blk * cb, nc = C - c0 < cb ? C - c0 : cb, L = nc * S;
     float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
-    alignas(64) float e0[kStage], e1[kStage], e2[kStage];  // per-value numbers of the block
+    // per-value numbers of the block
+    alignas(64) float e0[kStage], e1[kStage], e2[kStage], e3[kStage];
     if (given_mean) {
       for (i64 j = 0; j < nc; ++j) given_stats(c0 + j);
     } else {
@@ -334,13 +347,14 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
     }
     for (i64 j = 0; j < nc; ++j) {
       const i64 c = c0 + j;
-      const float mu = mean_out[c], r = rstd_out[c];
+      const float r = rstd_out[c];
       const float a = w ? r * w[c] : r;
       const float h = b ? b[c] : 0.0f;
       for (i64 k = j * S; k < (j + 1) * S; ++k) {
-        e0[k] = mu;
+        e0[k] = md_c[c];
         e1[k] = a;
         e2[k] = h;
+        e3[k] = shift_c[c];
       }
     }
     for (i64 n = 0; n < N; ++n) {
@@ -348,7 +362,7 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
         via_f32(y + (n * C + c0) * S, L, out_buf, [&](auto* qy) {
 #pragma omp simd
           for (i64 k = 0; k < L; ++k)
-            store(qy + k, act_fwd<ACT>((load(qx[k]) - e0[k]) * e1[k] + e2[k]));
+            store(qy + k, act_fwd<ACT>(((load(qx[k]) - e3[k]) - e0[k]) * e1[k] + e2[k]));
         });
       });
     }
@@ -360,11 +374,14 @@ template <typename T, int ACT>
 void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const float* given_mean,
                      const float* given_var, float* mean_out, float* rstd_out, i64 R, i64 C,
                      float eps, const Running& run, int nthreads) {
-  std::vector<float> coef_a(C), coef_h(C), coef_m(C);
+  // per channel: scale, bias, the mean minus the shift, the shift (see finish_stats)
+  std::vector<float> coef_a(C), coef_h(C), coef_m(C), coef_k(C);
   if (given_mean) {
     for (i64 c = 0; c < C; ++c) {
       mean_out[c] = given_mean[c];
       rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
+      coef_k[c] = given_mean[c];
+      coef_m[c] = 0.0f;
     }
   } else {
     // rows in chunks of at most kBnChunkRowsMax (float32 partial sums), kBnMinChunks or more
@@ -392,27 +409,27 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
     }
     for (i64 c = 0; c < C; ++c)
       finish_stats(static_cast<double>(ref[c]) + t1[c], t2[c], static_cast<double>(R), eps,
-                   &mean_out[c], &rstd_out[c], run, c);
+                   &mean_out[c], &rstd_out[c], ref[c], &coef_k[c], &coef_m[c], run, c);
   }
   for (i64 c = 0; c < C; ++c) {
-    coef_m[c] = mean_out[c];
     coef_a[c] = w ? rstd_out[c] * w[c] : rstd_out[c];
     coef_h[c] = b ? b[c] : 0.0f;
   }
   const float* a = coef_a.data();
   const float* h = coef_h.data();
   const float* m = coef_m.data();
+  const float* kk = coef_k.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (i64 s = 0; s < R; ++s) {
     float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
     for (i64 c0 = 0; c0 < C; c0 += kStage) {
       const i64 len = C - c0 < kStage ? C - c0 : kStage;
-      const float *mc = m + c0, *ac = a + c0, *hc = h + c0;
+      const float *mc = m + c0, *kc = kk + c0, *ac = a + c0, *hc = h + c0;
       with_f32(x + s * C + c0, len, in_buf, [&](const auto* row) {
         via_f32(y + s * C + c0, len, out_buf, [&](auto* out) {
 #pragma omp simd
           for (i64 c = 0; c < len; ++c)
-            store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+            store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
         });
       });
     }

@@ -15,7 +15,7 @@
 //     it in one loop, in chunks after each of which the same stretch of the next set is
 //     prefetched. Why: the activation is the costly part, and one long loop beats D short
 //     ones with their setup and partial last vectors; rows of whole vectors lose nothing there.
-//   forward, kPerChannel (everything else): per channel, y = f(a (x - mu) + h) in one pass,
+//   forward, kPerChannel (everything else): per channel, y = f(a ((x - k) - md) + h) in one pass,
 //     prefetching the next set's channel where the tensor is large enough to come from
 //     memory (kPrefetchTensorBytes). Why: long rows already vectorize well.
 //
@@ -111,21 +111,22 @@ inline __m512 lane_param(const float* p, i64 d, __mmask16 first) {
   return _mm512_mask_blend_ps(first, _mm512_set1_ps(p[d + 1]), _mm512_set1_ps(p[d]));
 }
 
-// z = (x - mu) a_d + h_d over an nchw set of S > 16 values per channel (pa, ph: D + 1 values
-// each, the last unused but read), walked in x's lines; z may be y (in place of the output)
-// or a buffer with x's line offset.
-inline void z_lines(const float* x, float mu, const float* pa, const float* ph, i64 D, i64 S,
-                    float* z) {
-  const __m512 vmu = _mm512_set1_ps(mu);
+// z = ((x - k) - md) a_d + h_d over an nchw set of S > 16 values per channel (k: the set's
+// shift, md: its mean minus k; pa, ph: D + 1 values each, the last unused but read), walked
+// in x's lines; z may be y (in place of the output) or a buffer with x's line offset.
+inline void z_lines(const float* x, float k, float md, const float* pa, const float* ph, i64 D,
+                    i64 S, float* z) {
+  const __m512 vk = _mm512_set1_ps(k), vmd = _mm512_set1_ps(md);
   for_each_line_vec(x, D, S, [&](auto step, i64 i, i64 d, __mmask16 m) {
     constexpr int K = decltype(step)::value;
     if constexpr (K == kFull) {
-      const __m512 xc = _mm512_sub_ps(_mm512_loadu_ps(x + i), vmu);
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vk), vmd);
       _mm512_storeu_ps(z + i, _mm512_fmadd_ps(xc, _mm512_set1_ps(pa[d]), _mm512_set1_ps(ph[d])));
     } else if constexpr (K != kEnd) {
       // the lanes in the set: all but the head's first ones and those past the last channel
       const __mmask16 valid = K == kHead || d + 1 == D ? m : static_cast<__mmask16>(0xFFFF);
-      const __m512 xc = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, x + i), vmu);
+      const __m512 xc =
+          _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, x + i), vk), vmd);
       const __m512 a = K == kHead ? _mm512_set1_ps(pa[0]) : lane_param(pa, d, m);
       const __m512 h = K == kHead ? _mm512_set1_ps(ph[0]) : lane_param(ph, d, m);
       _mm512_mask_storeu_ps(z + i, valid, _mm512_fmadd_ps(xc, a, h));
@@ -182,12 +183,13 @@ inline void set_lane_params(const float* w, const float* b, float r, i64 g, i64 
 // (lane sums spilled to the stack: 14x14 +40 %).
 template <int ACT>
 __attribute__((noinline)) void forward_short_set_lines(const float* x, float* y, const float* w,
-                                                       const float* b, float mu, float r, i64 g,
+                                                       const float* b, float k, float md,
+                                                       float r, i64 g,
                                                        i64 D, i64 S, float* par, bool more) {
   float* pa = par;
   float* ph = par + D + 1;
   set_lane_params(w, b, r, g, D, pa, ph);
-  z_lines(x, mu, pa, ph, D, S, y);
+  z_lines(x, k, md, pa, ph, D, S, y);
   const i64 L = D * S;
   for_each_prefetch_chunk(L, more, x + L, y + L,
                           [&](i64 i0, i64 n) { act_flat<ACT, true>(y + i0, nullptr, n); });
@@ -237,13 +239,17 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     T* py = y + item * L;
     const Moments mom = run_moments(px, L, in_buf);
     const float mu = static_cast<float>(mom.mean);
+    // the shifted apply: x - k is exact near the mean, and md keeps the digits of the mean
+    // that mu, rounded to float32, loses when |mu| is large against the spread
+    const float k = load(px[0]);
+    const float md = static_cast<float>(mom.mean - static_cast<double>(k));
     const float r = static_cast<float>(1.0 / std::sqrt(mom.m2 / static_cast<double>(L) + eps));
     if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
     if (rstd_out) rstd_out[item] = r;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float> && (ACT == ACT_SILU || ACT == ACT_GELU)) {
       if (lines) {
-        forward_short_set_lines<ACT>(px, py, w, b, mu, r, g, D, S, par_buf.data(),
+        forward_short_set_lines<ACT>(px, py, w, b, k, md, r, g, D, S, par_buf.data(),
                                      item + 1 < N * G);
         continue;
       }
@@ -265,7 +271,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
             const float h = b ? b[c] : 0.0f;
             float* qz = zb + d * S;
             const auto* rx = qx + (d - d0) * S;
-            for_each_vec(S, [&](i64 s) { qz[s] = (load(rx[s]) - mu) * a + h; });
+            for_each_vec(S, [&](i64 s) { qz[s] = ((load(rx[s]) - k) - md) * a + h; });
           }
         });
       });
@@ -293,7 +299,9 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
             if (more && s0 == 0) prefetch_range(px + (d0 + d) * S + L, S);
             const auto* rx = qx + d * S;
             auto* ry = qy + d * S;
-            for_each_vec(len, [&](i64 s) { store(ry + s, act_fwd<ACT>((load(rx[s]) - mu) * a + h)); });
+            for_each_vec(len, [&](i64 s) {
+              store(ry + s, act_fwd<ACT>(((load(rx[s]) - k) - md) * a + h));
+            });
           }
         });
       });
@@ -374,7 +382,7 @@ __attribute__((noinline)) void backward_short_set_lines(const float* dy, const f
   // it, and lanes_total16x2's butterfly (lane k with k + 8, then k + 4, ...) gives the same
   // total for any rotation of the lanes. So the gradients do not depend on where in a line x
   // starts (tested: a view at an offset and a copy agree bit for bit).
-  z_lines(x, mu, pa, ph, D, S, zb);
+  z_lines(x, mu, 0.0f, pa, ph, D, S, zb);  // (x - mu - 0: the float32 mean as it was saved)
   for_each_prefetch_chunk(L, more, x + L, dy + L,
                           [&](i64 i0, i64 n) { act_flat<ACT, false>(zb + i0, dy + i0, n); });
   for_each_line_vec(x, D, S, [&](auto step, i64 i, i64 d, __mmask16 m) {

@@ -80,8 +80,12 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   const i64 D = C / G;
   const i64 rows = rows_per_chunk(C, S);
   const i64 chunks = (S + rows - 1) / rows;
-  // per (n, c): z = (x - m_c) a_c + h_c, with m_c the mean of c's group; per (n, g): mean
-  std::vector<float> coef_a(N * C), coef_m(N * C), group_mean(N * G);
+  // per (n, c): z = ((x - k_c) - m_c) a_c + h_c, with k_c the shift of c's group (the group's
+  // first value, x[n, 0, g D]) and m_c its mean minus k_c (the shifted apply: x - k is exact
+  // near the mean, and m_c keeps the digits a float32 mean loses when the mean is large
+  // against the spread); per (n, g): k and m
+  std::vector<float> coef_a(N * C), coef_m(N * C), coef_k(N * C), group_mean(N * G),
+      group_shift(N * G);
   std::vector<float> zeros(b ? 0 : C, 0.0f);
   const float* h = b ? b : zeros.data();
   const NhwcForwardPlan plan = plan_forward_nhwc<T>(N, C, S, G, nthreads);
@@ -120,13 +124,18 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
       const float r = static_cast<float>(1.0 / std::sqrt(m.m2 / static_cast<double>(L) + eps));
       if (mean_out) mean_out[n] = muf;
       if (rstd_out) rstd_out[n] = r;
-      group_mean[n] = muf;
+      const float shift = load(x[n * L]);
+      const float md = static_cast<float>(m.mean - static_cast<double>(shift));
+      group_mean[n] = md;
+      group_shift[n] = shift;
       float* ca = coef_a.data() + n * C;
       float* cm = coef_m.data() + n * C;
+      float* ck = coef_k.data() + n * C;
 #pragma omp simd
       for (i64 c = 0; c < C; ++c) {
         ca[c] = w ? r * w[c] : r;
-        cm[c] = muf;
+        cm[c] = md;
+        ck[c] = shift;
       }
       return;
     }
@@ -162,13 +171,18 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
       const float muf = static_cast<float>(mu);
       if (mean_out) mean_out[n * G + g] = muf;
       if (rstd_out) rstd_out[n * G + g] = r;
-      group_mean[n * G + g] = muf;
+      const float shift = ref[g * D];  // x[n, 0, g D]
+      const float md = static_cast<float>(mu - static_cast<double>(shift));
+      group_mean[n * G + g] = md;
+      group_shift[n * G + g] = shift;
       float* ca = coef_a.data() + n * C + g * D;
       float* cm = coef_m.data() + n * C + g * D;
+      float* ck = coef_k.data() + n * C + g * D;
 #pragma omp simd
       for (i64 d = 0; d < D; ++d) {
         ca[d] = w ? r * w[g * D + d] : r;
-        cm[d] = muf;
+        cm[d] = md;
+        ck[d] = shift;
       }
     }
   };
@@ -179,7 +193,9 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     const i64 n = item / chunks, k = item % chunks;
     const float* a = coef_a.data() + n * C;
     const float* m = coef_m.data() + n * C;
+    const float* mk = coef_k.data() + n * C;
     const float* gm = group_mean.data() + n * G;
+    const float* gk = group_shift.data() + n * G;
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
     float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
     for (i64 s = k * rows; s < end; ++s) {
@@ -191,14 +207,14 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
           with_f32(row0 + g0 * D, ng * D, in_buf, [&](const auto* row) {
             via_f32(out0 + g0 * D, ng * D, out_buf, [&](auto* out) {
               for (i64 j = 0; j < ng; ++j) {
-                const float mu = gm[g0 + j];
+                const float md = gm[g0 + j], shift = gk[g0 + j];
                 const i64 c0 = (g0 + j) * D;
                 const float *ac = a + c0, *hc = h + c0;
                 const auto* r = row + j * D;
                 auto* o = out + j * D;
 #pragma omp simd
                 for (i64 d = 0; d < D; ++d)
-                  store(o + d, act_fwd<ACT>((load(r[d]) - mu) * ac[d] + hc[d]));
+                  store(o + d, act_fwd<ACT>(((load(r[d]) - shift) - md) * ac[d] + hc[d]));
               }
             });
           });
@@ -207,12 +223,12 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
       }
       for (i64 c0 = 0; c0 < C; c0 += kStage) {
         const i64 len = C - c0 < kStage ? C - c0 : kStage;
-        const float *mc = m + c0, *ac = a + c0, *hc = h + c0;
+        const float *mc = m + c0, *kc = mk + c0, *ac = a + c0, *hc = h + c0;
         with_f32(row0 + c0, len, in_buf, [&](const auto* row) {
           via_f32(out0 + c0, len, out_buf, [&](auto* out) {
 #pragma omp simd
             for (i64 c = 0; c < len; ++c)
-              store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+              store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
           });
         });
       }
