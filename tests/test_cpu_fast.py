@@ -416,6 +416,8 @@ def _break_build(monkeypatch, tmp_path, state: str, source: str) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(cpu_ext, source, [broken] if source == "KERNEL_SOURCES" else broken)
+    if source == "_OPS_SOURCE":
+        monkeypatch.setattr(cpu_ext, "KERNEL_SOURCES", [])  # (fail fast: nothing else to compile)
 
 
 def test_fallback_on_failed_build(monkeypatch, tmp_path):

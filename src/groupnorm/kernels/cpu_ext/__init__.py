@@ -24,10 +24,10 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
-import sysconfig
 import tempfile
 import threading
 import warnings
@@ -126,8 +126,14 @@ def _build(
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             out = Path(tmp) / "lib.so"
             proc = subprocess.run(
-                [cxx, *flags, *(str(s) for s in sources if s.suffix == ".cpp"), "-o", str(out),
-                 *libs],
+                [
+                    cxx,
+                    *flags,
+                    *(str(s) for s in sources if s.suffix == ".cpp"),
+                    "-o",
+                    str(out),
+                    *libs,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -189,7 +195,14 @@ def library() -> ctypes.CDLL | None:
     return _load_once(
         _state,
         "disabled by GROUPNORM_CPU_EXT=0" if off else None,
-        lambda cxx: _bind(_build(cxx, [*KERNEL_SOURCES, *KERNEL_HEADERS], _FLAGS, "gn_kernels")),
+        lambda cxx: _bind(
+            _build(
+                cxx,
+                [*KERNEL_SOURCES, *KERNEL_HEADERS],
+                [f"-march={target_isa()}" if f == "-march=native" else f for f in _FLAGS],
+                "gn_kernels",
+            )
+        ),
         "groupnorm: the fused CPU kernels are unavailable ({reason}); "
         "using torch's kernels plus the portable core",
     )
@@ -204,26 +217,108 @@ _OPS_SOURCE = Path(__file__).with_name("gn_ops.cpp")
 _ops_state: dict[str, object] = {}
 
 
-def _ops_flags() -> tuple[list[str], tuple[str, ...]]:
-    """Compiler flags and libraries for gn_ops.cpp: the plain library's flags plus the installed
-    torch's headers and ABI, and torch's libraries (what torch.utils.cpp_extension would pass,
-    without importing it). torch's version is in the flags, so that the build key changes with
-    it."""
-    root = Path(torch.__file__).parent
-    libdir = root / "lib"
-    flags = [
-        *(f for f in _FLAGS if f != "-std=c++17"),
+#: environment variable naming the instruction set the extension is compiled for (a GCC/Clang
+#: -march value: x86-64-v3 for a build that runs on any AVX2 machine); "native" by default
+ISA_ENV = "GROUPNORM_CPU_ISA"
+#: a cold build of the extension on the 2-core machine the project is developed on, with ninja
+#: compiling the five translation units in parallel (benchmarks/README.md, "Build")
+_USUAL_BUILD = "about 1-2 minutes on 2 cores"
+_ISA_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def target_isa() -> str:
+    """The instruction set the extension is built for: ``$GROUPNORM_CPU_ISA`` or ``native``."""
+    isa = os.environ.get(ISA_ENV, "").strip() or "native"
+    if not _ISA_OK.fullmatch(isa):
+        raise ValueError(f"{ISA_ENV}={isa!r} is not a -march value (e.g. native, x86-64-v3)")
+    return isa
+
+
+def _ext_cflags(isa: str) -> list[str]:
+    return [
+        "-O3",
+        f"-march={isa}",
+        "-fopenmp",
+        "-fno-math-errno",
+        "-fno-trapping-math",
         "-std=c++20",
         "-w",  # torch's headers warn a lot; failures still show in the error
-        f"-DGROUPNORM_TORCH_VERSION={torch.__version__}",
-        f"-I{_HERE}",
-        f"-I{root / 'include'}",
-        f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-        f"-I{sysconfig.get_paths()['include']}",
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
     ]
-    libs = ("-lc10", "-ltorch_cpu", "-ltorch_python")
-    return flags, (f"-L{libdir}", f"-Wl,-rpath,{libdir}", *libs)
+
+
+def _ext_build_dir(cxx: str, isa: str) -> Path:
+    """The extension's build folder in the cache, named by everything its binary depends on:
+    the sources, the flags and instruction set, the compiler, torch and Python; for ``native``
+    also the CPU (a native binary may not run on another), so a cache shared between machines
+    never loads code a CPU cannot run."""
+    import sys
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    parts = [
+        *(src.read_bytes() for src in (_OPS_SOURCE, *KERNEL_SOURCES, *KERNEL_HEADERS)),
+        " ".join(_ext_cflags(isa)).encode(),
+        version.encode(),
+        torch.__version__.encode(),
+        sys.version.encode(),
+        str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
+    ]
+    if isa == "native":
+        parts.append(_cpu_signature().encode())
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return cache_dir() / "cpu_ext" / f"groupnorm_cpu_ops-{isa}-{key}"
+
+
+def _ninja_on_path() -> None:
+    """Put the ninja of the ``ninja`` package (a dependency) on PATH for torch's builder, which
+    looks for the command; a system ninja already there serves as well."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # torch's builder then says that ninja is missing
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def build_extension(cxx: str) -> Path:
+    """Build the extension into the cache unless it is there; returns the module's file. Says on
+    stderr when a build starts (what, for which instruction set, how long it usually takes)
+    and when it ends (how long it took)."""
+    import sys
+    import time
+
+    isa = target_isa()
+    folder = _ext_build_dir(cxx, isa)
+    target = folder / "groupnorm_cpu_ops.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    print(
+        f"groupnorm: building the fused CPU kernels (extension groupnorm_cpu_ops, -march={isa}) "
+        f"into {folder}; once per version and machine, {_USUAL_BUILD}",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    _ninja_on_path()
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name="groupnorm_cpu_ops",
+        sources=[str(s) for s in (_OPS_SOURCE, *KERNEL_SOURCES)],
+        extra_cflags=_ext_cflags(isa),
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(_HERE)],
+        build_directory=str(folder),
+        is_python_module=False,  # (imported below, by path, once)
+        verbose=False,
+    )
+    print(
+        f"groupnorm: built the fused CPU kernels in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return target
 
 
 def fused_op():
@@ -246,8 +341,9 @@ def extension():
     ``GROUPNORM_CPU_OPS=0``), and the callers then use the plain library through ctypes.
 
     A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`).
-    The answer is kept for the process: ``GROUPNORM_CPU_OPS`` is read at the first call. The
-    first call waits for the build (about 30 s on 2 cores) if it is not cached yet."""
+    The answer is kept for the process: ``GROUPNORM_CPU_OPS`` and ``GROUPNORM_CPU_ISA`` are
+    read at the first call. The first call waits for the build if it is not cached yet (see
+    :func:`build_extension`; ``groupnorm build`` builds it ahead)."""
     if "value" in _ops_state:  # (the common case, without building the arguments below)
         return _ops_state["value"]
     if os.environ.get("GROUPNORM_CPU_OPS", "1") == "0":
@@ -258,9 +354,7 @@ def extension():
         disabled = None
 
     def load(cxx):
-        flags, libs = _ops_flags()
-        path = _build(cxx, [_OPS_SOURCE, *KERNEL_SOURCES, *KERNEL_HEADERS], flags, "gn_ops", libs)
-        return _import_extension("groupnorm_cpu_ops", path)
+        return _import_extension("groupnorm_cpu_ops", build_extension(cxx))
 
     return _load_once(
         _ops_state,
