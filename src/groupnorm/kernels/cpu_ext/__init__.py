@@ -1,21 +1,21 @@
-"""A small C++ library of fused CPU kernels, compiled on first use and cached across processes.
+"""Fused CPU kernels in C++, compiled on first use (or by ``groupnorm build``) and cached.
 
-``gn_kernels.cpp`` holds the fused group/layer/instance norm + activation forward and backward
-(OpenMP over sets or row chunks, float32 arithmetic, centred variance). It includes no torch
-header, so it compiles in a few seconds with the system C++ compiler, and it is called through
-:mod:`ctypes` with raw pointers.
+The kernels (``gn_common.h``, ``gn_tuning.h``, and one translation unit per op and layout:
+``gn_nchw.cpp``, ``gn_nhwc.cpp``, ``bn.cpp``, with the C entry points in ``gn_entry.cpp``)
+are plain C++ with OpenMP. ``gn_ops.cpp`` wraps them as the Python extension module
+``groupnorm_cpu_ops`` (pybind11 calls, a C++ autograd node), built with
+:mod:`torch.utils.cpp_extension` and ninja, which compiles the units in parallel.
 
-``gn_ops.cpp`` includes the same kernels and adds what the group/layer/instance fast path
-calls: one function behind a pybind11 call with a C++ autograd node (:func:`fused_op`). It is
-built against the installed torch's and Python's headers (about 30 s, once per source and torch
-version, cached beside the plain library); without it the fast path calls the plain library.
+The build goes into ``$GROUPNORM_CACHE_DIR`` (default ``~/.cache/groupnorm``), in a folder
+named by a hash of the sources, the flags, the compiler, torch, Python and the target
+instruction set (``-march=native`` unless ``GROUPNORM_CPU_ISA`` names another, e.g.
+``x86-64-v3``; native's key also holds the CPU's model and flags), so a cache shared between
+machines never loads code a CPU cannot run. A cold build announces itself on stderr. With no
+compiler, a failed build, or ``GROUPNORM_CPU_EXT=0``, :func:`extension` returns ``None``
+after one warning and the cpu backend uses torch's kernels.
 
-Compilation happens the first time :func:`library` is called (never at import), into
-``$GROUPNORM_CACHE_DIR`` (default ``~/.cache/groupnorm``), under a name that hashes the source,
-the compiler, the flags and the CPU, so a later process (or a different machine sharing the
-home directory) loads the right file or builds its own. A file lock keeps two processes from
-building at once. With no compiler, a failed build, or ``GROUPNORM_CPU_EXT=0``, :func:`library`
-returns ``None`` after one warning and the cpu backend keeps its torch-only path.
+(:func:`library` is the same kernels as a plain shared library called through :mod:`ctypes`,
+which the backend used before the extension existed.)
 """
 
 from __future__ import annotations

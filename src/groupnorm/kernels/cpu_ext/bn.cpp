@@ -84,9 +84,10 @@ inline void finish_stats(double mean_d, double m2, double count, float eps, floa
                          i64 c) {
   if (m2 < 0.0) m2 = 0.0;
   *mean = static_cast<float>(mean_d);
-  *shift = pivot;
-  *md = static_cast<float>(mean_d - static_cast<double>(pivot));
   *rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + eps));
+  const bool shifted = shift_needed(*mean, *rstd);
+  *shift = shifted ? pivot : 0.0f;
+  *md = shifted ? static_cast<float>(mean_d - static_cast<double>(pivot)) : *mean;
   if (run.mean) {
     const double m = run.momentum;
     const double unbiased = m2 / (count > 1.0 ? count - 1.0 : 1.0);
@@ -202,8 +203,8 @@ void bn_forward_nchw(const T* x, T* y, const float* w, const float* b, const flo
   auto given_stats = [&](i64 c) {
     mean_out[c] = given_mean[c];
     rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
-    shift_c[c] = given_mean[c];  // (a float32 mean: nothing below it to keep)
-    md_c[c] = 0.0f;
+    shift_c[c] = 0.0f;  // (a float32 mean: no digits below it to keep)
+    md_c[c] = given_mean[c];
   };
   // y of row (n, c)
   auto apply_row = [&](i64 n, i64 c, float* in_buf, float* out_buf) {
@@ -380,8 +381,8 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
     for (i64 c = 0; c < C; ++c) {
       mean_out[c] = given_mean[c];
       rstd_out[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(given_var[c]) + eps));
-      coef_k[c] = given_mean[c];
-      coef_m[c] = 0.0f;
+      coef_k[c] = 0.0f;  // (a float32 mean: no digits below it to keep)
+      coef_m[c] = given_mean[c];
     }
   } else {
     // rows in chunks of at most kBnChunkRowsMax (float32 partial sums), kBnMinChunks or more
@@ -411,7 +412,9 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
       finish_stats(static_cast<double>(ref[c]) + t1[c], t2[c], static_cast<double>(R), eps,
                    &mean_out[c], &rstd_out[c], ref[c], &coef_k[c], &coef_m[c], run, c);
   }
+  bool shifted = false;  // some channel needs the shifted apply (see shift_needed)
   for (i64 c = 0; c < C; ++c) {
+    shifted |= coef_k[c] != 0.0f;
     coef_a[c] = w ? rstd_out[c] * w[c] : rstd_out[c];
     coef_h[c] = b ? b[c] : 0.0f;
   }
@@ -427,9 +430,15 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
       const float *mc = m + c0, *kc = kk + c0, *ac = a + c0, *hc = h + c0;
       with_f32(x + s * C + c0, len, in_buf, [&](const auto* row) {
         via_f32(y + s * C + c0, len, out_buf, [&](auto* out) {
+          if (shifted) {
 #pragma omp simd
-          for (i64 c = 0; c < len; ++c)
-            store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
+            for (i64 c = 0; c < len; ++c)
+              store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
+          } else {  // (every k is 0: the same values without its stream)
+#pragma omp simd
+            for (i64 c = 0; c < len; ++c)
+              store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+          }
         });
       });
     }

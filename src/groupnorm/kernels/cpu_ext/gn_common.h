@@ -571,6 +571,17 @@ inline Moments combine(const Moments& a, const Moments& b) {
           a.m2 + b.m2 + delta * delta * a.count * b.count / total};
 }
 
+// ---- the shifted apply --------------------------------------------------------------------
+
+// Whether a set's output needs the shifted apply, ((x - k) - md) * r with k the shift the
+// statistics were summed around and md = mean - k in float32, rather than (x - mu) * r with
+// the mean rounded to float32 (mu). The latter moves every output by up to half an ulp of mu
+// times r, at most 2^-24 |mu| r: while |mu| r <= 1 (the mean within a standard deviation of
+// zero) that is below the float32 rounding of a unit-sized output, and the kernels take
+// k = 0, md = mu, which gives the unshifted results bit for bit and lets the channels-last
+// loops skip the shift's stream. A NaN or infinite mean compares false: unshifted, as before.
+inline bool shift_needed(float mu, float r) { return std::fabs(mu) * r > 1.0f; }
+
 // ---- channels-last statistics: per-channel moments of row blocks, vectorized over channels --
 
 // Chunk moments that stand an ill-chosen shift: a chunk's float32 sums of d = x - shift and

@@ -239,11 +239,12 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     T* py = y + item * L;
     const Moments mom = run_moments(px, L, in_buf);
     const float mu = static_cast<float>(mom.mean);
+    const float r = static_cast<float>(1.0 / std::sqrt(mom.m2 / static_cast<double>(L) + eps));
     // the shifted apply: x - k is exact near the mean, and md keeps the digits of the mean
     // that mu, rounded to float32, loses when |mu| is large against the spread
-    const float k = load(px[0]);
-    const float md = static_cast<float>(mom.mean - static_cast<double>(k));
-    const float r = static_cast<float>(1.0 / std::sqrt(mom.m2 / static_cast<double>(L) + eps));
+    const bool shifted = shift_needed(mu, r);
+    const float k = shifted ? load(px[0]) : 0.0f;
+    const float md = shifted ? static_cast<float>(mom.mean - static_cast<double>(k)) : mu;
     if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
     if (rstd_out) rstd_out[item] = r;
 #if defined(__AVX512F__)

@@ -86,6 +86,9 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
   // against the spread); per (n, g): k and m
   std::vector<float> coef_a(N * C), coef_m(N * C), coef_k(N * C), group_mean(N * G),
       group_shift(N * G);
+  // per sample: whether some group needs the shifted apply (else every k is 0, and the output
+  // loop leaves out the shift's stream; see shift_needed)
+  std::vector<char> sample_shifted(N, 0);
   std::vector<float> zeros(b ? 0 : C, 0.0f);
   const float* h = b ? b : zeros.data();
   const NhwcForwardPlan plan = plan_forward_nhwc<T>(N, C, S, G, nthreads);
@@ -124,8 +127,10 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
       const float r = static_cast<float>(1.0 / std::sqrt(m.m2 / static_cast<double>(L) + eps));
       if (mean_out) mean_out[n] = muf;
       if (rstd_out) rstd_out[n] = r;
-      const float shift = load(x[n * L]);
-      const float md = static_cast<float>(m.mean - static_cast<double>(shift));
+      const bool shifted = shift_needed(muf, r);
+      sample_shifted[n] = shifted;
+      const float shift = shifted ? load(x[n * L]) : 0.0f;
+      const float md = shifted ? static_cast<float>(m.mean - static_cast<double>(shift)) : muf;
       group_mean[n] = md;
       group_shift[n] = shift;
       float* ca = coef_a.data() + n * C;
@@ -171,8 +176,10 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
       const float muf = static_cast<float>(mu);
       if (mean_out) mean_out[n * G + g] = muf;
       if (rstd_out) rstd_out[n * G + g] = r;
-      const float shift = ref[g * D];  // x[n, 0, g D]
-      const float md = static_cast<float>(mu - static_cast<double>(shift));
+      const bool shifted = shift_needed(muf, r);
+      sample_shifted[n] |= shifted;
+      const float shift = shifted ? ref[g * D] : 0.0f;  // x[n, 0, g D]
+      const float md = shifted ? static_cast<float>(mu - static_cast<double>(shift)) : muf;
       group_mean[n * G + g] = md;
       group_shift[n * G + g] = shift;
       float* ca = coef_a.data() + n * C + g * D;
@@ -196,6 +203,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
     const float* mk = coef_k.data() + n * C;
     const float* gm = group_mean.data() + n * G;
     const float* gk = group_shift.data() + n * G;
+    const bool shifted = sample_shifted[n];
     const i64 end = (k + 1) * rows < S ? (k + 1) * rows : S;
     float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
     for (i64 s = k * rows; s < end; ++s) {
@@ -226,9 +234,15 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
         const float *mc = m + c0, *kc = mk + c0, *ac = a + c0, *hc = h + c0;
         with_f32(row0 + c0, len, in_buf, [&](const auto* row) {
           via_f32(out0 + c0, len, out_buf, [&](auto* out) {
+            if (shifted) {
 #pragma omp simd
-            for (i64 c = 0; c < len; ++c)
-              store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
+              for (i64 c = 0; c < len; ++c)
+                store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
+            } else {  // (every k is 0: the same values without its stream)
+#pragma omp simd
+              for (i64 c = 0; c < len; ++c)
+                store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+            }
           });
         });
       }
