@@ -154,7 +154,7 @@ constexpr i64 kStageOf = std::is_same_v<T, F16> ? kStage : 1;
 // channels of S contiguous values: channels d0 .. d0 + nd - 1 from position s0 of each, len
 // values per channel, count values in all from d0 * S + s0 ((nd - 1) * S + len). float16 goes
 // in spans of whole channels of at most kStage values (one conversion per span: per channel, a
-// 7x7 map's few vectors stalled on store forwarding and cost 3x float32), or, where one
+// 7x7 map's few vectors stalled on store forwarding), or, where one
 // channel is longer, in blocks of kStage of its values; other types in one block, the set.
 template <typename T, typename F>
 inline void for_each_stage_block(i64 D, i64 S, F&& f) {
@@ -273,8 +273,7 @@ inline float act_fwd(float z) {
 // s (1 - s) = e q^2 for either sign of z (s is q or e q, 1 - s the other), so it needs no
 // subtraction from 1 (no lost digits where s is close to 1) and no second select: one multiply,
 // one select and one multiply-add after the division (s (1 + z (1 - s)) took two selects and
-// two multiplies: 13 % slower in a loop of the backward's shape, and 1.97e-7 against 1.66e-7
-// largest absolute error on -110..110).
+// two multiplies, and was both slower and less accurate; benchmarks/README.md, #33).
 template <int ACT>
 inline float act_grad(float z) {
   if constexpr (ACT == ACT_SILU) {
@@ -319,9 +318,9 @@ inline __m512 exp_nonpos16(__m512 x) {
   return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, kLow, _CMP_LT_OQ), _mm512_setzero_ps());
 }
 
-// (GCC's vectorization of act_fwd/act_grad was 2-5 % slower for SiLU in the backward's flat
-// pass, and about even in the forward's; for GELU the reverse held: twins of erf_approx and
-// GELU were 7 % slower forward and 8 % backward, so GELU keeps the scalar functions)
+// (GCC's vectorization of act_fwd/act_grad was slower for SiLU in the backward's flat pass,
+// and about even in the forward's; for GELU the reverse held, so GELU keeps the scalar
+// functions)
 inline __m512 silu16(__m512 z) {
   const __m512 e = exp_nonpos16(neg_abs16(z));
   const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
@@ -521,14 +520,14 @@ __attribute__((always_inline)) inline Moments run_moments(const T* p, i64 n, flo
       if (start == 0) {
         // mean around p[0], then the squares around that mean (a float32 shift), one lane
         // array each: sets of one run (instance norm) are mostly setup and reduction, which
-        // a pass with two arrays doubles (14x14: +25 %). The mean is then shift + 0, unless
+        // a pass with two arrays makes costlier. The mean is then shift + 0, unless
         // p[0] lay over 2 standard deviations away (~5 % of Gaussian data, or an outlier;
         // the first pass's mean carries the rounding of x - p[0], up to ~1e-4 standard
         // deviations with p[0] 1e4 away) or the shift's rounding to float32 is not small
         // against the spread (mean 1e4, std 1e-3: the squares would hold up to 25 % of the
         // variance): then a third pass takes S1 too.
-        // (16 lanes for sets shorter than 64 lanes, which left the 49 values of a 7x7 map
-        // to the scalar tail: instance norm 8x2048x7x7 float32 760 -> 500 us)
+        // (16 lanes for sets shorter than 64 lanes, which would leave the 49 values of a 7x7
+        // map to the scalar tail)
         if (len < kLanes) {
           shift += shifted_sum<kVec>(run, len, shift) / nr;
           q = shifted_sq<kVec>(run, len, shift);

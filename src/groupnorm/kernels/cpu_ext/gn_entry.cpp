@@ -74,8 +74,8 @@ int gn_backward(int dtype, const void* dy, const void* x, const float* w, const 
 }
 
 // The same two entry points with their arguments packed in one array of 8-byte fields (Python
-// fills it with struct.pack): ctypes converts each argument separately, about 0.1 us apiece,
-// which was 1.5 us of a 4096-value call; one pointer costs one conversion.
+// fills it with struct.pack): ctypes converts each argument separately, which costs as much
+// as a small call's arithmetic; one pointer costs one conversion.
 int gn_forward_packed(const ForwardArgs* a) {
   return gn_forward(static_cast<int>(a->dtype), ptr<const void>(a->x), ptr<void>(a->y),
                     ptr<const float>(a->w), ptr<const float>(a->b), ptr<float>(a->mean),

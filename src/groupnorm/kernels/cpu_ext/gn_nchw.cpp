@@ -177,10 +177,9 @@ inline void set_lane_params(const float* w, const float* b, float r, i64 g, i64 
 
 // The forward of one set of float32 short rows of S > 16 values: z walked in x's lines
 // (z_lines) into y, then f over y in one flat loop, a chunk at a time after fetching the
-// same stretch of the next set's x and y (more). Harness, SiLU, 64-byte aligned tensors:
-// 4x2048x7x7 102 -> 93 us, 16x2048x7x7 413 -> 367, 4x1024x14x14 183 -> 172 (#72). Not
-// inlined: inside forward_nchw, its vector code changed how GCC compiled the statistics pass
-// (lane sums spilled to the stack: 14x14 +40 %).
+// same stretch of the next set's x and y (more); benchmarks/README.md, #72. Not inlined:
+// inside forward_nchw, its vector code changed how GCC compiled the statistics pass (lane sums
+// spilled to the stack).
 template <int ACT>
 __attribute__((noinline)) void forward_short_set_lines(const float* x, float* y, const float* w,
                                                        const float* b, float k, float md,
@@ -362,9 +361,8 @@ inline void short_sums(const float* u, const float* v, i64 n, float& s1, float& 
 //   3. per channel, sum dz and sum dz (x - mu), lane sums reduced where a channel ends;
 //   4. dx = A_d dz + B (x - mu) + K.
 // x - mu is recomputed from x (in cache) instead of kept in a second buffer. par holds
-// 2 (D + 1) floats; zb has x's offset within a line. Not inlined, as forward_short_set_lines.
-// Harness, float32 SiLU, 64-byte aligned tensors: 4x2048x7x7 187 -> 150 us, 16x2048x7x7
-// 850 -> 700, 4x1024x14x14 336 -> 295, 2x1280x16x16 268 -> 247 (benchmarks/README.md, #72).
+// 2 (D + 1) floats; zb has x's offset within a line. Not inlined, as forward_short_set_lines
+// (benchmarks/README.md, #72).
 template <int ACT>
 __attribute__((noinline)) void backward_short_set_lines(const float* dy, const float* x,
                                                         const float* w, const float* b, float mu,
@@ -521,8 +519,8 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
 // The first pass of the general nchw backward for float32 SiLU over one run of n values of a
 // channel: dz = dy f'(z) with z = (x - mu) a + h (stored), and the sums of dz and dz (x - mu),
 // in 64 lanes as sum_two does for long runs (its lane groups are added in another order, so
-// the bits differ), with silu_grad16. Harness, 1T, against sum_two with act_grad:
-// 2x512x28x28 305 -> 292 us, 1x640x32x32 ~250 -> 240, 2x320x64x64 1340 -> 1290 (#74).
+// the bits differ), with silu_grad16: a little faster than sum_two with act_grad
+// (benchmarks/README.md, #74).
 inline void silu_dz_sums(const float* x, const float* dy, float* dz, i64 n, float mu, float a,
                          float h, float& s1, float& s2) {
   const __m512 vmu = _mm512_set1_ps(mu), va = _mm512_set1_ps(a), vh = _mm512_set1_ps(h);
