@@ -36,12 +36,12 @@ data:
 	fi
 
 lint: setup
-	$(PY) -m ruff check src tests benchmarks scripts conftest.py
-	$(PY) -m ruff format --check src tests benchmarks scripts conftest.py
+	$(PY) -m ruff check src tests benchmarks scripts tools conftest.py
+	$(PY) -m ruff format --check src tests benchmarks scripts tools conftest.py
 
 format: setup
-	$(PY) -m ruff format src tests benchmarks scripts
-	$(PY) -m ruff check --fix src tests benchmarks scripts
+	$(PY) -m ruff format src tests benchmarks scripts tools conftest.py
+	$(PY) -m ruff check --fix src tests benchmarks scripts tools conftest.py
 
 test: setup lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --doctest-modules tests src/groupnorm
@@ -76,9 +76,10 @@ test-large: setup
 
 # The paper's Figure 1 in miniature (BN vs GN at 32 and 1 images per worker, a few minutes):
 # writes runs/quick/{results.jsonl,table.txt,error_vs_batch.png,report.md}. A second call
-# reuses the finished runs (--resume) and only redraws the table and plot.
+# reuses the finished runs and only redraws the table and plot (groupnorm demo is
+# groupnorm reproduce --preset quick --resume).
 demo: setup data
-	$(PY) -m groupnorm reproduce --preset quick --data $(DATA_DIR) --out runs/quick --resume
+	$(PY) -m groupnorm demo --data $(DATA_DIR) --out runs/quick
 
 # GPU benchmark of the Triton kernels (needs a CUDA build of torch and a GPU; see docs/triton.md).
 bench-gpu: setup

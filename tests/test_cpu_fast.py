@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import groupnorm
 from groupnorm import functional as gf
 from groupnorm.kernels import cpu, cpu_ext
+from groupnorm.kernels.running import update_running_stats
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 ACTIVATIONS = [None, "silu", "gelu", "relu"]
@@ -427,8 +428,10 @@ def test_fallback_on_failed_build(monkeypatch, tmp_path):
 
 
 def test_env_switch_uses_torch_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})  # (the variable is read at the first call)
     monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
-    assert cpu._ext_params(torch.randn(2, 4, 3), None, None) is None
+    assert cpu_ext.extension() is None
+    assert cpu.fast(torch.randn(2, 4, 3), None, None, 2, False, 1e-5, "", None, True) is None
     _check_against_reference((2, 6, 4, 4), 3, torch.bfloat16, "contiguous", "gelu", False)
 
 
@@ -450,11 +453,20 @@ def test_eager_path_matches_custom_op():
     assert torch.equal(out1, out2)
     for a, c in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, c)
+    # float64 takes torch's kernels, whose derivatives are differentiable again
     xs = x.clone().requires_grad_()
     y = gf.group_norm(xs, 3, activation="silu")
-    (gx,) = torch.autograd.grad(y.sum(), xs, create_graph=True)
-    with pytest.raises(RuntimeError):  # double backward is not supported, loudly
-        gx.sum().backward()
+    (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.square().sum(), xs)
+    xt = x.clone().requires_grad_()
+    yt = F.silu(F.group_norm(xt, 3))
+    (gt,) = torch.autograd.grad(yt.square().sum(), xt, create_graph=True)
+    torch.testing.assert_close(ggx, torch.autograd.grad(gt.square().sum(), xt)[0])
+    if cpu_ext.extension() is not None:  # the C++ kernels have no double backward: loudly
+        xs = x.float().requires_grad_()
+        y = gf.group_norm(xs, 3, activation="silu")
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.sum(), xs, create_graph=True)
 
 
 def test_compile_still_traces_the_op():
@@ -735,37 +747,30 @@ def test_silu_with_large_pre_activations(dtype, layout, shape):
     )
 
 
-# ---- the eager fast paths (kernels/cpu.py: fast_forward, fast_batch_forward) ------------------
+# ---- the eager fast road (dispatch.run -> kernels/cpu.fast -> the C++ extension) -------------
 
 
-@pytest.fixture(params=["extension", "ctypes"])
-def fast_path(request, monkeypatch):
-    """Each fast-path test runs twice: through the C++ extension (gn_ops.cpp, a C++ autograd
-    node) and through ctypes with the Python autograd.Function (used when the extension cannot
-    be built)."""
+@pytest.fixture
+def fast_path():
+    """The fast-path tests need the C++ extension, which takes the whole call (a C++ autograd
+    node when gradients are needed)."""
     _ext_or_skip()
-    if request.param == "extension":
-        if cpu_ext.extension() is None:
-            pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
-        monkeypatch.setattr(cpu, "_FUSED_OP", [cpu_ext.fused_op()])
-        monkeypatch.setattr(cpu, "_BATCH_OP", [cpu_ext.fused_batch_op()])
-    else:
-        monkeypatch.setattr(cpu, "_FUSED_OP", [None])
-        monkeypatch.setattr(cpu, "_BATCH_OP", [None])
-    return request.param
+    if cpu_ext.extension() is None:
+        pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+    return "extension"
 
 
 def _full_path_calls(monkeypatch):
-    """A list that grows by one for each group/layer/instance call that misses the fast path
-    (functional's full path, with validation and the custom op)."""
+    """A list that grows by one for each functional call that misses the fast road (the
+    dispatcher then runs the full checks before it routes the call)."""
     calls = []
-    real = gf._normalize
+    real = gf._check_call
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gf, "_normalize", counting)
+    monkeypatch.setattr(gf, "_check_call", counting)
     return calls
 
 
@@ -849,16 +854,14 @@ def test_fast_path_refuses_double_backward(fast_path):
 
 
 def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
-    """A broken extension build warns once and leaves the ctypes path, still correct;
+    """A broken extension build warns once and leaves torch's kernels, still correct;
     GROUPNORM_CPU_OPS=0 turns the extension off."""
     _ext_or_skip()
     _break_build(monkeypatch, tmp_path, "_ops_state", "_OPS_SOURCE")
     with pytest.warns(RuntimeWarning, match="extension is unavailable"):
         assert cpu_ext.fused_op() is None
     assert "build or load failed" in cpu_ext.fused_op_unavailable_reason()
-    monkeypatch.setattr(cpu, "_FUSED_OP", [])  # looked up again, then found missing
     _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", False)
-    assert cpu._FUSED_OP == [None]
     monkeypatch.setattr(cpu_ext, "_ops_state", {})
     monkeypatch.setenv("GROUPNORM_CPU_OPS", "0")
     with warnings.catch_warnings():
@@ -869,23 +872,14 @@ def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
 
 def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):
     calls = []
-    if fast_path == "extension":
-        real_op = cpu._FUSED_OP[0]
+    real = cpu.fast
 
-        def counting_op(*args):
-            y = real_op(*args)
-            calls.extend([] if y is None else [1])
-            return y
+    def counting(*args):
+        y = real(*args)
+        calls.extend([] if y is None else [1])
+        return y
 
-        monkeypatch.setattr(cpu, "_FUSED_OP", [counting_op])
-    else:
-        real = cpu_ext.forward
-
-        def counting(*args, statistics=True):  # the fast path asks for y alone
-            calls.extend([] if statistics else [1])
-            return real(*args, statistics=statistics)
-
-        monkeypatch.setattr(cpu_ext, "forward", counting)
+    monkeypatch.setattr(cpu, "fast", counting)
     x, w = torch.randn(2, 6, 4, 4), torch.rand(6)
     m = groupnorm.GroupNorm(3, 6)
     with torch.no_grad():
@@ -1043,10 +1037,9 @@ def test_batch_norm_mixed_dtype_running_statistics_match_the_full_path(stat_dtyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_running_statistics_update(dtype):
-    """bfloat16/float16 running statistics on CPU go through the extension's update: the same
-    formula computed in float64 and rounded (through float32) once, never further from the
-    exact value than the eight-operation ATen update it replaces (which rounds the batch mean
-    to the statistics' dtype first)."""
+    """bfloat16/float16 running statistics: the extension's update and its torch form give the
+    same bits (the formula computed in float64, rounded through float32), never further from the
+    exact value than an ATen lerp that rounds the batch mean to the statistics' dtype first."""
     if cpu_ext.extension() is None:
         pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
     g = torch.Generator().manual_seed(13)
@@ -1062,8 +1055,11 @@ def test_low_precision_running_statistics_update(dtype):
     rm_before, rv_before = rm.clone(), rv.clone()
     aten_m.lerp_(mean.to(dtype), momentum)
     aten_v.lerp_(var.float().to(dtype), momentum)
-    gf.update_running_stats(rm, rv, mean, rstd, eps, momentum, count)
+    torch_m, torch_v = rm.clone(), rv.clone()
+    update_running_stats(torch_m, torch_v, mean, rstd, eps, momentum, count)  # torch form
+    update_running_stats(rm, rv, mean, rstd, eps, momentum, count, native=True)  # C++ twin
     assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+    assert torch.equal(torch_m, want_m) and torch.equal(torch_v, want_v)
     exact_m = rm_before.double() + momentum * (mean.double() - rm_before.double())
     exact_v = rv_before.double() + momentum * (var - rv_before.double())
     for got, aten, exact in ((rm, aten_m, exact_m), (rv, aten_v, exact_v)):

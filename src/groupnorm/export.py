@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .kernels.portable import apply_activation
+from .kernels.running import update_running_stats
 
 __all__ = ["is_exporting", "decomposed_normalize"]
 
@@ -68,21 +69,21 @@ def decomposed_normalize(
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
+    given_mean: Tensor | None,
+    given_var: Tensor | None,
     num_groups: int,
     pool_batch: bool,
     eps: float,
     activation: str,
-    given_mean: Tensor | None = None,
-    given_var: Tensor | None = None,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    momentum: float = 0.0,
+    *,
+    running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``groupnorm::forward`` written with standard ATen ops; returns (y, x + residual or x).
 
     Takes the validated arguments of the op. ``given_mean``/``given_var`` are batch norm's
-    inference statistics; ``running_mean``/``running_var`` (batch norm in training) are updated in
-    place with ``momentum`` and the unbiased batch variance, as :func:`groupnorm.normalize` does.
+    inference statistics; ``running`` (batch norm in training: running mean, running var,
+    momentum) is updated in place by the same update as every other route
+    (:func:`groupnorm.kernels.running.update_running_stats`).
     """
     src = x + residual if residual is not None else x
     work = src.float() if src.dtype in _LOW_PRECISION else src
@@ -98,15 +99,10 @@ def decomposed_normalize(
         dims = [0] + list(range(2, work.dim()))
         var, mean = torch.var_mean(work, dim=dims, correction=0)
         z = torch.nn.functional.batch_norm(work, mean, var, w, b, False, 0.0, eps)
-        if running_mean is not None and running_var is not None:
+        if running is not None:
+            running_mean, running_var, momentum = running
             count = work.numel() // work.shape[1]
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1))  # count > 1: checked by normalize
-                running_mean.mul_(1 - momentum).add_(
-                    mean.detach().to(running_mean.dtype), alpha=momentum
-                )
-                running_var.mul_(1 - momentum).add_(
-                    unbiased.detach().to(running_var.dtype), alpha=momentum
-                )
+            rstd = torch.rsqrt(var + eps)
+            update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, count)
     y = apply_activation(z, activation).to(x.dtype)
     return y, src

@@ -6,28 +6,119 @@ call the ``groupnorm::forward`` custom op, which picks a backend by device.
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import Tensor
 
 from . import _validation as v
-from . import export
-from ._eager import PLAIN_TYPES, plain_eager_context
-from .kernels import check_backend, cpu_ext
-from .kernels.cpu import fast_batch_forward, fast_forward
-from .ops import normalize_op
+from .dispatch import NormSpec, run
+from .kernels import BACKENDS, check_backend
 
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
 
-# Modes the no-autograd fast path (kernels.cpu.fast_forward) takes, by the names check_mode
-# accepts in lower case
-_FAST_MODES = {
+# The common spellings of the scalar arguments, which the road takes without the full checks.
+_QUICK_MODES = {
     "group": "group",
     "gn": "group",
     "layer": "layer",
     "ln": "layer",
     "instance": "instance",
     "in": "instance",
+    "batch": "batch",
+    "bn": "batch",
 }
+_QUICK_ACTIVATIONS = {None: "", "": "", "silu": "silu", "gelu": "gelu", "relu": "relu"}
+_QUICK_BACKENDS = (None, *BACKENDS)
+_SPECS: dict[tuple, NormSpec] = {}
+
+
+def _quick_spec(
+    num_groups: object, pool_batch: bool, eps: object, activation: object, backend: object
+) -> NormSpec | None:
+    """The spec of a call whose scalars have the common types and valid values (one dictionary
+    look-up once seen), else None: such calls take the full checks, which explain."""
+    if num_groups is not None and (type(num_groups) is not int or num_groups <= 0):
+        return None
+    if type(eps) is not float or (activation is not None and type(activation) is not str):
+        return None
+    if backend is not None and type(backend) is not str:
+        return None
+    key = (num_groups, pool_batch, eps, activation, backend)
+    spec = _SPECS.get(key)
+    if spec is None:
+        act = _QUICK_ACTIVATIONS.get(activation)
+        if act is None or not 0.0 <= eps < math.inf or backend not in _QUICK_BACKENDS:
+            return None
+        if len(_SPECS) >= 1024:  # many distinct eps values: start over rather than grow
+            _SPECS.clear()
+        spec = _SPECS[key] = NormSpec(num_groups, pool_batch, eps, act, backend)
+    return spec
+
+
+def _run(
+    spec: NormSpec | None,
+    input: Tensor,
+    mode: object,
+    num_groups: object = None,
+    group_size: object = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: object = 1e-5,
+    activation: object = None,
+    residual: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: object = True,
+    momentum: object = 0.1,
+    return_sum: bool = False,
+    backend: object = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Hand a functional call to the dispatcher: the quick ``spec`` when the scalars allowed one
+    (the C++ extension may then take the call unchecked), with the full checks as the
+    validator; without a quick spec the checks run first and build it."""
+    args = (
+        input,
+        mode,
+        num_groups,
+        group_size,
+        weight,
+        bias,
+        eps,
+        activation,
+        residual,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        return_sum,
+        backend,
+    )
+    running = None
+    if spec is not None and spec.pool_batch:
+        if type(training) is not bool or (running_mean is None) != (running_var is None):
+            spec = None
+        elif momentum is not None and (type(momentum) is not float or not 0.0 <= momentum <= 1.0):
+            spec = None  # (the checks explain)
+        elif running_mean is not None:
+            if momentum is None:
+                spec = None  # (the checks decide and explain)
+            else:
+                running = (running_mean, running_var, momentum)
+    if spec is None:
+        spec, *checked = _check_call(*args)
+        validate = lambda: checked  # noqa: E731  (already checked)
+        running = (
+            checked[2]
+            if checked[2] is not None
+            else (None if training else (running_mean, running_var, 0.0))
+        )
+    else:
+
+        def validate():
+            return _check_call(*args)[1:]
+
+    y, total = run(spec, input, weight, bias, residual, validate, running, training is True)
+    return (y, total) if return_sum else y
 
 
 def normalize(
@@ -97,67 +188,61 @@ def normalize(
         >>> torch.equal(s, 2 * x)
         True
     """
-    fast_mode = _FAST_MODES.get(mode) if type(mode) is str else None
-    if (
-        fast_mode is not None
-        and group_size is None
-        and residual is None
-        and running_mean is None
-        and running_var is None
-        and training is True
-        and not return_sum
-        and (num_groups is None) != (fast_mode == "group")
-    ):
-        y = fast_forward(
-            input,
-            num_groups if fast_mode == "group" else 1,
-            weight,
-            bias,
-            eps,
-            activation,
-            backend,
-            per_channel=fast_mode == "instance",
-        )
-        if y is not None:
-            return y
-    return _normalize(
+    mode_name = _QUICK_MODES.get(mode) if type(mode) is str else None
+    spec = None
+    if mode_name is not None and group_size is None and not return_sum:
+        if mode_name == "group":
+            if num_groups is not None:  # (None: one set per channel, not a group count)
+                spec = _quick_spec(num_groups, False, eps, activation, backend)
+        elif num_groups is None:
+            groups = 1 if mode_name == "layer" else None
+            spec = _quick_spec(groups, mode_name == "batch", eps, activation, backend)
+        if (
+            spec is not None
+            and mode_name != "batch"
+            and (running_mean is not None or running_var is not None or training is not True)
+        ):
+            spec = None
+    return _run(
+        spec,
         input,
         mode,
-        num_groups=num_groups,
-        group_size=group_size,
-        weight=weight,
-        bias=bias,
-        eps=eps,
-        activation=activation,
-        residual=residual,
-        running_mean=running_mean,
-        running_var=running_var,
-        training=training,
-        momentum=momentum,
-        return_sum=return_sum,
-        backend=backend,
+        num_groups,
+        group_size,
+        weight,
+        bias,
+        eps,
+        activation,
+        residual,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        return_sum,
+        backend,
     )
 
 
-def _normalize(
-    input: Tensor,
-    mode: str,
-    *,
-    num_groups: int | None = None,
-    group_size: int | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    activation: str | None = None,
-    residual: Tensor | None = None,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    training: bool = True,
-    momentum: float | None = 0.1,
-    return_sum: bool = False,
-    backend: str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """:func:`normalize` without its fast path: full validation, then the op."""
+def _check_call(
+    input,
+    mode,
+    num_groups,
+    group_size,
+    weight,
+    bias,
+    eps,
+    activation,
+    residual,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    return_sum,
+    backend,
+):
+    """The full checks of a functional call, in a fixed order (a call with several mistakes
+    always names the same one first). Returns (spec, given_mean, given_var, running), running
+    being batch norm's (running_mean, running_var, momentum) to update, or None."""
     mode = v.check_mode(mode)
     v.check_input(input)
     num_channels = input.shape[1]
@@ -221,62 +306,9 @@ def _normalize(
             f"group, layer and instance norm never use batch statistics"
         )
 
-    if export.is_exporting():  # standard ATen ops instead of the custom op: see export.py
-        y, total = export.decomposed_normalize(
-            input,
-            weight,
-            bias,
-            residual,
-            groups,
-            pool,
-            eps,
-            act,
-            given_mean,
-            given_var,
-            running_mean if update_running else None,
-            running_var if update_running else None,
-            momentum or 0.0,
-        )
-        return (y, total) if return_sum else y
-    y, total, mean, rstd = normalize_op(
-        input, weight, bias, residual, given_mean, given_var, groups, pool, eps, act, backend
-    )
-    if update_running:
-        update_running_stats(
-            running_mean, running_var, mean, rstd, eps, momentum, input.numel() // num_channels
-        )
-    return (y, total) if return_sum else y
-
-
-_LOW = (torch.bfloat16, torch.float16)
-
-
-def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    eps: float,
-    momentum: float,
-    count: int,
-) -> None:
-    """In-place exponential update with the unbiased variance, as ``torch.nn.BatchNorm`` does.
-
-    bfloat16/float16 statistics on CPU, in plain eager mode, are updated by the C++ extension
-    (one call instead of eight tensor operations, in double, rounded once; the fast path calls
-    the same function, so both give the same bits)."""
-    if running_mean.dtype in _LOW and running_mean.device.type == "cpu" and plain_eager_context():
-        ext = cpu_ext.extension()
-        if ext is not None and all(
-            type(t) in PLAIN_TYPES for t in (running_mean, running_var, mean, rstd)
-        ):
-            if ext.update_running_low(running_mean, running_var, mean, rstd, eps, momentum, count):
-                return
-    with torch.no_grad():
-        # few, in-place ops: this runs on every training call and was a tenth of a BN forward
-        var = torch.pow(rstd, -2).sub_(eps).clamp_min_(0).mul_(count / max(count - 1, 1))
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+    spec = NormSpec(None if mode in ("instance", "batch") else groups, pool, eps, act, backend)
+    running = (running_mean, running_var, momentum) if update_running else None
+    return spec, given_mean, given_var, running
 
 
 def group_norm(
@@ -305,20 +337,22 @@ def group_norm(
     >>> torch.allclose(group_norm(x, None, group_size=6), group_norm(x, 5))
     True
     """
-    if group_size is None and residual is None and not return_sum:
-        y = fast_forward(input, num_groups, weight, bias, eps, activation, backend)
-        if y is not None:
-            return y
-    return _normalize(
+    spec = (
+        _quick_spec(num_groups, False, eps, activation, backend)
+        if group_size is None and num_groups is not None and not return_sum
+        else None
+    )
+    return _run(
+        spec,
         input,
         "group",
-        num_groups=num_groups,
-        group_size=group_size,
-        weight=weight,
-        bias=bias,
-        eps=eps,
-        activation=activation,
-        residual=residual,
+        num_groups,
+        group_size,
+        weight,
+        bias,
+        eps,
+        activation,
+        residual,
         return_sum=return_sum,
         backend=backend,
     )
@@ -346,33 +380,22 @@ def batch_norm(
     >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-6)
     True
     """
-    if residual is None:
-        y = fast_batch_forward(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            activation,
-            backend,
-        )
-        if y is not None:
-            return y
-    return _normalize(
+    spec = _quick_spec(None, True, eps, activation, backend)
+    return _run(
+        spec,
         input,
         "batch",
-        weight=weight,
-        bias=bias,
-        eps=eps,
-        activation=activation,
-        residual=residual,
-        running_mean=running_mean,
-        running_var=running_var,
-        training=training,
-        momentum=momentum,
+        None,
+        None,
+        weight,
+        bias,
+        eps,
+        activation,
+        residual,
+        running_mean,
+        running_var,
+        training,
+        momentum,
         backend=backend,
     )
 
@@ -397,19 +420,9 @@ def layer_norm(
     >>> torch.allclose(layer_norm(x), torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
     True
     """
-    if residual is None:
-        y = fast_forward(input, 1, weight, bias, eps, activation, backend)
-        if y is not None:
-            return y
-    return _normalize(
-        input,
-        "layer",
-        weight=weight,
-        bias=bias,
-        eps=eps,
-        activation=activation,
-        residual=residual,
-        backend=backend,
+    spec = _quick_spec(1, False, eps, activation, backend)
+    return _run(
+        spec, input, "layer", None, None, weight, bias, eps, activation, residual, backend=backend
     )
 
 
@@ -429,17 +442,17 @@ def instance_norm(
     >>> torch.allclose(instance_norm(x), torch.nn.functional.instance_norm(x), atol=1e-5)
     True
     """
-    if residual is None:
-        y = fast_forward(input, 1, weight, bias, eps, activation, backend, per_channel=True)
-        if y is not None:
-            return y
-    return _normalize(
+    spec = _quick_spec(None, False, eps, activation, backend)
+    return _run(
+        spec,
         input,
         "instance",
-        weight=weight,
-        bias=bias,
-        eps=eps,
-        activation=activation,
-        residual=residual,
+        None,
+        None,
+        weight,
+        bias,
+        eps,
+        activation,
+        residual,
         backend=backend,
     )

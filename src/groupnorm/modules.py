@@ -7,15 +7,15 @@ state_dicts keep working; only ``forward`` is ours.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
-from ._eager import PLAIN_TYPES
-from .functional import _normalize, update_running_stats
-from .kernels.cpu import fast_batch_forward, fast_forward
+from .dispatch import NormSpec, run
+from .kernels import check_backend
 
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
@@ -111,18 +111,24 @@ class GroupNorm(nn.GroupNorm):
         super()._load_from_state_dict(state_dict, prefix, *args)
         _channel_count_hint(self, state_dict, prefix, self.num_channels, "num_channels", args[-1])
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        if (
-            residual is None
-            and type(input) in PLAIN_TYPES
-            and input.dim() >= 2
-            and input.shape[1] == self.num_channels
-        ):  # a no-autograd call on valid input: the fast path (None when it does not apply)
-            y = fast_forward(
-                input, self.num_groups, self.weight, self.bias, self.eps, self._activation, None
-            )
-            if y is not None:
-                return y
+    # Attributes the spec is made from: setting one (``m.eps = 1e-3``, ``m.num_groups = 4``)
+    # drops the spec, and the next call resolves it again.
+    _SPEC_FIELDS = frozenset({"num_groups", "num_channels", "eps", "_activation"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self._SPEC_FIELDS:
+            self.__dict__.pop("_spec", None)
+
+    def _resolve_spec(self) -> NormSpec:
+        """The call's fixed scalars, checked once: (groups, eps, activation)."""
+        groups = v.resolve_num_groups(self.num_channels, self.num_groups, None)
+        spec = NormSpec(groups, False, v.check_eps(self.eps), v.check_activation(self._activation))
+        self.__dict__["_spec"] = spec
+        return spec
+
+    def _validate(self, input: Tensor, residual: Tensor | None):
+        """The full checks of a call, with the module's messages."""
         v.check_input(input)
         if input.shape[1] != self.num_channels:
             raise ValueError(
@@ -130,15 +136,44 @@ class GroupNorm(nn.GroupNorm):
                 f"input of shape {tuple(input.shape)}; build the layer with "
                 f"num_channels={input.shape[1]} or fix the layer that feeds it"
             )
-        return _normalize(
+        v.check_param(self.weight, "weight", self.num_channels, input)
+        v.check_param(self.bias, "bias", self.num_channels, input)
+        v.check_residual(residual, input)
+        check_backend(None)
+        return None, None, None
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        spec = self.__dict__.get("_spec") or self._resolve_spec()
+        if self.training and spec.num_groups == self.num_channels:
+            _warn_single_element_sets(self, input)
+        return run(
+            spec,
             input,
-            "group",
-            num_groups=self.num_groups,
-            weight=self.weight,
-            bias=self.bias,
-            eps=self.eps,
-            activation=self._activation,
-            residual=residual,
+            self.weight,
+            self.bias,
+            residual,
+            lambda: self._validate(input, residual),
+        )[0]
+
+
+def _warn_single_element_sets(module: nn.Module, input: Tensor) -> None:
+    """Warn once per module when each set holds one value: the output is then the bias whatever
+    the input, and the input gets no gradient (torch's InstanceNorm refuses such input)."""
+    if (
+        isinstance(input, Tensor)
+        and input.dim() >= 2
+        and input.numel() > 0
+        and input.numel() == input.shape[0] * input.shape[1]
+        and not module.__dict__.get("_warned_single", False)
+    ):
+        module.__dict__["_warned_single"] = True
+        warnings.warn(
+            f"{type(module).__name__}({module.num_groups}, {module.num_channels}) on input of "
+            f"shape {tuple(input.shape)}: each group holds a single value, so the output is the "
+            f"bias whatever the input and the input gets no gradient; use fewer groups (more "
+            f"channels per group) or an input with spatial dims",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -308,47 +343,48 @@ class BatchNorm(_BatchNorm):
         """Whether this call normalizes with the batch's own statistics."""
         return self.training or not self.track_running_stats
 
+    _SPEC_FIELDS = frozenset({"eps", "_activation"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self._SPEC_FIELDS:
+            self.__dict__.pop("_spec", None)
+
+    def _resolve_spec(self) -> NormSpec:
+        spec = NormSpec(None, True, v.check_eps(self.eps), v.check_activation(self._activation))
+        self.__dict__["_spec"] = spec
+        return spec
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        self._check_input_dim(input)
-        use_batch = self.batch_statistics(input)
-        update = self.training and self.track_running_stats and input.numel() > 0
-        momentum = 0.0 if self.momentum is None else self.momentum
+        spec = self.__dict__.get("_spec") or self._resolve_spec()
+        use_batch = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        momentum = self.momentum
         if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
+            self.num_batches_tracked.add_(1)  # (empty batches count too, as in torch)
+            if momentum is None:  # a cumulative average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        running_mean = self.running_mean if (update or not use_batch) else None
-        running_var = self.running_var if (update or not use_batch) else None
-        if residual is None:  # a no-autograd call: the fast path (None when it does not apply)
-            y = fast_batch_forward(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                use_batch,
-                momentum,
-                self.eps,
-                self._activation,
-                None,
-            )
-            if y is not None:
-                return y
-        y = _normalize(
-            input,
-            "batch",
-            weight=self.weight,
-            bias=self.bias,
-            eps=self.eps,
-            activation=self._activation,
-            residual=residual,
-            running_mean=running_mean,
-            running_var=running_var,
-            training=use_batch,
-            momentum=momentum,
-        )
-        return y
+        if update or not use_batch:
+            running = (self.running_mean, self.running_var, momentum or 0.0)
+        else:
+            running = None
 
+        def validate():
+            self._check_input_dim(input)
+            v.check_param(self.weight, "weight", self.num_features, input)
+            v.check_param(self.bias, "bias", self.num_features, input)
+            v.check_residual(residual, input)
+            check_backend(None)
+            if running is not None:
+                v.check_stat(self.running_mean, "running_mean", self.num_features, input)
+                v.check_stat(self.running_var, "running_var", self.num_features, input)
+            if use_batch and input.numel() == input.shape[1]:
+                raise ValueError(
+                    f"batch norm in training needs more than 1 value per channel, got input of "
+                    f"shape {tuple(input.shape)}; use a larger batch, eval mode, or group norm"
+                )
+            if use_batch:
+                return None, None, running if update and input.numel() > 0 else None
+            return self.running_mean, self.running_var, None
 
-# Re-exported for the experiment's synchronized BN, which updates the buffers itself.
-_update_running_stats = update_running_stats
+        return run(spec, input, self.weight, self.bias, residual, validate, running, use_batch)[0]

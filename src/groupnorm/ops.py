@@ -2,26 +2,18 @@
 
 Registering the core with :mod:`torch.library` gives one opaque node that ``torch.compile``
 (``fullgraph=True``) traces through with the fake implementations below, instead of breaking
-the graph on a Python-level autograd.Function. The ops take validated arguments only; checks
-live in :mod:`groupnorm.functional`.
+the graph on a Python-level autograd.Function. The ops take validated arguments only; the
+dispatcher (:mod:`groupnorm.dispatch`) sends calls here while a compiler, tracer, mode, functorch
+transform or tensor subclass watches; plain eager calls go to a backend's own eager entry.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
 
-from ._eager import PLAIN_TYPES, forward_ad_active, plain_eager_context
 from .kernels import get_backend
-
-
-def _stats_shape(x: Tensor, num_groups: int, pool_batch: bool) -> tuple[int, ...]:
-    return (x.shape[1],) if pool_batch else (x.shape[0], num_groups)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .kernels.portable import acc_dtype
 
 
 @torch.library.custom_op("groupnorm::forward", mutates_args=())
@@ -59,48 +51,14 @@ def _(
     activation,
     backend,
 ):
-    shape = _stats_shape(x, num_groups, pool_batch)
-    acc = _acc(x.dtype)
+    shape = (x.shape[1],) if pool_batch else (x.shape[0], num_groups)
+    acc = acc_dtype(x.dtype)
     total = torch.empty_like(x) if residual is not None else x.new_empty(0)
     return (
         torch.empty_like(x),
         total,
         x.new_empty(shape, dtype=acc),
         x.new_empty(shape, dtype=acc),
-    )
-
-
-def _direct_backward(
-    dy,
-    x,
-    weight,
-    bias,
-    mean,
-    rstd,
-    num_groups,
-    pool_batch,
-    stats_given,
-    activation,
-    need_dx,
-    need_dw,
-    need_db,
-    backend,
-):
-    """The backend's (dx, dweight, dbias), ``None`` where not asked for. The ``backward`` op
-    wraps this; the eager fast path calls it directly."""
-    impl = get_backend(backend, x.device)
-    return impl.backward(
-        dy,
-        x,
-        weight,
-        bias,
-        mean,
-        rstd,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        (need_dx, need_dw, need_db),
     )
 
 
@@ -122,7 +80,7 @@ def norm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias); a gradient not asked for comes back as an empty tensor."""
-    grads = _direct_backward(
+    grads = get_backend(backend, x.device).backward(
         dy,
         x,
         weight,
@@ -133,10 +91,7 @@ def norm_backward(
         pool_batch,
         stats_given,
         activation,
-        need_dx,
-        need_dweight,
-        need_dbias,
-        backend,
+        (need_dx, need_dweight, need_dbias),
     )
     # Outputs may not alias each other: a fresh empty tensor for each gradient not computed.
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
@@ -191,8 +146,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _gradients(ctx, grad_y, grad_total, run_backward):
-    """Input gradients of the forward op; ``run_backward`` computes (dx, dweight, dbias)."""
+def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+    """Input gradients of the forward op, through the ``groupnorm::backward`` op."""
     saved_x, weight, bias, mean, rstd = ctx.saved_tensors
     needs = ctx.needs_input_grad[-11:]  # the op's 11 inputs, whatever comes before them
     need_dx = needs[0] or (ctx.has_residual and needs[3])
@@ -200,7 +155,7 @@ def _gradients(ctx, grad_y, grad_total, run_backward):
     need_db = bias is not None and needs[2]
     dx = dw = db = None
     if need_dx or need_dw or need_db:
-        dx, dw, db = run_backward(
+        dx, dw, db = norm_backward(
             grad_y,
             saved_x,
             weight,
@@ -225,70 +180,4 @@ def _gradients(ctx, grad_y, grad_total, run_backward):
     return (dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None, None)
 
 
-def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
-    return _gradients(ctx, grad_y, grad_total, norm_backward)
-
-
 torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)
-
-
-# ---- eager fast path ------------------------------------------------------------------------
-# Going through the torch.library dispatcher costs tens of microseconds per call, several times
-# torch's own group_norm on small tensors. In plain eager mode on CPU tensors we call the same
-# backend functions directly (no autograd needed) or through a thin autograd.Function with the
-# same saved tensors and backward. The same holds on CUDA, where the op's overhead is paid on
-# every launch of a small kernel. Everything else (torch.compile/export tracing, fake or
-# subclass tensors, functorch transforms, dispatch/function modes, other devices) keeps the op.
-
-_EAGER_DEVICES = ("cpu", "cuda")
-
-
-class _EagerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, impl, *inputs):
-        outputs = impl.forward(*inputs[:-1])
-        _setup_context(ctx, inputs, outputs)
-        return outputs
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
-        return (None, *_gradients(ctx, grad_y, grad_total, _direct_backward))
-
-
-def _eager_ok(tensors: tuple[Tensor | None, ...]) -> bool:
-    if not plain_eager_context():
-        return False
-    for t in tensors:
-        if t is not None and (
-            type(t) not in PLAIN_TYPES or t.device.type not in _EAGER_DEVICES or _is_wrapped(t)
-        ):
-            return False
-    return True
-
-
-def normalize_op(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    given_mean: Tensor | None,
-    given_var: Tensor | None,
-    num_groups: int,
-    pool_batch: bool,
-    eps: float,
-    activation: str,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same result as :func:`norm_forward`, without the dispatcher in plain eager mode."""
-    args = (x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps)
-    if forward_ad_active():  # tangents flow through the portable core's torch ops only
-        return get_backend("portable", x.device).forward(*args, activation)
-    if not _eager_ok((x, weight, bias, residual, given_mean, given_var)):  # ~1 us
-        return norm_forward(*args, activation, backend)
-    impl = get_backend(backend, x.device)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual)
-    ):
-        return _EagerNorm.apply(impl, *args, activation, backend)
-    return impl.forward(*args, activation)

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="CSV to write (default benchmarks/results/cpu-<date>.csv)",
+        help="CSV to write (default benchmarks/results/cpu-<threads>-<date>.csv; the committed "
+        "results are named <suite>-<machine>-<threads>-<date>.csv, see their README)",
     )
     parser.add_argument("--ops", default=None, help=f"comma list from {','.join(C.OPS)}")
     parser.add_argument(
@@ -112,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         day = _dt.date.today().isoformat()
-        out = Path("benchmarks/results") / f"cpu-{'quick-' if args.quick else ''}{day}.csv"
+        n = torch.get_num_threads()
+        threads = f"{n}thread" + ("s" if n > 1 else "")
+        out = (
+            Path("benchmarks/results") / f"cpu-{'quick-' if args.quick else ''}{threads}-{day}.csv"
+        )
     run_plan(plan, out)
     print(f"wrote {out}")
     if args.plot:

@@ -15,7 +15,12 @@ from .suite import read_rows
 
 def plot_results(csv_path: Path, out_dir: Path, prefix: str = "") -> list[Path]:
     """Write ``<prefix><op>.png`` for each op in the CSV; returns the paths written."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "plots need matplotlib: pip install 'groupnorm[bench]' (or drop --plot)"
+        ) from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,16 +9,35 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR
+
+def _missing_extras() -> list[str]:
+    """The experiment's own dependencies (the ``experiment`` extra) that do not import."""
+    missing = []
+    for name in ("numpy", "matplotlib", "tqdm"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+if _missing_extras():
+    raise SystemExit(
+        f"groupnorm reproduce (and demo) need {', '.join(_missing_extras())}: "
+        "pip install 'groupnorm[experiment]'"
+    )
+
+from .data import DEFAULT_DATA_DIR  # noqa: E402  (needs numpy, checked above)
 
 PRESET_HELP = {
-    "quick": "BN and GN at 32 and 1 images/worker, 2 seeds; at most 3 min on 2 cores",
-    "default": "BN, GN, LN, IN at 32,16,8,4,2 images/worker, 2 seeds; at most 15 min",
+    "quick": "BN and GN at 32 and 1 images/worker, 2 seeds; minutes on 2 cores",
+    "default": "BN, GN, LN, IN at 32,16,8,4,2 images/worker, 2 seeds; 15-30 min on 2 cores",
     "paper": "all norms incl. synchronized BN and none, 3 seeds, wider net, all 60k images, "
     "plus the GN group-count sweep G=1..32; hours",
 }

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..functional import normalize, update_running_stats
+from ..functional import normalize
+from ..kernels.running import update_running_stats
 from ..modules import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 
 __all__ = [

@@ -54,7 +54,7 @@ PRESETS: dict[str, Preset] = {
         norms=("bn", "gn"),
         batch_sizes=(32, 1),
         seeds=2,
-        budget="at most 3 minutes on 2 idle cores",
+        budget="minutes on 2 cores",
     ),
     "default": Preset(
         name="default",
@@ -63,7 +63,7 @@ PRESETS: dict[str, Preset] = {
         norms=("bn", "gn", "ln", "in"),
         batch_sizes=(32, 16, 8, 4, 2),
         seeds=2,
-        budget="at most 15 minutes on 2 idle cores",
+        budget="15-30 minutes on 2 cores",
     ),
     "paper": Preset(
         name="paper",

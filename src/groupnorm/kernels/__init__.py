@@ -1,20 +1,26 @@
-"""Compute backends behind the ``groupnorm`` custom op.
+"""Compute backends, and the choice among them.
 
-Every backend module exposes the same two plain functions (tensors in, tensors out, no autograd):
+Every backend module exposes the same plain functions (tensors in, tensors out):
 
 ``forward(x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps,
 activation) -> (y, sum, mean, rstd)``
-    ``sum`` is ``x + residual`` when a residual is given, else an empty tensor. ``mean`` and
-    ``rstd`` have shape (N, G), or (C,) when ``pool_batch`` (batch norm), in float32 (float64
-    for float64 input).
+    No autograd. ``sum`` is ``x + residual`` when a residual is given, else an empty tensor.
+    ``mean`` and ``rstd`` have shape (N, G), or (C,) when ``pool_batch`` (batch norm), in float32
+    (float64 for float64 input).
 
 ``backward(dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation,
 needs) -> (dx, dweight, dbias)``
     ``x`` is what was normalized (the sum when there was a residual); ``needs`` says which of the
     three gradients to compute; the others come back as ``None``.
 
-Backends: ``portable`` (the core in plain torch ops, any device), ``cpu`` (portable plus calls into
-torch's native kernels where they are the fastest thing measured), ``triton`` (fused GPU kernels;
+``eager(...)``
+    The arguments of ``forward``; the plain-eager entry, which owns its autograd (a C++ node, a
+    Python Function, or torch's own derivatives). ``mean``/``rstd`` may be ``None`` where the
+    backend kept them inside its autograd node (only for modes without running statistics).
+
+Backends: ``cpu`` (the C++ extension, else torch's kernels), ``aten`` (torch's kernels with the
+activation and residual around them; not a user-facing name), ``portable`` (the core in plain
+torch ops, any device, forward-mode AD and higher derivatives), ``triton`` (fused GPU kernels;
 also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 """
 
@@ -25,25 +31,40 @@ from types import ModuleType
 
 import torch
 
+#: backend names users may pass (``backend=`` or ``GROUPNORM_BACKEND``)
 BACKENDS = ("auto", "cpu", "portable", "triton")
+
+# CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
+# against 0.5 us for os.environ.get (which encodes the key on every call). The variable is read
+# on every call that does not name a backend, so that it can be changed at run time.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey("GROUPNORM_BACKEND")
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
 
 
 def check_backend(name: object) -> str:
+    """The backend name to use: ``name``, or for ``None`` the ``GROUPNORM_BACKEND`` environment
+    variable (default ``"auto"``); a ValueError for anything else."""
     if name is None:
+        if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:
+            return "auto"
         name = os.environ.get("GROUPNORM_BACKEND", "auto") or "auto"
-    if not isinstance(name, str) or name not in BACKENDS:
+    if type(name) is not str or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return name
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
-    """Resolve a backend name for tensors on ``device`` to the module that implements it."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "cpu"
+def _load(name: str) -> ModuleType:
     if name == "cpu":
         from . import cpu
 
         return cpu
+    if name == "aten":
+        from . import aten
+
+        return aten
     if name == "portable":
         from . import portable
 
@@ -57,4 +78,33 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
                 f"import failed with: {err}"
             ) from err
         return triton_backend
-    raise ValueError(f"unknown backend {name!r}")
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def get_backend(name: str, device: torch.device) -> ModuleType:
+    """The module behind backend ``name`` for tensors on ``device``, for the custom op (which
+    sees no sizes): ``auto`` is ``cpu`` on CPU, ``triton`` on CUDA, torch's kernels elsewhere."""
+    if name == "auto":
+        name = "cpu" if device.type == "cpu" else "triton" if device.type == "cuda" else "aten"
+    return _load(name)
+
+
+def select(name: str, x: torch.Tensor, num_groups: int, pool_batch: bool) -> ModuleType:
+    """The module behind backend ``name`` for a plain eager call on ``x``.
+
+    ``auto`` is ``cpu`` on CPU. On CUDA it is ``triton`` where the Triton kernels are measured
+    faster than torch's at this size (``triton.prefers_triton``; see ``docs/triton.md``), else
+    torch's own kernels, so that ``auto`` never makes a call slower than torch.nn's."""
+    if name != "auto":
+        return _load(name)
+    if x.is_cpu:
+        return _load("cpu")
+    if x.is_cuda:
+        try:
+            triton_backend = _load("triton")
+        except RuntimeError:  # no Triton installed: torch's kernels
+            return _load("aten")
+        prefers = getattr(triton_backend, "prefers_triton", None)
+        if prefers is None or prefers(x, num_groups, pool_batch):
+            return triton_backend
+    return _load("aten")

@@ -157,3 +157,13 @@ def backward(
             dx = (g - mean_g - xhat * mean_gx) * r
         dx = match_layout(dx.to(x.dtype).reshape(x.shape), x)
     return dx, dw, db
+
+
+def eager(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """The backend ``eager`` entry: :func:`forward` with autograd on. Its torch operations carry
+    gradients, forward-mode tangents and higher-order derivatives."""
+    return forward(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )

@@ -18,6 +18,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/native_batch_norm_backward.h>
+#include <ATen/TensorOperators.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
@@ -190,22 +192,24 @@ std::optional<at::Tensor> fused_norm(const at::Tensor& x, const std::optional<at
   return y;
 }
 
-// The running-statistics update of batch norm for statistics in bfloat16/float16 on CPU, as
-// functional.update_running_stats does with ATen operations (eight of them, ~6 us on a small
-// tensor, more than torch's whole batch norm call): per channel, in double,
-//   var = max(rstd^-2 - eps, 0) * count / max(count - 1, 1)  (the unbiased variance),
-//   running += momentum * (batch value - running),
-// rounded once to the statistics' dtype. Both paths call this for such statistics, so they
-// give the same bits. false (nothing done) for anything else.
-bool update_running_low(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& mean,
-                        const at::Tensor& rstd, double eps, double momentum, int64_t count) {
+// Batch norm's running-statistics update, the one formula every route uses (its twin in
+// torch operations is kernels/running.py, for the routes that cannot call C++; the tests check
+// that both give the same bits). Per channel, in double, from the batch's float32 mean and rstd:
+//   var = max(rstd^-2 - eps, 0) * count / max(count - 1, 1)   (the unbiased variance)
+//   running = running + momentum * (batch value - running)
+// rounded once to the statistics' dtype (float32, bfloat16 or float16). The product is kept in a
+// volatile so that no compiler fuses it into an FMA (torch's separate ops round it). false
+// (nothing done) for tensors it does not take.
+bool update_running(const at::Tensor& rm, const at::Tensor& rv, const at::Tensor& mean,
+                    const at::Tensor& rstd, double eps, double momentum, int64_t count) {
   const auto t = rm.scalar_type();
-  if ((t != at::kBFloat16 && t != at::kHalf) || rv.scalar_type() != t || !rm.device().is_cpu() ||
-      !rv.device().is_cpu() || !mean.device().is_cpu() || !rstd.device().is_cpu() ||
-      !rm.is_contiguous() || !rv.is_contiguous() || mean.scalar_type() != at::kFloat ||
-      rstd.scalar_type() != at::kFloat || !mean.is_contiguous() || !rstd.is_contiguous() ||
-      rm.numel() != mean.numel() || rv.numel() != mean.numel() || rstd.numel() != mean.numel() ||
-      rm.requires_grad() || rv.requires_grad())
+  if ((t != at::kFloat && t != at::kBFloat16 && t != at::kHalf) || rv.scalar_type() != t ||
+      !rm.device().is_cpu() || !rv.device().is_cpu() || !mean.device().is_cpu() ||
+      !rstd.device().is_cpu() || !rm.is_contiguous() || !rv.is_contiguous() ||
+      mean.scalar_type() != at::kFloat || rstd.scalar_type() != at::kFloat ||
+      !mean.is_contiguous() || !rstd.is_contiguous() || rm.numel() != mean.numel() ||
+      rv.numel() != mean.numel() || rstd.numel() != mean.numel() || rm.requires_grad() ||
+      rv.requires_grad())
     return false;
   const double n = static_cast<double>(count);
   const double unbias = n / std::max(n - 1.0, 1.0);
@@ -215,25 +219,154 @@ bool update_running_low(const at::Tensor& rm, const at::Tensor& rv, const at::Te
     for (int64_t c = 0; c < mean.numel(); ++c) {
       const double r = pr[c];
       double var = 1.0 / (r * r) - eps;
-      var = (var > 0.0 ? var : 0.0) * unbias;
+      var = (var < 0.0 ? 0.0 : var) * unbias;
       const double old_m = load(m[c]), old_v = load(v[c]);
-      store(m + c, static_cast<float>(old_m + momentum * (static_cast<double>(pm[c]) - old_m)));
-      store(v + c, static_cast<float>(old_v + momentum * (var - old_v)));
+      volatile double step_m = (static_cast<double>(pm[c]) - old_m) * momentum;
+      volatile double step_v = (var - old_v) * momentum;
+      store(m + c, static_cast<float>(old_m + step_m));
+      store(v + c, static_cast<float>(old_v + step_v));
     }
   };
-  if (t == at::kBFloat16)
+  if (t == at::kFloat)
+    run(rm.data_ptr<float>(), rv.data_ptr<float>());
+  else if (t == at::kBFloat16)
     run(static_cast<BF16*>(rm.data_ptr()), static_cast<BF16*>(rv.data_ptr()));
   else
     run(static_cast<F16*>(rm.data_ptr()), static_cast<F16*>(rv.data_ptr()));
   return true;
 }
 
-// Batch norm without autograd (the Python fast path keeps its autograd.Function for training
-// with gradients): y, or None when the kernel cannot take the call (the full path explains).
-// float32 running statistics are updated inside the kernel; running statistics in bfloat16 or
-// float16 by update_running_low, which functional.update_running_stats also calls for them,
-// so that both paths give the same bits. Python checks momentum and the scalar arguments.
-std::optional<at::Tensor> batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+// the per-channel layout the batch-norm kernel reads: (N * S, C) rows (channels-last, or S = 1)
+bool rows_layout(const at::Tensor& x, int layout) {
+  return layout == 1 || x.numel() == x.size(0) * x.size(1);
+}
+
+// y, mean, rstd (float32, (C,)) of batch norm; training statistics, or the given ones.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_kernel(const at::Tensor& x,
+                                                            const float* w32, const float* b32,
+                                                            const float* given_mean,
+                                                            const float* given_var, double eps,
+                                                            int64_t act, int layout) {
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty_like(x), mean = at::empty({C}, f32), rstd = at::empty({C}, f32);
+  const int rc = bn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(), w32, b32, given_mean,
+                            given_var, mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, S,
+                            static_cast<int>(rows_layout(x, layout)), static_cast<float>(eps),
+                            static_cast<int>(act), at::get_num_threads(), nullptr, nullptr, 0.0);
+  TORCH_CHECK(rc == 0, "groupnorm_cpu_ops: the batch-norm kernel returned ", rc);
+  return {y, mean, rstd};
+}
+
+// The kernels' activation (or with grad its derivative), elementwise on float32, with the
+// kernels' inlined code: batch norm's backward uses the derivative (one thread, so the bits do
+// not depend on the thread count), and the tests check its accuracy.
+at::Tensor activation(const at::Tensor& z_in, int64_t act, bool grad) {
+  TORCH_CHECK(z_in.scalar_type() == at::kFloat && z_in.device().is_cpu(),
+              "groupnorm_cpu_ops.activation takes a float32 CPU tensor");
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor out = at::empty_like(z);
+  const int rc = gn_activation(static_cast<int>(act), static_cast<int>(grad),
+                               z.data_ptr<float>(), out.data_ptr<float>(), z.numel());
+  TORCH_CHECK(rc == 0, "groupnorm_cpu_ops.activation: unknown activation code ", act);
+  return out;
+}
+
+// Batch norm's autograd: our forward kernel (with the activation fused); the backward first
+// recomputes the activation's input z = w * x_hat + b and its derivative (activation() above)
+// when there is one, then
+// is torch's native_batch_norm_backward for batch statistics, and for given (running)
+// statistics, which are constants, dx = dz * w * rstd per channel. Saves x, the float32 params,
+// mean and rstd.
+struct FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& given_mean,
+                               const std::optional<at::Tensor>& given_var, double eps,
+                               int64_t act, int64_t layout) {
+    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+    const at::Tensor w32 = as_f32(w), b32 = as_f32(b);
+    const F32Copy gm = f32_copy(given_mean.value_or(at::Tensor()));
+    const F32Copy gv = f32_copy(given_var.value_or(at::Tensor()));
+    auto [y, mean, rstd] = batch_kernel(x, f32_ptr(w32), f32_ptr(b32), gm.ptr, gv.ptr, eps, act,
+                                        static_cast<int>(layout));
+    ctx->save_for_backward({x, w32, b32, mean, rstd});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["given"] = gm.ptr != nullptr;
+    ctx->saved_data["has_bias"] = b.defined();
+    ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.defined() ? w.scalar_type() : at::kFloat);
+    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.defined() ? b.scalar_type() : at::kFloat);
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "groupnorm: the fused CPU batch norm has no double backward (create_graph=True "
+                "was passed); for higher-order gradients use torch.nn.functional.batch_norm");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w32 = saved[1], &b32 = saved[2];
+    const at::Tensor &mean = saved[3], &rstd = saved[4];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const bool given = ctx->saved_data["given"].toBool();
+    const size_t b_edge = w32.defined() ? 2 : 1;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dw = w32.defined() && ctx->needs_input_grad(1);
+    const bool need_db = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(b_edge);
+    at::Tensor dy = grads[0];
+    if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
+      dy = at::empty_like(x).copy_(dy);  // torch's backward reads dy with x's layout
+    at::Tensor dx, dw, db;
+    if (act == 0 && !given) {
+      auto out = at::native_batch_norm_backward(dy, x, w32, {}, {}, mean, rstd, true, 0.0,
+                                                {need_dx, need_dw, need_db});
+      dx = std::get<0>(out);
+      dw = std::get<1>(out);
+      db = std::get<2>(out);
+    } else {
+      // in float32 over the (N, C, S) view, with sums whose order does not depend on the thread
+      // count: dz = dy * f'(z); db = sum dz; dw = sum dz * x_hat;
+      // dx = rstd * w * (dz - mean(dz) - x_hat * mean(dz * x_hat)), or rstd * w * dz for given
+      // statistics
+      const int64_t N = x.size(0), C = x.size(1);
+      const std::vector<int64_t> rows{N, C, x.numel() / (N * C)}, col{1, C, 1};
+      const at::Tensor xhat =
+          (x.reshape(rows).to(at::kFloat) - mean.view(col)) * rstd.view(col);
+      at::Tensor dz = dy.reshape(rows).to(at::kFloat);
+      if (act != 0) {
+        at::Tensor z = w32.defined() ? xhat * w32.view(col) : xhat;
+        if (b32.defined()) z = z + b32.view(col);
+        dz = dz * activation(z.contiguous(), act, true).view(rows);
+      }
+      const at::Tensor dz_xhat = dz * xhat;
+      const std::vector<int64_t> dims{0, 2};
+      if (need_db) db = dz.sum(dims);
+      if (need_dw) dw = dz_xhat.sum(dims);
+      if (need_dx) {
+        const at::Tensor scale = (w32.defined() ? w32 * rstd : rstd).view(col);
+        at::Tensor g = given ? dz : dz - dz.mean(dims, true) - xhat * dz_xhat.mean(dims, true);
+        dx = at::empty_like(x);
+        dx.view(rows).copy_(g * scale);
+      }
+    }
+    const auto w_dtype = static_cast<at::ScalarType>(ctx->saved_data["w_dtype"].toInt());
+    const auto b_dtype = static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt());
+    if (dw.defined() && w_dtype != at::kFloat) dw = dw.to(w_dtype);
+    if (db.defined() && b_dtype != at::kFloat) db = db.to(b_dtype);
+    if (!need_dx) dx = at::Tensor();
+    if (!need_dw) dw = at::Tensor();
+    if (!need_db) db = at::Tensor();
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// Batch norm in plain eager mode: (y, mean, rstd), or None when the kernel cannot take the call
+// (the caller then takes another route). Training uses the batch's statistics and updates the running ones
+// (when given) with update_running; eval normalizes with the running statistics. With
+// gradients: the C++ autograd node above.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> batch_norm(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& running_mean,
                                      const std::optional<at::Tensor>& running_var, bool training,
@@ -245,46 +378,123 @@ std::optional<at::Tensor> batch_norm(const at::Tensor& x, const std::optional<at
       !param_ok(w, x) || !param_ok(b, x) || !param_ok(rm, x) || !param_ok(rv, x) ||
       rm.defined() != rv.defined() || act < 0 || act > 3)
     return std::nullopt;
-  if (at::GradMode::is_enabled() && (x.requires_grad() || (w.defined() && w.requires_grad()) ||
-                                     (b.defined() && b.requires_grad())))
-    return std::nullopt;  // (autograd: the Python path)
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
   if (training ? N * S == 1 : !rm.defined()) return std::nullopt;
+  if (training && rm.defined() &&
+      (rm.scalar_type() != rv.scalar_type() || rm.requires_grad() || rv.requires_grad()))
+    return std::nullopt;  // (update_running takes one dtype for both; the Python update does)
   const int layout = layout_of(x);
   if (layout < 0) return std::nullopt;
-  const bool rows = layout == 1 || S == 1;  // (N * S, C) in memory
-  const bool low = rm.defined() && (rm.scalar_type() != at::kFloat || rv.scalar_type() != at::kFloat);
-  // low-precision running statistics that update_running_low cannot take (mixed dtypes, or
-  // statistics that require grad): the full path, whose update_running_stats handles them
-  if (training && low &&
-      (rm.scalar_type() != rv.scalar_type() || rm.requires_grad() || rv.requires_grad()))
-    return std::nullopt;
-  F32Copy given_mean, given_var;
-  at::Tensor mean, rstd;
-  if (!training) {
-    given_mean = f32_copy(rm);
-    given_var = f32_copy(rv);
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || (w.defined() && w.requires_grad()) ||
+                     (b.defined() && b.requires_grad()));
+  at::Tensor y, mean, rstd;
+  if (grad) {
+    std::optional<at::Tensor> gm, gv;
+    if (!training) gm = rm, gv = rv;
+    variable_list out = FusedBatchNorm::apply(x, weight, bias, gm, gv, eps, act, layout);
+    y = out[0], mean = out[1], rstd = out[2];
+  } else {
+    const F32Copy w32 = f32_copy(w), b32 = f32_copy(b);
+    F32Copy gm, gv;
+    if (!training) gm = f32_copy(rm), gv = f32_copy(rv);
+    std::tie(y, mean, rstd) = batch_kernel(x, w32.ptr, b32.ptr, gm.ptr, gv.ptr, eps, act, layout);
   }
-  const bool update_inside = training && rm.defined() && !low;
-  if (training && low) {  // the batch's statistics, for the update below
-    mean = at::empty({C}, x.options().dtype(at::kFloat));
-    rstd = at::empty({C}, x.options().dtype(at::kFloat));
-  }
-  const F32Copy w32 = f32_copy(w), b32 = f32_copy(b);
-  at::Tensor y = at::empty_like(x);
-  const int rc = bn_forward(
-      dtype_code(x), x.data_ptr(), y.data_ptr(), w32.ptr, b32.ptr, given_mean.ptr,
-      given_var.ptr, f32_out(mean), f32_out(rstd), N, C, S, static_cast<int>(rows),
-      static_cast<float>(eps), static_cast<int>(act), at::get_num_threads(),
-      update_inside ? rm.data_ptr<float>() : nullptr,
-      update_inside ? rv.data_ptr<float>() : nullptr, momentum);
-  TORCH_CHECK(rc == 0, "groupnorm_cpu_ops.batch_norm: the kernel returned ", rc);
-  if (training && low) {
-    TORCH_CHECK(update_running_low(rm, rv, mean, rstd, eps, momentum, N * S),
+  if (training && rm.defined()) {
+    TORCH_CHECK(update_running(rm, rv, mean, rstd, eps, momentum, N * S),
                 "groupnorm_cpu_ops.batch_norm: running statistics not updated");
   }
-  return y;
+  return std::make_tuple(y, mean, rstd);
 }
+
+// ---- plain kernel calls (no autograd), for the custom op's backend functions and the tests ----
+
+// float32 contiguous per-channel params, as the kernels read them
+void check_f32_param(const at::Tensor& p, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(!p.defined() || (p.scalar_type() == at::kFloat && p.is_contiguous() &&
+                               p.device().is_cpu() && p.numel() == x.size(1)),
+              "groupnorm_cpu_ops: ", name, " must be a contiguous float32 CPU tensor of C values");
+}
+
+int checked_layout(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && dtype_code(x) >= 0 && x.dim() >= 2 && x.numel() > 0,
+              "groupnorm_cpu_ops: x must be a non-empty float32/bfloat16/float16 CPU tensor "
+              "(N, C, *)");
+  const int layout = layout_of(x);
+  TORCH_CHECK(layout >= 0, "groupnorm_cpu_ops: x must be contiguous or channels-last");
+  return layout;
+}
+
+// y, mean, rstd ((N, G) float32) of group/layer/instance norm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       int64_t G, double eps, int64_t act) {
+  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  const int layout = checked_layout(x);
+  check_f32_param(w, x, "weight");
+  check_f32_param(b, x, "bias");
+  TORCH_CHECK(G > 0 && x.size(1) % G == 0 && act >= 0 && act <= 3,
+              "groupnorm_cpu_ops.forward: bad groups or activation");
+  const auto stats = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({x.size(0), G}, stats), rstd = at::empty({x.size(0), G}, stats);
+  forward_kernel(x, y, w, b, mean, rstd, G, eps, act, layout);
+  return {y, mean, rstd};
+}
+
+// dx (like x), dweight, dbias (float32), None where not asked for. dy is read with x's layout.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+backward(const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+         const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
+         int64_t G, int64_t act, bool need_dx, bool need_dw, bool need_db) {
+  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  const int layout = checked_layout(x);
+  check_f32_param(w, x, "weight");
+  check_f32_param(b, x, "bias");
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
+  TORCH_CHECK(G > 0 && C % G == 0 && act >= 0 && act <= 3 && mean.scalar_type() == at::kFloat &&
+                  rstd.scalar_type() == at::kFloat && mean.numel() == N * G &&
+                  rstd.numel() == N * G,
+              "groupnorm_cpu_ops.backward: bad groups, activation or statistics");
+  const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+  at::Tensor dy = dy_in;
+  if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
+    dy = at::empty_like(x).copy_(dy);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = need_dx ? at::empty_like(x) : at::Tensor();
+  at::Tensor dw = need_dw && w.defined() ? at::empty({C}, f32) : at::Tensor();
+  at::Tensor db = need_db && b.defined() ? at::empty({C}, f32) : at::Tensor();
+  const int rc = gn_backward(dtype_code(x), dy.data_ptr(), x.data_ptr(), f32_ptr(w), f32_ptr(b),
+                             m.data_ptr<float>(), r.data_ptr<float>(),
+                             dx.defined() ? dx.data_ptr() : nullptr, f32_out(dw), f32_out(db), N,
+                             C, S, G, layout, static_cast<int>(act), at::get_num_threads());
+  TORCH_CHECK(rc == 0, "groupnorm_cpu_ops.backward: the kernel returned ", rc);
+  auto opt = [](const at::Tensor& t) {
+    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+  };
+  return {opt(dx), opt(dw), opt(db)};
+}
+
+// y, mean, rstd ((C,) float32) of batch norm; the given statistics (float32) when passed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& given_mean,
+    const std::optional<at::Tensor>& given_var, double eps, int64_t act) {
+  const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+  const at::Tensor gm = given_mean.value_or(at::Tensor()), gv = given_var.value_or(at::Tensor());
+  const int layout = checked_layout(x);
+  check_f32_param(w, x, "weight");
+  check_f32_param(b, x, "bias");
+  check_f32_param(gm, x, "given_mean");
+  check_f32_param(gv, x, "given_var");
+  TORCH_CHECK(gm.defined() == gv.defined() && act >= 0 && act <= 3,
+              "groupnorm_cpu_ops.batch_forward: pass both statistics or neither");
+  TORCH_CHECK(gm.defined() || x.numel() > x.size(1),
+              "groupnorm_cpu_ops.batch_forward: one value per channel");
+  return batch_kernel(x, f32_ptr(w), f32_ptr(b), f32_ptr(gm), f32_ptr(gv), eps, act, layout);
+}
+
 
 }  // namespace
 
@@ -297,10 +507,18 @@ PYBIND11_MODULE(groupnorm_cpu_ops, m) {
   m.def("fused_norm", &fused_norm, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "group/layer/instance norm with an optional activation (0 none, 1 silu, 2 gelu, 3 relu) "
         "through the fused kernels, or None when they cannot take the call");
-  m.def("update_running_low", &update_running_low,
-        "batch norm's running-statistics update for bfloat16/float16 statistics on CPU; False "
-        "(nothing done) for other tensors");
+  m.def("update_running", &update_running,
+        "batch norm's running-statistics update (float32/bfloat16/float16 statistics, float32 "
+        "batch mean and rstd); False (nothing done) for other tensors");
   m.def("batch_norm", &batch_norm, pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "batch norm without autograd through the fused kernel (running statistics updated), "
-        "or None when it cannot take the call");
+        "batch norm in plain eager mode through the fused kernel (running statistics updated, "
+        "autograd in C++): (y, mean, rstd), or None when it cannot take the call");
+  m.def("forward", &forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "group/layer/instance norm forward: (y, mean, rstd); float32 params");
+  m.def("backward", &backward, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "group/layer/instance norm backward: (dx, dweight, dbias), None where not asked for");
+  m.def("batch_forward", &batch_forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "batch norm forward: (y, mean, rstd), training or with given float32 statistics");
+  m.def("activation", &activation,
+        "the kernels' activation (grad=True: its derivative) on a float32 tensor");
 }

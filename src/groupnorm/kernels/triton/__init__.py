@@ -1,27 +1,61 @@
 """Triton backend: fused GPU kernels for every mode of the core (see ``docs/triton.md``).
 
-Implements the backend interface documented in :mod:`groupnorm.kernels`. Importing this package
-does not import Triton; the kernels are loaded on the first call, so CPU-only installs work and
-:mod:`groupnorm.kernels.triton.plan` can be used anywhere.
+Entry points (inputs already validated by the caller):
 
-On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set
-before Triton is imported); otherwise a clear ``RuntimeError`` says so.
+* :func:`forward` / :func:`backward`: the plain backend interface of :mod:`groupnorm.kernels`
+  (tensors in, tensors out, no autograd), used by the ``groupnorm::forward`` custom op;
+* :func:`eager`: plain eager mode; owns its autograd (one ``torch.autograd.Function``), or
+  launches directly when no gradient is needed;
+* :func:`traced`: under ``torch.compile``: the ``groupnorm::triton_forward`` op built with
+  ``torch.library.triton_op``, so Inductor sees the Triton kernels;
+* :func:`prefers_triton`: whether ``backend="auto"`` should use Triton for a CUDA call;
+* :func:`reload_config`: re-read the ``GROUPNORM_TRITON_*`` variables (read once otherwise).
+
+Importing this package does not import Triton; the kernels are loaded on the first launch, so
+CPU-only installs work and :mod:`groupnorm.kernels.triton.plan` can be used anywhere. On CPU
+tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+Triton is imported); otherwise a clear ``RuntimeError`` says so.
 """
 
 from __future__ import annotations
 
-from .plan import Plan, TritonConfig, config_from_env, make_plan
+import torch
 
-__all__ = ["forward", "backward", "Plan", "TritonConfig", "config_from_env", "make_plan"]
+from .plan import Plan, TritonConfig, config_from_env, make_plan
+from .settings import reload_config
+
+__all__ = [
+    "forward",
+    "backward",
+    "eager",
+    "traced",
+    "prefers_triton",
+    "reload_config",
+    "Plan",
+    "TritonConfig",
+    "config_from_env",
+    "make_plan",
+]
+
+
+_impl = None  # the launch and autograd modules, imported on the first call (they import torch)
+
+
+def _load():
+    global _impl
+    from . import autograd, launch
+
+    _impl = (launch.norm_forward, launch.norm_backward, autograd.eager)
+    return _impl
 
 
 def forward(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
-    """The backend ``forward`` (see :mod:`groupnorm.kernels`), planned from the environment."""
-    from .launch import norm_forward
-
-    return norm_forward(
+    """The backend ``forward`` (see :mod:`groupnorm.kernels`): (y, x + residual or empty,
+    mean, rstd)."""
+    run = (_impl or _load())[0]
+    return run(
         x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
     )
 
@@ -29,9 +63,62 @@ def forward(
 def backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
-    """The backend ``backward`` (see :mod:`groupnorm.kernels`), planned from the environment."""
-    from .launch import norm_backward
-
-    return norm_backward(
+    """The backend ``backward`` (see :mod:`groupnorm.kernels`): (dx, dweight, dbias)."""
+    run = (_impl or _load())[1]
+    return run(
         dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
     )
+
+
+def eager(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """Plain-eager entry: (y, x + residual or empty, mean, rstd), differentiable in x, weight,
+    bias and residual (mean and rstd are not).
+
+    With no gradient needed (``no_grad``, or no input requiring grad) this is the launcher
+    alone; otherwise one ``torch.autograd.Function`` saves x (or x + residual), weight, bias,
+    mean and rstd and runs :func:`backward`. Inputs must already be validated.
+    """
+    run = (_impl or _load())[2]
+    return run(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )
+
+
+def traced(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """The call to record under ``torch.compile`` when the backend is Triton:
+    ``torch.ops.groupnorm.triton_forward`` (a ``torch.library.triton_op``, whose kernels
+    Inductor sees), with registered autograd through ``groupnorm::triton_backward``.
+
+    Returns ``None`` when that route is unavailable, and the caller then records the opaque
+    ``groupnorm::forward`` op instead: when this torch has no ``torch.library.triton_op``, when
+    Triton cannot be imported, or when the kernels run in Triton's interpreter (CPU tensors,
+    ``TRITON_INTERPRET=1``), whose kernels cannot be traced with fake tensors.
+    """
+    from .library import traced_forward
+
+    return traced_forward(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )
+
+
+def prefers_triton(x: torch.Tensor, num_groups: int, pool_batch: bool) -> bool:
+    """For ``backend="auto"`` on CUDA: whether Triton is expected to beat torch's native kernels
+    on ``x`` (True from ``GROUPNORM_AUTO_TRITON_MIN_NUMEL`` elements up, default 2**26).
+
+    The default comes from the H100 measurements in docs/triton.md ("backend='auto'"): in a
+    plain eager loop, every measured shape below 2**26 elements had a forward or
+    forward+backward ratio under 0.95x of torch, and both shapes above it were faster. The
+    grouping does not change the threshold yet (one size for every mode), but is part of the
+    signature so that a measured per-mode rule can replace it without touching the caller.
+
+    >>> prefers_triton(torch.empty(0), 1, False)
+    False
+    """
+    from .settings import settings  # a local name: the package attribute stays the module
+
+    del num_groups, pool_batch  # one threshold for every mode until measured otherwise
+    return x.numel() >= max(1, settings().auto_min_numel)

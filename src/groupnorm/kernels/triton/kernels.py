@@ -12,8 +12,14 @@ small and exact when the mean is large against the spread):
 * per tile: ``d = v - shift``, ``bmean = sum(d) / nb``, ``bm2 = sum((d - bmean)**2)``;
 * tiles merged with Chan's rule: ``delta = bmean - mean``, ``mean += delta * nb / tot``,
   ``m2 += bm2 + delta**2 * seen * nb / tot``;
-* ``mean = shift + mean_d``, ``rstd = 1 / sqrt(m2 / set_size + eps)``;
-* ``xhat = (v - mean) * rstd``, ``z = xhat * w + b``, ``y = act(z)``.
+* ``mean = shift + mean_d`` (returned), ``rstd = 1 / sqrt(m2 / set_size + eps)``;
+* ``xhat = ((v - shift) - mean_d) * rstd``, ``z = xhat * w + b``, ``y = act(z)``: the forward
+  applies the shifted form, so a set whose mean is large against its spread keeps the digits a
+  rounded ``mean`` would lose (float32 input with mean 1e4 and std 1e-3).
+
+On the split path the per-set merge of the partial statistics (and, in the backward, of the
+partial gradient sums) is done by each apply program for the sets of its own channels, so the
+forward is two launches (partial, apply) and the backward three (partial, apply, column sums).
 
 Backward, with ``dz = dy * act'(z)`` (``act'`` recomputed from x), per channel
 ``pdb = sum(dz)``, ``pdw = sum(dz * xhat)`` (the dbias/dweight partials), and per set
@@ -108,6 +114,7 @@ def _fwd_partial_kernel(
     R,  # (N, C, S) residual (unused unless HAS_RESIDUAL)
     PMEAN,  # (rows, C) workspace: mean of (v - shift) over the program's chunk, per channel
     PM2,  # (rows, C) workspace: sum of squared deviations over the chunk, per channel
+    m2_at,  # offset of PM2 from the pointer passed (both halves of one buffer)
     N,  # samples
     C,  # channels
     S,  # spatial positions per (n, c)
@@ -127,6 +134,7 @@ def _fwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    PM2 = PM2 + m2_at
     # Program (pid_r, pid_c): samples [n_lo, n_hi) x positions [s_lo, s_hi) x BLOCK_C channels.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -185,81 +193,90 @@ def _fwd_partial_kernel(
 
 
 @triton.jit
-def _fwd_finalize_kernel(
-    X,  # input, for the shift (first element of each set)
-    R,  # residual
-    PMEAN,  # (rows, C) partial shifted means
-    PM2,  # (rows, C) partial M2
-    MEAN,  # (sets,) out: mean
-    RSTD,  # (sets,) out: 1 / sqrt(var + eps)
+def _entry_count(a, N, S, batch_block, chunk_s, split, ACC: tl.constexpr):
+    """Elements behind workspace row ``a`` of one channel: samples of its block x chunk length."""
+    nb = a // split
+    samples = tl.minimum(batch_block, N - nb * batch_block)
+    return (samples * tl.minimum(chunk_s, S - (a - nb * split) * chunk_s)).to(ACC)
+
+
+@triton.jit
+def _channel_stats(
+    PMEAN,
+    PM2,
+    c,
+    cmask,
+    row_lo,
+    row_hi,
     N,
     C,
     S,
-    G,  # sets per sample (unused for batch norm)
-    Cg,
-    batch_block,  # samples per workspace row (1 unless batch norm)
+    batch_block,
     chunk_s,
     split,
-    set_size,  # elements per set, as a float
-    eps,
-    sxn,
-    sxc,
-    srn,
-    src,
-    HAS_RESIDUAL: tl.constexpr,
-    POOL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    set_id = tl.program_id(0)
-    # The set's partials are entries (a, b): row a of the workspace, channel c0 + b.
-    if POOL:
-        n0 = set_id * 0
-        c0 = set_id
-        rows = tl.cdiv(N, batch_block) * split
-        width = 1
-        base = c0.to(tl.int64)
-    else:
-        n0 = set_id // G
-        c0 = (set_id - n0 * G) * Cg
-        rows = split
-        width = Cg
-        base = n0.to(tl.int64) * split * C + c0
-    shift = _load_value(
-        X,
-        R,
-        _row_offsets(n0, c0, sxn, sxc),
-        _row_offsets(n0, c0, srn, src),
-        True,
-        HAS_RESIDUAL,
-        ACC,
-    ).to(ACC)
-    entries = rows * width
+    """(mean of v - shift, M2) per channel of ``c`` over workspace rows [row_lo, row_hi): the
+    sets of batch norm and instance norm are single channels, so a tile's channels are its sets.
+    Rows are merged one by one with Chan's rule, in a fixed order."""
+    cnt = tl.zeros([BLOCK], ACC)
+    mean = tl.zeros([BLOCK], ACC)
+    m2 = tl.zeros([BLOCK], ACC)
+    for a in range(row_lo, row_hi):
+        offs = tl.cast(a, tl.int64) * C + c
+        pm = tl.load(PMEAN + offs, mask=cmask, other=0.0)
+        pm2 = tl.load(PM2 + offs, mask=cmask, other=0.0)
+        na = _entry_count(a, N, S, batch_block, chunk_s, split, ACC)
+        tot = cnt + na
+        frac = na / tot
+        delta = pm - mean
+        mean += delta * frac
+        m2 += pm2 + delta * delta * cnt * frac
+        cnt = tot
+    return mean, m2
+
+
+@triton.jit
+def _group_stats(
+    PMEAN,
+    PM2,
+    n,
+    c0,
+    C,
+    S,
+    Cg,
+    chunk_s,
+    split,
+    set_size,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """(mean of v - shift, variance) of set (n, channels c0..c0+Cg) from the partials of its
+    ``split`` workspace rows: a sum over the entries, then the deviations from that mean."""
+    base = tl.cast(n, tl.int64) * split * C + c0
+    entries = split * Cg
     acc = tl.zeros([BLOCK], ACC)
     for j0 in range(0, entries, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         m = j < entries
-        a = j // width
-        samples = tl.minimum(batch_block, N - (a // split) * batch_block)
-        cnt = (samples * tl.minimum(chunk_s, S - (a % split) * chunk_s)).to(ACC)
-        pm = tl.load(PMEAN + base + a.to(tl.int64) * C + (j - a * width), mask=m, other=0.0)
+        a = j // Cg
+        cnt = tl.minimum(chunk_s, S - a * chunk_s).to(ACC)
+        pm = tl.load(PMEAN + base + a.to(tl.int64) * C + (j - a * Cg), mask=m, other=0.0)
         acc += tl.where(m, cnt * pm, 0.0)
     mean_d = tl.sum(acc, axis=0) / set_size
     acc = tl.zeros([BLOCK], ACC)
     for j0 in range(0, entries, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         m = j < entries
-        a = j // width
-        samples = tl.minimum(batch_block, N - (a // split) * batch_block)
-        cnt = (samples * tl.minimum(chunk_s, S - (a % split) * chunk_s)).to(ACC)
-        offs = base + a.to(tl.int64) * C + (j - a * width)
+        a = j // Cg
+        cnt = tl.minimum(chunk_s, S - a * chunk_s).to(ACC)
+        offs = base + a.to(tl.int64) * C + (j - a * Cg)
         pm = tl.load(PMEAN + offs, mask=m, other=0.0)
         pm2 = tl.load(PM2 + offs, mask=m, other=0.0)
         dm = pm - mean_d
         acc += tl.where(m, pm2 + cnt * dm * dm, 0.0)
-    var = tl.sum(acc, axis=0) / set_size
-    tl.store(MEAN + set_id, shift + mean_d)
-    tl.store(RSTD + set_id, _inv_std(var, eps, ACC))
+    return mean_d, tl.sum(acc, axis=0) / set_size
 
 
 @triton.jit
@@ -270,8 +287,13 @@ def _fwd_apply_kernel(
     SUM,  # (N, C, S) out: x + residual (written only if HAS_RESIDUAL)
     W,  # (C,) weight
     B,  # (C,) bias
-    MEAN,  # (N, G) or (C,) statistics
-    RSTD,
+    PMEAN,  # (rows, C) partial shifted means (STATS_GIVEN: the given mean, (C,))
+    PM2,  # (rows, C) partial M2 (STATS_GIVEN: the given variance, (C,))
+    m2_at,  # offset of PM2 from the pointer passed (both halves of one buffer; 0 if given)
+    MEAN,  # (N, G) or (C,) out: mean, written once per set
+    RSTD,  # out: 1 / sqrt(var + eps)
+    eps,
+    set_size,  # elements per set, as a float
     N,
     C,
     S,
@@ -297,31 +319,107 @@ def _fwd_apply_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     POOL: tl.constexpr,
+    STATS_GIVEN: tl.constexpr,  # batch norm at inference: statistics are inputs
+    PER_CHANNEL: tl.constexpr,  # every set is one channel (batch norm, or Cg == 1)
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_F: tl.constexpr,  # entries merged at a time when a set spans several channels
 ):
+    PM2 = PM2 + m2_at
+    # Each program first reduces the partials of the sets its channels belong to (the work of a
+    # separate finalize launch, repeated by every program of a set: the workspace is small),
+    # then normalizes its tile as ((v - shift) - mean_d) * rstd, which keeps the digits of v
+    # that a float mean of a far-from-zero set would round away.
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     nb_id = pid_r // split
     k = pid_r - nb_id * split
     n_lo = nb_id * batch_block
     n_hi = tl.minimum(n_lo + batch_block, N)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_lo = pid_c * BLOCK_C
+    c = c_lo + tl.arange(0, BLOCK_C)
     cmask = c < C
     if HAS_WEIGHT:
         w = tl.load(W + c, mask=cmask, other=0.0).to(ACC)
     if HAS_BIAS:
         b = tl.load(B + c, mask=cmask, other=0.0).to(ACC)
+    if STATS_GIVEN:
+        shift = tl.zeros([BLOCK_C], ACC)
+        mean_d = tl.load(PMEAN + c, mask=cmask, other=0.0).to(ACC)
+        var = tl.load(PM2 + c, mask=cmask, other=1.0).to(ACC)
+        rstd = _inv_std(var, eps, ACC)
+        if pid_r == 0:
+            tl.store(MEAN + c, mean_d, mask=cmask)
+            tl.store(RSTD + c, rstd, mask=cmask)
+    elif POOL:
+        n0 = pid_r * 0  # the shift of a batch-norm set comes from sample 0
+        shift = _load_value(
+            X,
+            R,
+            _row_offsets(n0, c, sxn, sxc),
+            _row_offsets(n0, c, srn, src),
+            cmask,
+            HAS_RESIDUAL,
+            ACC,
+        ).to(ACC)
+        rows = tl.cdiv(N, batch_block) * split
+        mean_d, m2 = _channel_stats(
+            PMEAN, PM2, c, cmask, 0, rows, N, C, S, batch_block, chunk_s, split, ACC, BLOCK_C
+        )
+        rstd = _inv_std(m2 / set_size, eps, ACC)
+        if pid_r == 0:
+            tl.store(MEAN + c, shift + mean_d, mask=cmask)
+            tl.store(RSTD + c, rstd, mask=cmask)
     s_lo = k * chunk_s
     s_hi = tl.minimum(s_lo + chunk_s, S)
     for n in range(n_lo, n_hi):
-        if POOL:
-            stat = c
-        else:
+        if not POOL:
+            # Sets (n, g) of this tile's channels; batch_block is 1 here, so n == n_lo.
             stat = n * G + c // Cg
-        mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)
-        rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)
+            first = (c // Cg) * Cg
+            shift = _load_value(
+                X,
+                R,
+                _row_offsets(n, first, sxn, sxc),
+                _row_offsets(n, first, srn, src),
+                cmask,
+                HAS_RESIDUAL,
+                ACC,
+            ).to(ACC)
+            if PER_CHANNEL:
+                mean_d, m2 = _channel_stats(
+                    PMEAN,
+                    PM2,
+                    c,
+                    cmask,
+                    n * split,
+                    n * split + split,
+                    N,
+                    C,
+                    S,
+                    1,
+                    chunk_s,
+                    split,
+                    ACC,
+                    BLOCK_C,
+                )
+                rstd = _inv_std(m2 / set_size, eps, ACC)
+            else:
+                mean_d = tl.zeros([BLOCK_C], ACC)
+                rstd = tl.zeros([BLOCK_C], ACC)
+                g_hi = (tl.minimum(c_lo + BLOCK_C, C) - 1) // Cg
+                for gi in range(c_lo // Cg, g_hi + 1):
+                    md, var = _group_stats(
+                        PMEAN, PM2, n, gi * Cg, C, S, Cg, chunk_s, split, set_size, ACC, BLOCK_F
+                    )
+                    here = (c // Cg) == gi
+                    mean_d = tl.where(here, md, mean_d)
+                    rstd = tl.where(here, _inv_std(var, eps, ACC), rstd)
+            if k == 0:  # the set's first channel, in the first chunk: one writer per set
+                owner = cmask & (c == first)
+                tl.store(MEAN + stat, shift + mean_d, mask=owner)
+                tl.store(RSTD + stat, rstd, mask=owner)
         x_rows = _row_offsets(n, c, sxn, sxc)
         r_rows = _row_offsets(n, c, srn, src)
         y_rows = _row_offsets(n, c, syn, syc)
@@ -340,7 +438,7 @@ def _fwd_apply_kernel(
             )
             if HAS_RESIDUAL:
                 tl.store(SUM + _tile_offsets(t_rows, s, sts), xv, mask=mask)
-            z = (xv.to(ACC) - mean[:, None]) * rstd[:, None]
+            z = ((xv.to(ACC) - shift[:, None]) - mean_d[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 z = z * w[:, None]
             if HAS_BIAS:
@@ -359,11 +457,11 @@ def _fwd_fused_kernel(
     B,  # (C,) bias
     MEAN,  # (N, G) out
     RSTD,  # (N, G) out
+    eps,
+    set_size,  # Cg * S as a float
     S,
     G,
     Cg,
-    set_size,  # Cg * S as a float
-    eps,
     sxn,
     sxc,
     sxs,
@@ -416,14 +514,13 @@ def _fwd_fused_kernel(
         mean_d = tl.sum(tl.sum(d, axis=1), axis=0) / set_size
         dc = tl.where(mask, d - mean_d, 0.0)
         var = tl.sum(tl.sum(dc * dc, axis=1), axis=0) / set_size
-        mean = shift + mean_d
         rstd = _inv_std(var, eps, ACC)
-        tl.store(MEAN + set_id, mean)
+        tl.store(MEAN + set_id, shift + mean_d)
         tl.store(RSTD + set_id, rstd)
         if HAS_RESIDUAL:
             t_offs = _tile_offsets(_row_offsets(n, c, stn, stc), s, sts)
             tl.store(SUM + t_offs, xv, mask=mask)
-        z = (xv.to(ACC) - mean) * rstd
+        z = dc * rstd  # ((v - shift) - mean_d) * rstd: the shifted form keeps v's digits
         if HAS_WEIGHT:
             z = z * tl.load(W + c, mask=cmask, other=0.0).to(ACC)[:, None]
         if HAS_BIAS:
@@ -467,9 +564,8 @@ def _fwd_fused_kernel(
         mean_d = tl.sum(cnt_r * mean_r, axis=0) / set_size
         dm = mean_r - mean_d
         var = tl.sum(m2_r + cnt_r * dm * dm, axis=0) / set_size
-        mean = shift + mean_d
         rstd = _inv_std(var, eps, ACC)
-        tl.store(MEAN + set_id, mean)
+        tl.store(MEAN + set_id, shift + mean_d)
         tl.store(RSTD + set_id, rstd)
         # Pass 2: the set was just read by this program; the re-read is meant to hit L2.
         for cs in range(0, Cg, BLOCK_C):
@@ -498,7 +594,7 @@ def _fwd_fused_kernel(
                 )
                 if HAS_RESIDUAL:
                     tl.store(SUM + _tile_offsets(t_rows, s, sts), xv, mask=mask)
-                z = (xv.to(ACC) - mean) * rstd
+                z = ((xv.to(ACC) - shift) - mean_d) * rstd
                 if HAS_WEIGHT:
                     z = z * w[:, None]
                 if HAS_BIAS:
@@ -552,6 +648,7 @@ def _bwd_partial_kernel(
     RSTD,
     PDW,  # (rows, C) out: sum of dz * xhat per channel over the program's chunk
     PDB,  # (rows, C) out: sum of dz per channel over the program's chunk
+    db_at,  # offset of PDB from the pointer passed (both halves of one buffer)
     N,
     C,
     S,
@@ -574,6 +671,7 @@ def _bwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    PDB = PDB + db_at
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     nb_id = pid_r // split
@@ -623,44 +721,43 @@ def _bwd_partial_kernel(
 
 
 @triton.jit
-def _bwd_finalize_kernel(
-    PDW,  # (rows, C) partial sum of dz * xhat
-    PDB,  # (rows, C) partial sum of dz
-    W,  # (C,) weight
-    C1,  # (sets,) out: mean over the set of w * dz
-    C2,  # (sets,) out: mean over the set of w * dz * xhat
-    N,
+def _channel_grad_sums(
+    PDW, PDB, c, cmask, row_lo, row_hi, C, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    """(sum of dz, sum of dz * xhat) per channel over workspace rows [row_lo, row_hi)."""
+    sdb = tl.zeros([BLOCK], ACC)
+    sdw = tl.zeros([BLOCK], ACC)
+    for a in range(row_lo, row_hi):
+        offs = tl.cast(a, tl.int64) * C + c
+        sdb += tl.load(PDB + offs, mask=cmask, other=0.0)
+        sdw += tl.load(PDW + offs, mask=cmask, other=0.0)
+    return sdb, sdw
+
+
+@triton.jit
+def _group_grad_sums(
+    PDW,
+    PDB,
+    W,
+    n,
+    c0,
     C,
-    G,
     Cg,
-    batch_block,
     split,
-    set_size,
     HAS_WEIGHT: tl.constexpr,
-    POOL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    set_id = tl.program_id(0)
-    if POOL:
-        c0 = set_id
-        rows = tl.cdiv(N, batch_block) * split
-        width = 1
-        base = c0.to(tl.int64)
-    else:
-        n0 = set_id // G
-        c0 = (set_id - n0 * G) * Cg
-        rows = split
-        width = Cg
-        base = n0.to(tl.int64) * split * C + c0
-    entries = rows * width
+    """(sum of w * dz, sum of w * dz * xhat) over set (n, channels c0..c0+Cg), from its rows."""
+    base = tl.cast(n, tl.int64) * split * C + c0
+    entries = split * Cg
     acc_g = tl.zeros([BLOCK], ACC)
     acc_gx = tl.zeros([BLOCK], ACC)
     for j0 in range(0, entries, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         m = j < entries
-        a = j // width
-        b = j - a * width
+        a = j // Cg
+        b = j - a * Cg
         offs = base + a.to(tl.int64) * C + b
         pdb = tl.load(PDB + offs, mask=m, other=0.0)
         pdw = tl.load(PDW + offs, mask=m, other=0.0)
@@ -670,8 +767,7 @@ def _bwd_finalize_kernel(
             pdw = pdw * w
         acc_g += pdb
         acc_gx += pdw
-    tl.store(C1 + set_id, tl.sum(acc_g, axis=0) / set_size)
-    tl.store(C2 + set_id, tl.sum(acc_gx, axis=0) / set_size)
+    return tl.sum(acc_g, axis=0), tl.sum(acc_gx, axis=0)
 
 
 @triton.jit
@@ -682,9 +778,11 @@ def _bwd_apply_kernel(
     B,
     MEAN,
     RSTD,
-    C1,  # (sets,) mean of w * dz (unused if STATS_GIVEN)
-    C2,  # (sets,) mean of w * dz * xhat (unused if STATS_GIVEN)
+    PDW,  # (rows, C) partial sums of dz * xhat (unused if STATS_GIVEN)
+    PDB,  # (rows, C) partial sums of dz (unused if STATS_GIVEN)
+    db_at,  # offset of PDB from the pointer passed (both halves of one buffer)
     DX,  # (N, C, S) out
+    set_size,
     N,
     C,
     S,
@@ -707,20 +805,33 @@ def _bwd_apply_kernel(
     ACTIVATION: tl.constexpr,
     POOL: tl.constexpr,
     STATS_GIVEN: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,  # every set is one channel (batch norm, or Cg == 1)
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
+    PDB = PDB + db_at
+    # c1 = mean over the set of w * dz and c2 = mean of w * dz * xhat are reduced here from the
+    # partials of the program's own sets (no separate finalize launch).
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     nb_id = pid_r // split
     k = pid_r - nb_id * split
     n_lo = nb_id * batch_block
     n_hi = tl.minimum(n_lo + batch_block, N)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_lo = pid_c * BLOCK_C
+    c = c_lo + tl.arange(0, BLOCK_C)
     cmask = c < C
-    w = tl.load(W + c, mask=cmask & HAS_WEIGHT, other=1.0).to(ACC)[:, None]
+    w1 = tl.load(W + c, mask=cmask & HAS_WEIGHT, other=1.0).to(ACC)
+    w = w1[:, None]
     b = tl.load(B + c, mask=cmask & HAS_BIAS, other=0.0).to(ACC)[:, None]
+    if not STATS_GIVEN:
+        if POOL:
+            rows = tl.cdiv(N, batch_block) * split
+            c1, c2 = _channel_grad_sums(PDW, PDB, c, cmask, 0, rows, C, ACC, BLOCK_C)
+            c1 = (c1 * w1 / set_size)[:, None]
+            c2 = (c2 * w1 / set_size)[:, None]
     s_lo = k * chunk_s
     s_hi = tl.minimum(s_lo + chunk_s, S)
     for n in range(n_lo, n_hi):
@@ -728,11 +839,28 @@ def _bwd_apply_kernel(
             stat = c
         else:
             stat = n * G + c // Cg
+            if not STATS_GIVEN:
+                if PER_CHANNEL:
+                    c1, c2 = _channel_grad_sums(
+                        PDW, PDB, c, cmask, n * split, n * split + split, C, ACC, BLOCK_C
+                    )
+                    c1 = (c1 * w1 / set_size)[:, None]
+                    c2 = (c2 * w1 / set_size)[:, None]
+                else:
+                    c1v = tl.zeros([BLOCK_C], ACC)
+                    c2v = tl.zeros([BLOCK_C], ACC)
+                    g_hi = (tl.minimum(c_lo + BLOCK_C, C) - 1) // Cg
+                    for gi in range(c_lo // Cg, g_hi + 1):
+                        s1, s2 = _group_grad_sums(
+                            PDW, PDB, W, n, gi * Cg, C, Cg, split, HAS_WEIGHT, ACC, BLOCK_F
+                        )
+                        here = (c // Cg) == gi
+                        c1v = tl.where(here, s1 / set_size, c1v)
+                        c2v = tl.where(here, s2 / set_size, c2v)
+                    c1 = c1v[:, None]
+                    c2 = c2v[:, None]
         mean = tl.load(MEAN + stat, mask=cmask, other=0.0).to(ACC)[:, None]
         rstd = tl.load(RSTD + stat, mask=cmask, other=0.0).to(ACC)[:, None]
-        if not STATS_GIVEN:
-            c1 = tl.load(C1 + stat, mask=cmask, other=0.0)[:, None]
-            c2 = tl.load(C2 + stat, mask=cmask, other=0.0)[:, None]
         x_rows = _row_offsets(n, c, sxn, sxc)
         d_rows = _row_offsets(n, c, sdn, sdc)
         o_rows = _row_offsets(n, c, son, soc)
@@ -772,12 +900,13 @@ def _bwd_fused_kernel(
     RSTD,
     PDW,  # (N, C) out: sum over positions of dz * xhat
     PDB,  # (N, C) out: sum over positions of dz
+    db_at,  # offset of PDB from the pointer passed (both halves of one buffer)
     DX,  # (N, C, S) out
+    set_size,
     C,
     S,
     G,
     Cg,
-    set_size,
     sxn,
     sxc,
     sxs,
@@ -794,6 +923,7 @@ def _bwd_fused_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    PDB = PDB + db_at
     set_id = tl.program_id(0)
     n = set_id // G
     c0 = (set_id - n * G) * Cg
@@ -877,6 +1007,7 @@ def _bwd_fused_kernel(
 def _column_sum_kernel(
     PW,  # (rows, C) partials of dweight
     PB,  # (rows, C) partials of dbias
+    b_at,  # offset of PB from the pointer passed (both halves of one buffer)
     DW,  # (C,) out: sum over rows of PW, in fixed order (written if HAS_DW)
     DB,  # (C,) out: sum over rows of PB (written if HAS_DB)
     rows,
@@ -887,6 +1018,7 @@ def _column_sum_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """dweight and dbias in one launch; the reduction order depends only on the shape."""
+    PB = PB + b_at
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     acc_w = tl.zeros([BLOCK_C], PW.dtype.element_ty)

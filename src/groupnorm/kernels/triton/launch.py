@@ -1,24 +1,52 @@
-"""Host launchers for the Triton kernels: validate, allocate, plan, launch; tensors in and out.
+"""Host launchers for the Triton kernels: tensors in, tensors out, no autograd.
 
-They can be called without autograd (tests do) and take an optional :class:`TritonConfig` to
-force the path, the tile size and the split count.
+A call is planned once per (shape, strides, dtypes, flags, device) and the result kept in a
+dictionary: the device and dtype checks, the layout analysis, the choice of path and tiles, and
+the kernels' integer arguments and grids all live in a :class:`_ForwardPlan` or
+:class:`_BackwardPlan`. A repeated call is one dictionary lookup, the output allocations and the
+launches (each a :class:`~.handle.Launch`, which calls the compiled launcher directly after the
+first time where Triton allows it).
+
+Both launchers take an optional :class:`TritonConfig` that forces the path, tile size and split
+count (tests do); without one they use the configuration read once from the environment
+(:func:`.settings.settings`; :func:`.settings.reload_config` re-reads it).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
+from typing import Any
 
 import torch
 
 from .. import portable
-from .plan import Plan, TritonConfig, config_from_env, make_plan
+from .handle import Launch, direct_launch_declined
+from .plan import Plan, TritonConfig, make_plan
+from .settings import on_reload, settings
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FINALIZE_BLOCK = 1024
+_SET_BLOCK = 256  # entries of a multi-channel set merged at a time by the apply kernels
 _COLUMN_BLOCK_R = 16
 _COLUMN_BLOCK_C = 128
+
+_forward_plans: dict[tuple, _ForwardPlan] = {}
+_backward_plans: dict[tuple, _BackwardPlan] = {}
+_explicit: dict[TritonConfig, tuple[dict, dict]] = {}  # plans made under a given config
+_traced: tuple[dict, dict] = ({}, {})  # plans of the triton_op bodies (may hold fake tensors)
+#: Most plans kept per cache before it is emptied (a program with ever-changing shapes).
+MAX_PLANS = 1024
+
+
+def clear_plans() -> None:
+    """Forget every planned call (the next call of each shape plans again)."""
+    _forward_plans.clear()
+    _backward_plans.clear()
+    _explicit.clear()
+    _traced[0].clear()
+    _traced[1].clear()
+
+
+on_reload(clear_plans)
 
 
 def _kernels():
@@ -29,8 +57,8 @@ def _kernels():
 
 
 def interpreter_enabled() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``, read once)."""
+    return settings().interpret
 
 
 def check_device(t: torch.Tensor) -> None:
@@ -51,16 +79,17 @@ def check_device(t: torch.Tensor) -> None:
     )
 
 
-@functools.cache
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_sms: dict[int, int] = {}
 
 
 def _num_sms(t: torch.Tensor, config: TritonConfig) -> int:
     if config.num_sms is not None:
         return config.num_sms
     if t.device.type == "cuda":
-        return _device_sms(t.device.index if t.device.index is not None else 0)
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        if index not in _sms:
+            _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return _sms[index]
     return 4
 
 
@@ -87,29 +116,14 @@ def nc_s_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     return t.stride(0), t.stride(1), s_stride
 
 
-def _as_nc_s(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def _layout(t: torch.Tensor) -> tuple[bool, tuple[int, int, int]]:
+    """(needs a contiguous copy, its (n, c, s) strides as the kernels will see it)."""
     strides = nc_s_strides(t)
-    if strides is None:
-        t = t.contiguous()
-        strides = nc_s_strides(t)
-    return t, strides
-
-
-def _out_like(x: torch.Tensor, config: TritonConfig) -> torch.Tensor:
-    """An output with x's memory format (what the op's fake implementation promises)."""
-    out = torch.empty_like(x)
-    if nc_s_strides(out) is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if config.poison:
-        out.fill_(float("nan"))
-    return out
-
-
-def _buffer(shape, dtype, device, config: TritonConfig) -> torch.Tensor:
-    buf = torch.empty(shape, dtype=dtype, device=device)
-    if config.poison:
-        buf.fill_(float("nan"))
-    return buf
+    if strides is not None:
+        return False, strides
+    shape = t.shape
+    s = math.prod(shape[2:])
+    return True, (shape[1] * s, s, 1)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -129,9 +143,6 @@ def _check_dtype(x: torch.Tensor) -> None:
         )
 
 
-_plan_cached = functools.lru_cache(maxsize=4096)(make_plan)  # pure and called on every launch
-
-
 def plan_for(
     x: torch.Tensor,
     num_groups: int,
@@ -141,10 +152,10 @@ def plan_for(
     backward: bool = False,
 ) -> Plan:
     """The :class:`Plan` the launchers use for ``x`` (a thin wrapper over :func:`make_plan`)."""
-    config = config or config_from_env()
+    config = config or settings().config
     n, c = x.shape[0], x.shape[1]
     s = math.prod(x.shape[2:])
-    strides = nc_s_strides(x) or (c * s, s, 1)
+    strides = _layout(x)[1]
     channel_contiguous = strides[1] == 1 and (c > 1 or s == 1)
     cfg = TritonConfig(
         path=config.path,
@@ -154,8 +165,7 @@ def plan_for(
         num_sms=_num_sms(x, config),
         poison=config.poison,
     )
-    wide = x.dtype == torch.float64
-    return _plan_cached(
+    return make_plan(
         n,
         c,
         s,
@@ -165,7 +175,195 @@ def plan_for(
         channel_contiguous,
         cfg,
         backward=backward,
-        wide=wide,
+        wide=x.dtype == torch.float64,
+    )
+
+
+def _caches(config: TritonConfig | None) -> tuple[TritonConfig, dict, dict]:
+    if config is None:
+        return settings().config, _forward_plans, _backward_plans
+    pair = _explicit.get(config)
+    if pair is None:
+        pair = _explicit[config] = ({}, {})
+    return config, pair[0], pair[1]
+
+
+def _launch(name: str, grid: tuple[int, ...], options: dict[str, Any]) -> Launch:
+    k = _kernels()
+    s = settings()
+    fn = getattr(k, name)
+    direct = direct_launch_declined(fn, s.launch, s.interpret) is None
+    # The JIT path looks the kernel up on every call, so code that swaps the module attribute
+    # (the compile check records launches that way) sees its replacement.
+    return Launch(lambda: getattr(k, name), grid, options, direct)
+
+
+def _new(like: torch.Tensor, poison: bool, traced: bool = False) -> torch.Tensor:
+    """A fresh tensor like the kept ``like`` (shape, dtype, device): ``empty_like`` is the
+    cheapest allocation from Python. Traced plans may keep fake tensors: there, plain ``empty``."""
+    if traced:
+        buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    else:
+        buf = torch.empty_like(like)
+    if poison:
+        buf.fill_(float("nan"))
+    return buf
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+class _ForwardPlan:
+    """Everything about a forward call that depends only on its key (see module docstring)."""
+
+    def __init__(
+        self,
+        x,
+        weight,
+        bias,
+        residual,
+        given_mean,
+        num_groups,
+        pool_batch,
+        activation,
+        config: TritonConfig,
+    ) -> None:
+        k = _kernels()
+        n, c = x.shape[0], x.shape[1]
+        s = math.prod(x.shape[2:])
+        cg = c // num_groups
+        self.acc = _acc(x.dtype)
+        self.poison = config.poison
+        self.copy_x, xs = _layout(x)
+        self.has_res = residual is not None
+        if self.has_res:
+            self.copy_r, rs = _layout(residual)
+        else:
+            self.copy_r, rs = False, xs
+        # Outputs are empty_like(x) (x's memory format, what the op's fake promises) unless
+        # x's spatial dims do not collapse; then contiguous. Same strides on every call.
+        self.out_format = torch.contiguous_format if self.copy_x else torch.preserve_format
+        ys = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
+        if ys is None:
+            self.out_format = torch.contiguous_format
+            ys = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
+        ts = ys  # the sum is allocated like the output
+        stats_given = given_mean is not None
+        self.plan = plan = plan_for(x, num_groups, pool_batch, stats_given, config)
+        self.path = plan.path
+        self.set_size = float(n * s if pool_batch else cg * s)
+        stat_shape = (c,) if pool_batch else (n, num_groups)
+        # empty_like of a kept tensor is the cheapest allocation torch offers from Python.
+        self.stats_like = torch.empty(stat_shape, dtype=self.acc, device=x.device)
+        self.has_w = weight is not None
+        self.has_b = bias is not None
+        flags = dict(
+            HAS_RESIDUAL=self.has_res,
+            HAS_WEIGHT=self.has_w,
+            HAS_BIAS=self.has_b,
+            ACTIVATION=k.ACTIVATION_CODES[activation],
+            ACC=_tl_acc(x.dtype),
+            BLOCK_C=plan.block_c,
+            BLOCK_S=plan.block_s,
+        )
+        if plan.path == "fused":
+            self.ints = (s, num_groups, cg, *xs, *rs, *ys, *ts)
+            self.main = _launch(
+                "_fwd_fused_kernel",
+                (n * num_groups,),
+                dict(flags, ONE_TILE=plan.one_tile, num_warps=plan.num_warps),
+            )
+            return
+        rows = _cdiv(n, plan.batch_block) * plan.split
+        # One workspace for both partials: means in the first half, M2 in the second.
+        self.ws_like = torch.empty((2, rows, c), dtype=self.acc, device=x.device)
+        self.half = rows * c
+        geometry = (n, c, s, cg, plan.batch_block, plan.chunk_s, plan.split)
+        self.partial = None
+        if not stats_given:
+            self.partial = _launch(
+                "_fwd_partial_kernel",
+                (rows, plan.c_tiles),
+                dict(
+                    HAS_RESIDUAL=self.has_res,
+                    POOL=pool_batch,
+                    ACC=flags["ACC"],
+                    BLOCK_C=plan.block_c,
+                    BLOCK_S=plan.block_s,
+                    num_warps=plan.num_warps,
+                ),
+            )
+            self.partial_ints = (*geometry, *xs, *rs)
+        self.ints = (n, c, s, num_groups, cg, plan.batch_block, plan.chunk_s, plan.split)
+        self.ints += (*xs, *rs, *ys, *ts)
+        self.main = _launch(
+            "_fwd_apply_kernel",
+            (rows, plan.c_tiles),
+            dict(
+                flags,
+                POOL=pool_batch,
+                STATS_GIVEN=stats_given,
+                PER_CHANNEL=pool_batch or cg == 1,
+                BLOCK_F=_SET_BLOCK,
+                num_warps=plan.num_warps,
+            ),
+        )
+
+    def __call__(self, x, weight, bias, residual, given_mean, given_var, eps, traced=False):
+        main = self.main.traced if traced else self.main
+        if self.copy_x:
+            x = x.contiguous()
+        y = torch.empty_like(x, memory_format=self.out_format)
+        if self.poison:
+            y.fill_(float("nan"))
+        if self.has_res:
+            r = residual.contiguous() if self.copy_r else residual
+            total = torch.empty_like(y)
+            if self.poison:
+                total.fill_(float("nan"))
+            t = total
+        else:
+            r, total, t = x, x.new_empty(0), y
+        mean = _new(self.stats_like, self.poison, traced)
+        rstd = _new(self.stats_like, self.poison, traced)
+        w = weight if self.has_w else x
+        b = bias if self.has_b else x
+        eps = float(eps)
+        if self.path == "fused":
+            main(x, r, y, t, w, b, mean, rstd, eps, self.set_size, *self.ints)
+            return y, total, mean, rstd
+        if self.partial is not None:
+            ws = _new(self.ws_like, self.poison, traced)
+            partial = self.partial.traced if traced else self.partial
+            partial(x, r, ws, ws, self.half, *self.partial_ints)
+            main(x, r, y, t, w, b, ws, ws, self.half, mean, rstd, eps, self.set_size, *self.ints)
+        else:  # statistics given: the apply kernel reads them in place of the partials
+            main(x, r, y, t, w, b, given_mean, given_var, 0, mean, rstd, eps, self.set_size,
+                 *self.ints)  # fmt: skip
+        return y, total, mean, rstd
+
+
+def _forward_key(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, activation
+) -> tuple:
+    return (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        None if residual is None else (residual.stride(), residual.dtype),
+        None if given_mean is None else (given_mean.dtype, given_var.dtype),
+        num_groups,
+        pool_batch,
+        activation,
     )
 
 
@@ -193,196 +391,191 @@ def norm_forward(
         pool_batch: batch norm: one set per channel over the whole batch.
         eps: added to the variance.
         activation: "" (none), "silu", "gelu" or "relu".
-        config: planner overrides; default read from ``GROUPNORM_TRITON_*`` variables.
+        config: planner overrides; default read once from ``GROUPNORM_TRITON_*`` variables.
     """
-    check_device(x)
-    _check_dtype(x)
-    config = config or config_from_env()
-    if x.numel() == 0:
-        return portable.forward(
-            x,
-            weight,
-            bias,
-            residual,
-            given_mean,
-            given_var,
-            num_groups,
-            pool_batch,
-            eps,
-            activation,
-        )
-    k = _kernels()
-    n, c = x.shape[0], x.shape[1]
-    s = math.prod(x.shape[2:])
-    cg = c // num_groups
-    acc = _acc(x.dtype)
-    xv, xs = _as_nc_s(x)
-    y = _out_like(x, config)
-    ys = nc_s_strides(y)
-    has_res = residual is not None
-    if has_res:
-        rv, rs = _as_nc_s(residual)
-        total = _out_like(x, config)
-        ts = nc_s_strides(total)
-    else:
-        rv, rs = xv, xs
-        total = x.new_empty(0)
-        ts = ys
-    stats_given = given_mean is not None
-    plan = plan_for(x, num_groups, pool_batch, stats_given, config)
-    sets = c if pool_batch else n * num_groups
-    code = k.ACTIVATION_CODES[activation]
-    tl_acc = _tl_acc(x.dtype)
-    w = weight if weight is not None else xv
-    b = bias if bias is not None else xv
-    t_arg = total if has_res else y
-    flags = dict(
-        HAS_RESIDUAL=has_res,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=code,
-        ACC=tl_acc,
-        BLOCK_C=plan.block_c,
-        BLOCK_S=plan.block_s,
-        num_warps=plan.num_warps,
+    key = _forward_key(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, activation
     )
-
-    if plan.path == "fused":
-        mean = _buffer((n, num_groups), acc, x.device, config)
-        rstd = _buffer((n, num_groups), acc, x.device, config)
-        k._fwd_fused_kernel[(sets,)](
-            xv,
-            rv,
-            y,
-            t_arg,
-            w,
-            b,
-            mean,
-            rstd,
-            s,
-            num_groups,
-            cg,
-            float(cg * s),
-            eps,
-            *xs,
-            *rs,
-            *ys,
-            *ts,
-            ONE_TILE=plan.one_tile,
-            **flags,
+    config, plans, _ = _caches(config)
+    plan = plans.get(key)
+    if plan is None:
+        check_device(x)
+        _check_dtype(x)
+        if x.numel() == 0:
+            return portable.forward(
+                x,
+                weight,
+                bias,
+                residual,
+                given_mean,
+                given_var,
+                num_groups,
+                pool_batch,
+                eps,
+                activation,
+            )
+        plan = _ForwardPlan(
+            x, weight, bias, residual, given_mean, num_groups, pool_batch, activation, config
         )
-        return y, total, mean, rstd
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+    return plan(x, weight, bias, residual, given_mean, given_var, eps)
 
-    rows = triton_cdiv(n, plan.batch_block) * plan.split
-    if stats_given:
-        mean = given_mean.to(acc).contiguous().clone()
-        rstd = torch.rsqrt(given_var.to(acc) + eps).contiguous()
-    else:
-        pmean = _buffer((rows, c), acc, x.device, config)
-        pm2 = _buffer((rows, c), acc, x.device, config)
-        k._fwd_partial_kernel[(rows, plan.c_tiles)](
-            xv,
-            rv,
-            pmean,
-            pm2,
-            n,
-            c,
-            s,
-            cg,
-            plan.batch_block,
-            plan.chunk_s,
-            plan.split,
-            *xs,
-            *rs,
-            HAS_RESIDUAL=has_res,
-            POOL=pool_batch,
-            ACC=tl_acc,
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+class _BackwardPlan:
+    def __init__(
+        self,
+        dy,
+        x,
+        weight,
+        bias,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        needs,
+        config: TritonConfig,
+    ) -> None:
+        k = _kernels()
+        n, c = x.shape[0], x.shape[1]
+        s = math.prod(x.shape[2:])
+        cg = c // num_groups
+        self.acc = _acc(x.dtype)
+        self.poison = config.poison
+        self.need_dx, self.need_dw, self.need_db = needs
+        self.copy_x, xs = _layout(x)
+        self.copy_dy, ds = _layout(dy)
+        self.out_format = torch.contiguous_format if self.copy_x else torch.preserve_format
+        os_ = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
+        if os_ is None:
+            self.out_format = torch.contiguous_format
+            os_ = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
+        plan = plan_for(x, num_groups, pool_batch, stats_given, config, backward=True)
+        if plan.path == "fused" and not self.need_dx:
+            forced = TritonConfig(
+                path="split",
+                block=config.block,
+                split=config.split,
+                batch_block=config.batch_block,
+                num_sms=config.num_sms,
+                poison=config.poison,
+            )
+            plan = plan_for(x, num_groups, pool_batch, stats_given, forced, backward=True)
+        self.plan = plan
+        self.path = plan.path
+        self.has_w = weight is not None
+        self.has_b = bias is not None
+        self.set_size = float(n * s if pool_batch else cg * s)
+        flags = dict(
+            HAS_WEIGHT=self.has_w,
+            HAS_BIAS=self.has_b,
+            ACTIVATION=k.ACTIVATION_CODES[activation],
+            ACC=_tl_acc(x.dtype),
             BLOCK_C=plan.block_c,
             BLOCK_S=plan.block_s,
             num_warps=plan.num_warps,
         )
-        stat_shape = (c,) if pool_batch else (n, num_groups)
-        mean = _buffer(stat_shape, acc, x.device, config)
-        rstd = _buffer(stat_shape, acc, x.device, config)
-        set_size = float(n * s if pool_batch else cg * s)
-        k._fwd_finalize_kernel[(sets,)](
-            xv,
-            rv,
-            pmean,
-            pm2,
-            mean,
-            rstd,
-            n,
-            c,
-            s,
-            num_groups,
-            cg,
-            plan.batch_block,
-            plan.chunk_s,
-            plan.split,
-            set_size,
-            eps,
-            xs[0],
-            xs[1],
-            rs[0],
-            rs[1],
-            HAS_RESIDUAL=has_res,
-            POOL=pool_batch,
-            ACC=tl_acc,
-            BLOCK=_FINALIZE_BLOCK,
-            num_warps=4,
+        self.partial = self.apply = None
+        if plan.path == "fused":
+            rows = n
+            self.main = _launch("_bwd_fused_kernel", (n * num_groups,), flags)
+            self.ints = (c, s, num_groups, cg, *xs, *ds, *os_)
+        else:
+            rows = _cdiv(n, plan.batch_block) * plan.split
+            geometry = (n, c, s, num_groups, cg, plan.batch_block, plan.chunk_s, plan.split)
+            need_partials = self.need_dw or self.need_db or (self.need_dx and not stats_given)
+            if need_partials:
+                self.partial = _launch(
+                    "_bwd_partial_kernel", (rows, plan.c_tiles), dict(flags, POOL=pool_batch)
+                )
+                self.partial_ints = (*geometry, *xs, *ds)
+            if self.need_dx:
+                self.apply = _launch(
+                    "_bwd_apply_kernel",
+                    (rows, plan.c_tiles),
+                    dict(
+                        flags,
+                        POOL=pool_batch,
+                        STATS_GIVEN=stats_given,
+                        PER_CHANNEL=pool_batch or cg == 1,
+                        BLOCK_F=_SET_BLOCK,
+                    ),
+                )
+                self.ints = (*geometry, *xs, *ds, *os_)
+        # One workspace for both partials: dweight's in the first half, dbias's in the second.
+        self.ws_like = torch.empty((2, rows, c), dtype=self.acc, device=x.device)
+        self.half = rows * c
+        self.columns = None
+        if self.need_dw or self.need_db:
+            self.columns = _launch(
+                "_column_sum_kernel",
+                (_cdiv(c, _COLUMN_BLOCK_C),),
+                dict(
+                    HAS_DW=self.need_dw,
+                    HAS_DB=self.need_db,
+                    BLOCK_R=_COLUMN_BLOCK_R,
+                    BLOCK_C=_COLUMN_BLOCK_C,
+                    num_warps=4,
+                ),
+            )
+            self.column_ints = (rows, c)
+
+    def __call__(self, dy, x, weight, bias, mean, rstd, traced=False):
+        def run(launch, *args):
+            return launch.traced(*args) if traced else launch(*args)
+
+        if self.copy_x:
+            x = x.contiguous()
+        if self.copy_dy:
+            dy = dy.contiguous()
+        if mean.dtype != self.acc or not mean.is_contiguous():
+            mean = mean.to(self.acc).contiguous()
+        if rstd.dtype != self.acc or not rstd.is_contiguous():
+            rstd = rstd.to(self.acc).contiguous()
+        w = weight if self.has_w else x
+        b = bias if self.has_b else x
+        dx = None
+        if self.need_dx:
+            dx = torch.empty_like(x, memory_format=self.out_format)
+            if self.poison:
+                dx.fill_(float("nan"))
+        dx_arg = dx if dx is not None else x
+        ws = None
+        half = self.half
+        if self.path == "fused":
+            ws = _new(self.ws_like, self.poison, traced)
+            run(self.main, dy, x, w, b, mean, rstd, ws, ws, half, dx_arg, self.set_size, *self.ints)
+        else:
+            if self.partial is not None:
+                ws = _new(self.ws_like, self.poison, traced)
+                run(self.partial, dy, x, w, b, mean, rstd, ws, ws, half, *self.partial_ints)
+            if self.apply is not None:
+                if ws is None:  # statistics given: no partials are read
+                    p, half = mean, 0
+                else:
+                    p = ws
+                run(self.apply, dy, x, w, b, mean, rstd, p, p, half, dx_arg, self.set_size,
+                    *self.ints)  # fmt: skip
+        if self.columns is None:
+            return dx, None, None
+        dw = _new(weight, self.poison, traced) if self.need_dw else None
+        db = _new(bias, self.poison, traced) if self.need_db else None
+        run(
+            self.columns,
+            ws,
+            ws,
+            self.half,
+            dw if dw is not None else ws,
+            db if db is not None else ws,
+            *self.column_ints,
         )
-    k._fwd_apply_kernel[(rows, plan.c_tiles)](
-        xv,
-        rv,
-        y,
-        t_arg,
-        w,
-        b,
-        mean,
-        rstd,
-        n,
-        c,
-        s,
-        num_groups,
-        cg,
-        plan.batch_block,
-        plan.chunk_s,
-        plan.split,
-        *xs,
-        *rs,
-        *ys,
-        *ts,
-        POOL=pool_batch,
-        **flags,
-    )
-    return y, total, mean, rstd
-
-
-def _column_sums(k, pdw, pdb, weight, bias, need_dw, need_db, config: TritonConfig):
-    """dweight, dbias (or None) from the partial buffers, in one launch."""
-    rows, c = pdw.shape
-    dw = _buffer((c,), weight.dtype, pdw.device, config) if need_dw else None
-    db = _buffer((c,), bias.dtype, pdw.device, config) if need_db else None
-    if need_dw or need_db:
-        k._column_sum_kernel[(triton_cdiv(c, _COLUMN_BLOCK_C),)](
-            pdw,
-            pdb,
-            dw if need_dw else pdw,
-            db if need_db else pdb,
-            rows,
-            c,
-            HAS_DW=need_dw,
-            HAS_DB=need_db,
-            BLOCK_R=_COLUMN_BLOCK_R,
-            BLOCK_C=_COLUMN_BLOCK_C,
-            num_warps=4,
-        )
-    return dw, db
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        return dx, dw, db
 
 
 def norm_backward(
@@ -404,171 +597,112 @@ def norm_backward(
     ``x`` is what was normalized (x + residual when there was one); ``mean``/``rstd`` are the
     forward's. dweight/dbias are column sums of per-program float partials: deterministic.
     """
-    check_device(x)
-    _check_dtype(x)
-    config = config or config_from_env()
     need_dx, need_dw, need_db = needs
-    need_dw = need_dw and weight is not None
-    need_db = need_db and bias is not None
-    if x.numel() == 0:
-        return portable.backward(
-            dy,
-            x,
-            weight,
-            bias,
-            mean,
-            rstd,
-            num_groups,
-            pool_batch,
-            stats_given,
-            activation,
-            (need_dx, need_dw, need_db),
-        )
-    k = _kernels()
-    n, c = x.shape[0], x.shape[1]
-    s = math.prod(x.shape[2:])
-    cg = c // num_groups
-    acc = _acc(x.dtype)
-    tl_acc = _tl_acc(x.dtype)
-    xv, xs = _as_nc_s(x)
-    dyv, ds = _as_nc_s(dy)
-    mean = mean.to(acc).contiguous()
-    rstd = rstd.to(acc).contiguous()
-    w = weight if weight is not None else xv
-    b = bias if bias is not None else xv
-    code = k.ACTIVATION_CODES[activation]
-    sets = c if pool_batch else n * num_groups
-    plan = plan_for(x, num_groups, pool_batch, stats_given, config, backward=True)
-    if plan.path == "fused" and not need_dx:
-        split_config = _with_path(config, "split", x)
-        plan = plan_for(x, num_groups, pool_batch, stats_given, split_config, backward=True)
-    flags = dict(
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        ACTIVATION=code,
-        ACC=tl_acc,
-        BLOCK_C=plan.block_c,
-        BLOCK_S=plan.block_s,
-        num_warps=plan.num_warps,
+    needs = (
+        bool(need_dx),
+        bool(need_dw and weight is not None),
+        bool(need_db and bias is not None),
     )
-    dx = _out_like(x, config) if need_dx else None
-    os_ = nc_s_strides(dx) if need_dx else xs
-    dx_arg = dx if need_dx else xv
-
-    if plan.path == "fused":
-        pdw = _buffer((n, c), acc, x.device, config)
-        pdb = _buffer((n, c), acc, x.device, config)
-        k._bwd_fused_kernel[(sets,)](
-            dyv,
-            xv,
-            w,
-            b,
-            mean,
-            rstd,
-            pdw,
-            pdb,
-            dx_arg,
-            c,
-            s,
-            num_groups,
-            cg,
-            float(cg * s),
-            *xs,
-            *ds,
-            *os_,
-            **flags,
-        )
-    else:
-        rows = triton_cdiv(n, plan.batch_block) * plan.split
-        need_partials = need_dw or need_db or (need_dx and not stats_given)
-        if need_partials:
-            pdw = _buffer((rows, c), acc, x.device, config)
-            pdb = _buffer((rows, c), acc, x.device, config)
-            k._bwd_partial_kernel[(rows, plan.c_tiles)](
-                dyv,
-                xv,
-                w,
-                b,
+    key = (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        dy.stride(),
+        dy.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        needs,
+    )
+    config, _, plans = _caches(config)
+    plan = plans.get(key)
+    if plan is None:
+        check_device(x)
+        _check_dtype(x)
+        if x.numel() == 0:
+            return portable.backward(
+                dy,
+                x,
+                weight,
+                bias,
                 mean,
                 rstd,
-                pdw,
-                pdb,
-                n,
-                c,
-                s,
                 num_groups,
-                cg,
-                plan.batch_block,
-                plan.chunk_s,
-                plan.split,
-                *xs,
-                *ds,
-                POOL=pool_batch,
-                **flags,
+                pool_batch,
+                stats_given,
+                activation,
+                needs,
             )
-        if need_dx:
-            if stats_given:
-                c1 = c2 = mean  # unused by the kernel
-            else:
-                c1 = _buffer((sets,), acc, x.device, config)
-                c2 = _buffer((sets,), acc, x.device, config)
-                set_size = float(n * s if pool_batch else cg * s)
-                k._bwd_finalize_kernel[(sets,)](
-                    pdw,
-                    pdb,
-                    w,
-                    c1,
-                    c2,
-                    n,
-                    c,
-                    num_groups,
-                    cg,
-                    plan.batch_block,
-                    plan.split,
-                    set_size,
-                    HAS_WEIGHT=weight is not None,
-                    POOL=pool_batch,
-                    ACC=tl_acc,
-                    BLOCK=_FINALIZE_BLOCK,
-                    num_warps=4,
-                )
-            k._bwd_apply_kernel[(rows, plan.c_tiles)](
-                dyv,
-                xv,
-                w,
-                b,
-                mean,
-                rstd,
-                c1,
-                c2,
-                dx_arg,
-                n,
-                c,
-                s,
-                num_groups,
-                cg,
-                plan.batch_block,
-                plan.chunk_s,
-                plan.split,
-                *xs,
-                *ds,
-                *os_,
-                POOL=pool_batch,
-                STATS_GIVEN=stats_given,
-                **flags,
-            )
-    if not (need_dw or need_db):
-        return dx, None, None
-    dw, db = _column_sums(k, pdw, pdb, weight, bias, need_dw, need_db, config)
-    return dx, dw, db
+        plan = _BackwardPlan(
+            dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs, config
+        )
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+    return plan(dy, x, weight, bias, mean, rstd)
 
 
-def _with_path(config: TritonConfig, path: str, x: torch.Tensor) -> TritonConfig:
-    return TritonConfig(
-        path=path,
-        block=config.block,
-        split=config.split,
-        batch_block=config.batch_block,
-        num_sms=config.num_sms,
-        poison=config.poison,
+def _concrete(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or a stand-in with plain-int sizes and strides when they are symbolic
+    (``torch.compile(dynamic=True)``): planning needs ints, and specializes on them."""
+    if t is None or all(type(d) is int for d in (*t.shape, *t.stride())):
+        return t
+    shape = [int(d) for d in t.shape]
+    strides = [int(d) for d in t.stride()]
+    return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
+
+
+def traced_forward_launch(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """:func:`norm_forward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    xc, rc = _concrete(x), _concrete(residual)
+    key = _forward_key(
+        xc, weight, bias, rc, given_mean, given_var, num_groups, pool_batch, activation
     )
+    config, plans = settings().config, _traced[0]
+    plan = plans.get(key)
+    if plan is None:
+        check_device(x)
+        _check_dtype(x)
+        plan = _ForwardPlan(
+            xc, weight, bias, rc, given_mean, num_groups, pool_batch, activation, config
+        )
+        plans[key] = plan
+    return plan(x, weight, bias, residual, given_mean, given_var, eps, traced=True)
+
+
+def traced_backward_launch(
+    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
+):
+    """:func:`norm_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    xc, dyc = _concrete(x), _concrete(dy)
+    config, plans = settings().config, _traced[1]
+    key = (
+        xc.shape,
+        xc.stride(),
+        x.dtype,
+        x.device,
+        dyc.stride(),
+        dy.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        needs,
+    )
+    plan = plans.get(key)
+    if plan is None:
+        check_device(x)
+        _check_dtype(x)
+        plan = _BackwardPlan(
+            dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs, config
+        )
+        plans[key] = plan
+    return plan(dy, x, weight, bias, mean, rstd, traced=True)

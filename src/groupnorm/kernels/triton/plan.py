@@ -9,9 +9,10 @@ Two paths (see ``docs/triton.md``):
   so small that launch latency is all that matters. When a whole set fits one register tile
   (``one_tile``) the input is read from memory exactly once.
 * ``"split"``: a 2-D grid of (channel tile, sample x spatial chunk) programs writes per-channel
-  partial statistics to a float32 workspace, a finalize kernel merges them per set in a fixed
-  order, and an apply kernel normalizes. Used for few sets (small N*G), batch norm (sets pooled
-  over the batch) and channels-last input with few channels per group.
+  partial statistics to a float32 workspace; an apply kernel on the same grid merges the partials
+  of its own sets in a fixed order and normalizes (two launches). Used for few sets (small
+  N*G), batch norm (sets pooled over the batch) and channels-last input with few channels per
+  group.
 * ``"apply"``: batch norm with given statistics (inference): only the apply kernel runs.
 
 Every choice can be forced for tests with a :class:`TritonConfig` or environment variables
@@ -245,19 +246,64 @@ def make_plan(
         tile = block_c * block_s
         return Plan("fused", block_c, block_s, 1, s, 1, one_tile, _warps(tile))
 
+    if wide and not backward and config.block is None:
+        # The split forward's apply keeps per-channel shift, mean and rstd beside its tile; with
+        # 8-byte values a channels-last tile of the default size spilled on sm_90 (ptxas -v).
+        block //= 2
     block_c, block_s = _tile(c, s, channel_contiguous, block)
     while _cdiv(c, block_c) > MAX_GRID_Y and block_s > 1:  # CUDA caps grid dim 1 at 65535
         block_c, block_s = 2 * block_c, block_s // 2
-    c_tiles = _cdiv(c, block_c)
-    if c_tiles > MAX_GRID_Y:
+    if _cdiv(c, block_c) > MAX_GRID_Y:
         raise ValueError(f"{c} channels need more than {MAX_GRID_Y} channel tiles; not supported")
+    while True:
+        geometry = _split_geometry(
+            n, c, s, cg, pool_batch, stats_given, config, block, block_c, block_s, target
+        )
+        c_tiles, split, batch_block = geometry[0], geometry[1], geometry[3]
+        programs = _cdiv(n, batch_block) * split * c_tiles
+        # Channels-last tiles run along C; when the limit on re-read partials leaves too few
+        # programs, narrower channel tiles give more of them.
+        if programs >= target or not channel_contiguous or block_c <= 16:
+            break
+        block_c, block_s = block_c // 2, min(block_s * 2, next_pow2(s))
+    c_tiles, split, chunk_s, batch_block = geometry
+    tile = block_c * block_s
+    warps = _warps(tile)
+    if wide and not backward:
+        warps = max(warps, 8)  # the same reason: fewer 8-byte values per thread
+    return Plan(path, block_c, block_s, split, chunk_s, c_tiles, False, warps, batch_block)
+
+
+def fold_reads(
+    n: int, c: int, cg: int, pool_batch: bool, block_c: int, c_tiles: int, rows: int
+) -> int:
+    """Workspace entries the apply programs read in all to merge the statistics of their sets.
+
+    Each apply program reduces the partials of the sets its channels belong to: with one set per
+    channel (batch norm) all ``rows`` rows of its ``block_c`` channels; otherwise the ``split``
+    rows of its sample for every channel of the sets its tile touches (at most block_c + cg).
+
+    >>> fold_reads(1, 320, 10, False, 1, 320, 1)  # SD 1x320x64x64, contiguous: 11 a program
+    3520
+    """
+    if pool_batch:
+        return rows * c_tiles * rows * block_c
+    split = rows // n
+    return rows * c_tiles * split * (block_c + (cg if cg > 1 else 0))
+
+
+def _split_geometry(n, c, s, cg, pool_batch, stats_given, config, block, block_c, block_s, target):
+    """(c_tiles, split, chunk_s, batch_block) of the split path for a given tile.
+
+    Unless forced, ``split`` and ``batch_block`` aim at ``target`` programs, and then are cut
+    back until the apply programs' re-reads of the two partial buffers (:func:`fold_reads`)
+    stay within the tensor's element count."""
+    c_tiles = _cdiv(c, block_c)
     s_blocks = _cdiv(s, block_s)
     if config.split is not None:
         split = min(config.split, s_blocks)
     else:
         split = min(s_blocks, max(1, _cdiv(target, c_tiles * n)))
-    chunk_s = _cdiv(s_blocks, split) * block_s
-    split = _cdiv(s, chunk_s)
     batch_block = 1
     if pool_batch:
         if config.batch_block is not None:
@@ -265,12 +311,29 @@ def make_plan(
         else:
             # Several samples per program when one sample gives it little work (small S, e.g.
             # rank-2 input), so the workspace stays small; but keep enough programs.
-            per_sample = block_c * min(chunk_s, s)
+            per_sample = block_c * min(_cdiv(s_blocks, split) * block_s, s)
             want = _cdiv(4 * block, per_sample)
             spare = max(1, (c_tiles * n * split) // target)
             batch_block = max(1, min(n, want, spare))
-    tile = block_c * block_s
-    return Plan(path, block_c, block_s, split, chunk_s, c_tiles, False, _warps(tile), batch_block)
+    if not stats_given:
+        budget = n * c * s
+
+        def reads(split: int, batch_block: int) -> int:
+            rows = _cdiv(n, batch_block) * split
+            return 2 * fold_reads(n, c, cg, pool_batch, block_c, c_tiles, rows)
+
+        while config.split is None and split > 1 and reads(split, batch_block) > budget:
+            split = max(1, split // 2)
+        while (
+            pool_batch
+            and config.batch_block is None
+            and batch_block < n
+            and reads(split, batch_block) > budget
+        ):
+            batch_block = min(n, 2 * batch_block)
+    chunk_s = _cdiv(s_blocks, split) * block_s
+    split = _cdiv(s, chunk_s)
+    return c_tiles, split, chunk_s, batch_block
 
 
 def element_offset(n: int, c: int, s: int, stride_n: int, stride_c: int, stride_s: int) -> int:

@@ -1,0 +1,170 @@
+"""The route of every call: one function, :func:`run`, decides it.
+
+The functional API and the modules describe a call by a :class:`NormSpec` (its fixed scalars,
+resolved once: by a module at construction, by the functional API per call) plus its tensors,
+and hand both to :func:`run`::
+
+    plain eager CPU call,       -> the C++ extension takes the whole call   (the common case;
+      no residual                  it checks the tensors and declines what it cannot take)
+    otherwise                   -> full validation (the API's messages), then
+      exporting                 -> the decomposed form in standard ATen ops      (export.py)
+      compiling, tracing,       -> the ``groupnorm::forward`` custom op: fake implementation
+      tensor subclasses, modes,    and registered autograd                       (ops.py)
+      functorch transforms
+      forward-mode AD           -> the portable core in torch ops (carries tangents)
+      plain eager               -> the selected backend's ``eager`` entry, which owns its
+                                   autograd                         (kernels/__init__.select)
+
+Batch norm's running statistics are updated here, once, from the statistics the route
+returned (``kernels/running.py``); the C++ extension applies the same formula inside its call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import export, ops
+from .kernels import check_backend, cpu, portable, select
+from .kernels.running import update_running_stats
+
+#: Tensor types the eager road hands to a kernel: plain tensors and parameters (a subclass's
+#: __torch_function__ or __torch_dispatch__ would be skipped, so subclasses take the custom op).
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+@dataclass(frozen=True, slots=True)
+class NormSpec:
+    """The fixed scalars of a call, already validated.
+
+    Attributes:
+        num_groups: sets per sample; ``None`` for one set per channel (instance norm, batch
+            norm), whose count is the input's C.
+        pool_batch: batch norm: each channel's set spans the whole batch.
+        eps: added to the variance.
+        activation: ``""`` or the fused activation's name (``"silu"``, ``"gelu"``, ``"relu"``).
+        backend: a name from ``kernels.BACKENDS``, or ``None`` to read ``GROUPNORM_BACKEND`` at
+            each call.
+    """
+
+    num_groups: int | None
+    pool_batch: bool
+    eps: float
+    activation: str
+    backend: str | None = None
+
+
+def plain_eager_context() -> bool:
+    """No compiler, exporter, JIT tracer, torch-function or dispatch mode, functorch transform
+    or forward-AD level is active: a call may go straight to a backend's kernels.
+
+    >>> plain_eager_context()
+    True
+    """
+    return not (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch._C._is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or _get_current_dispatch_mode() is not None
+        or _forward_ad._current_level >= 0
+    )
+
+
+def _plain_tensors(*tensors: Tensor | None) -> bool:
+    for t in tensors:
+        if t is not None and (type(t) not in PLAIN_TYPES or _is_wrapped(t)):
+            return False
+    return True
+
+
+#: what a validator returns: (given_mean, given_var, running) where running is batch norm's
+#: (running_mean, running_var, momentum) to update, or None
+Checked = tuple[Tensor | None, Tensor | None, tuple[Tensor, Tensor, float] | None]
+
+
+def run(
+    spec: NormSpec,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    validate: Callable[[], Checked],
+    running: tuple[Tensor, Tensor, float] | None = None,
+    training: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Normalize ``x`` as ``spec`` says; returns (y, x + residual or None).
+
+    ``validate`` runs the calling API's full checks (raising its messages) and returns what
+    they resolved; it runs unless the C++ extension took the call as given. ``running`` and
+    ``training`` are batch norm's: the statistics to update (training) or to normalize with.
+    """
+    # (the context first: under torch.compile it is False before anything untraceable runs)
+    plain = plain_eager_context() and _plain_tensors(x, weight, bias, residual)
+    name = check_backend(spec.backend)
+    if plain and residual is None and x.is_cpu and (name == "auto" or name == "cpu"):
+        num_groups = spec.num_groups or (x.shape[1] if x.dim() >= 2 else 0)
+        y = cpu.fast(
+            x,
+            weight,
+            bias,
+            num_groups,
+            spec.pool_batch,
+            spec.eps,
+            spec.activation,
+            running,
+            training,
+        )
+        if y is not None:
+            return y, None
+
+    given_mean, given_var, running = validate()
+    num_groups = spec.num_groups or x.shape[1]
+    args = (
+        x,
+        weight,
+        bias,
+        residual,
+        given_mean,
+        given_var,
+        num_groups,
+        spec.pool_batch,
+        spec.eps,
+        spec.activation,
+    )
+    if export.is_exporting():
+        return export.decomposed_normalize(*args, running=running)
+    if _forward_ad._current_level >= 0:  # neither the op nor the kernels carry tangents
+        y, total, mean, rstd = portable.forward(*args)
+    elif not plain:  # compiling, tracing, subclasses, modes, transforms: the custom op
+        y, total, mean, rstd = ops.norm_forward(*args, name)
+    else:
+        y, total, mean, rstd = _eager(select(name, x, num_groups, spec.pool_batch), args)
+    if running is not None and x.numel() > 0:
+        running_mean, running_var, momentum = running
+        count = x.numel() // x.shape[1]
+        update_running_stats(
+            running_mean,
+            running_var,
+            mean,
+            rstd,
+            spec.eps,
+            momentum,
+            count,
+            native=plain and x.is_cpu,
+        )
+    return y, (total if residual is not None else None)
+
+
+def _eager(backend, args):
+    eager = getattr(backend, "eager", None)
+    if eager is None:  # a backend without its own eager entry: the custom op
+        return ops.norm_forward(*args, backend.__name__.rsplit(".", 1)[-1])
+    return eager(*args)

@@ -1,0 +1,105 @@
+"""The Triton backend's own autograd for plain eager calls (one ``torch.autograd.Function``)."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .launch import norm_backward, norm_forward
+
+
+class TritonNorm(torch.autograd.Function):
+    """Forward through :func:`.launch.norm_forward`, backward through
+    :func:`.launch.norm_backward`; saves only x (or x + residual), weight, bias, mean, rstd."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        residual,
+        given_mean,
+        given_var,
+        num_groups,
+        pool_batch,
+        eps,
+        activation,
+    ):
+        y, total, mean, rstd = norm_forward(
+            x,
+            weight,
+            bias,
+            residual,
+            given_mean,
+            given_var,
+            num_groups,
+            pool_batch,
+            eps,
+            activation,
+        )
+        has_res = residual is not None
+        ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
+        ctx.meta = (num_groups, pool_batch, given_mean is not None, activation, has_res)
+        ctx.set_materialize_grads(False)
+        if has_res:
+            ctx.mark_non_differentiable(mean, rstd)
+        else:
+            ctx.mark_non_differentiable(total, mean, rstd)
+        return y, total, mean, rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+        saved_x, weight, bias, mean, rstd = ctx.saved_tensors
+        num_groups, pool_batch, stats_given, activation, has_res = ctx.meta
+        needs = ctx.needs_input_grad
+        need_dx = needs[0] or (has_res and needs[3])
+        need_dw = weight is not None and needs[1]
+        need_db = bias is not None and needs[2]
+        dx = dw = db = None
+        if grad_y is not None and (need_dx or need_dw or need_db):
+            dx, dw, db = norm_backward(
+                grad_y,
+                saved_x,
+                weight,
+                bias,
+                mean,
+                rstd,
+                num_groups,
+                pool_batch,
+                stats_given,
+                activation,
+                (need_dx, need_dw, need_db),
+            )
+        if has_res and need_dx and grad_total is not None:
+            dx = grad_total if dx is None else dx + grad_total
+        dres = dx if has_res and needs[3] else None
+        return dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None
+
+
+def eager(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """See :func:`groupnorm.kernels.triton.eager`."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    ):
+        return TritonNorm.apply(
+            x,
+            weight,
+            bias,
+            residual,
+            given_mean,
+            given_var,
+            num_groups,
+            pool_batch,
+            eps,
+            activation,
+        )
+    return norm_forward(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )

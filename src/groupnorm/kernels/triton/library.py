@@ -1,0 +1,161 @@
+"""``groupnorm::triton_forward`` / ``groupnorm::triton_backward``: the Triton path as
+``torch.library.triton_op``\\ s, so that ``torch.compile`` (Inductor) sees the kernels instead of
+an opaque call.
+
+The ops' bodies are the launchers' plans with every launch through
+``torch.library.wrap_triton``; traced with fake tensors they record the kernels with their
+arguments. Two details the tracing needs:
+
+* planning works on plain ints: symbolic sizes (``dynamic=True``) are specialized with ``int()``
+  (:func:`.launch._concrete`), so a new shape recompiles, as the planner's tiles depend on it;
+* ``eps`` reaches the kernels as a Python float (``float(eps)``), which Triton passes as float32,
+  never as a float64 tensor; the accumulation dtype is a constexpr ``tl.float32``/``tl.float64``
+  that Inductor writes back into its generated code.
+
+Registered on first use (:func:`register`), which imports Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_registered: bool | None = None  # None: not tried; False: unavailable here
+
+
+def _stats_shape(x: Tensor, num_groups: int, pool_batch: bool) -> tuple:
+    return (x.shape[1],) if pool_batch else (x.shape[0], num_groups)
+
+
+def register() -> bool:
+    """Define the two ops (once). False when this torch or Triton cannot."""
+    global _registered
+    if _registered is not None:
+        return _registered
+    try:
+        import triton  # noqa: F401
+        from torch.library import triton_op, wrap_triton  # noqa: F401
+    except ImportError:
+        _registered = False
+        return False
+    from .launch import traced_backward_launch, traced_forward_launch
+
+    @triton_op("groupnorm::triton_forward", mutates_args=())
+    def triton_forward(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        given_mean: Tensor | None,
+        given_var: Tensor | None,
+        num_groups: int,
+        pool_batch: bool,
+        eps: float,
+        activation: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return traced_forward_launch(
+            x,
+            weight,
+            bias,
+            residual,
+            given_mean,
+            given_var,
+            num_groups,
+            pool_batch,
+            float(eps),
+            activation,
+        )
+
+    @triton_op("groupnorm::triton_backward", mutates_args=())
+    def triton_backward(
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        rstd: Tensor,
+        num_groups: int,
+        pool_batch: bool,
+        stats_given: bool,
+        activation: str,
+        need_dx: bool,
+        need_dweight: bool,
+        need_dbias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        needs = (
+            need_dx,
+            need_dweight and weight is not None,
+            need_dbias and bias is not None,
+        )
+        grads = traced_backward_launch(
+            dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
+        )
+        # Outputs may not alias: a fresh empty tensor for each gradient not computed.
+        return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, residual, given_mean, _gv, num_groups, pool_batch, _eps, act = inputs
+        _y, total, mean, rstd = output
+        has_res = residual is not None
+        ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
+        ctx.meta = (num_groups, pool_batch, given_mean is not None, act, has_res)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+        saved_x, weight, bias, mean, rstd = ctx.saved_tensors
+        num_groups, pool_batch, stats_given, activation, has_res = ctx.meta
+        needs = ctx.needs_input_grad
+        need_dx = needs[0] or (has_res and needs[3])
+        need_dw = weight is not None and needs[1]
+        need_db = bias is not None and needs[2]
+        dx = dw = db = None
+        if need_dx or need_dw or need_db:
+            dx, dw, db = torch.ops.groupnorm.triton_backward(
+                grad_y,
+                saved_x,
+                weight,
+                bias,
+                mean,
+                rstd,
+                num_groups,
+                pool_batch,
+                stats_given,
+                activation,
+                need_dx,
+                need_dw,
+                need_db,
+            )
+            dx, dw, db = (
+                (dx if need_dx else None),
+                (dw if need_dw else None),
+                (db if need_db else None),
+            )
+        if has_res and dx is not None and grad_total is not None and grad_total.numel():
+            dx = dx + grad_total
+        dres = dx if has_res and needs[3] else None
+        return dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None
+
+    triton_forward.register_autograd(backward, setup_context=setup_context)
+    _registered = True
+    return True
+
+
+def available_for(x: Tensor) -> bool:
+    """Whether the triton_op route can trace a call on ``x``: registered, and the kernels are
+    compiled ones (the interpreter's cannot run on fake tensors)."""
+    if x.device.type != "cuda" or not register():
+        return False
+    from .settings import settings
+
+    return not settings().interpret
+
+
+def traced_forward(
+    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+):
+    """See :func:`groupnorm.kernels.triton.traced`: the op's outputs, or None."""
+    if not available_for(x):
+        return None
+    return torch.ops.groupnorm.triton_forward(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )
