@@ -100,7 +100,6 @@ def test_build_command(capsys):
 
 def test_build_command_fails_when_disabled(monkeypatch, capsys):
     monkeypatch.setattr(cpu_ext, "_ops_state", {})
-    monkeypatch.setattr(cpu_ext, "_state", {})
     monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
     assert cli.main(["build"]) == 1
     assert "GROUPNORM_CPU_EXT=0" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _fused_cpu_kernels() -> bool:
     from groupnorm.kernels import cpu_ext
 
-    return cpu_ext.library() is not None
+    return cpu_ext.extension() is not None
 
 
 # The cpu backend runs group/layer/instance norm in this project's fused C++ kernels (centred,

@@ -13,22 +13,16 @@ instruction set (``-march=native`` unless ``GROUPNORM_CPU_ISA`` names another, e
 machines never loads code a CPU cannot run. A cold build announces itself on stderr. With no
 compiler, a failed build, or ``GROUPNORM_CPU_EXT=0``, :func:`extension` returns ``None``
 after one warning and the cpu backend uses torch's kernels.
-
-(:func:`library` is the same kernels as a plain shared library called through :mod:`ctypes`,
-which the backend used before the extension existed.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
 import re
 import shutil
-import struct
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -40,24 +34,7 @@ _HERE = Path(__file__).parent
 KERNEL_SOURCES = [_HERE / name for name in ("gn_entry.cpp", "gn_nchw.cpp", "gn_nhwc.cpp", "bn.cpp")]
 #: headers the kernel sources include (part of the build key)
 KERNEL_HEADERS = [_HERE / name for name in ("gn_kernels.h", "gn_common.h", "gn_tuning.h")]
-_FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-    "-std=c++17",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-]
-_ABI_VERSION = 1
 _lock = threading.Lock()
-_state: dict[str, object] = {}
-
-#: dtype codes understood by the library
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: activation codes understood by the library
-ACT_CODES = {"": 0, "silu": 1, "gelu": 2, "relu": 3}
 
 
 def cache_dir() -> Path:
@@ -94,72 +71,6 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{model}|{flags}"
 
 
-def _build(
-    cxx: str, sources: list[Path], flags: list[str], stem: str, libs: tuple[str, ...] = ()
-) -> Path:
-    """Compile the ``.cpp`` files of ``sources`` (the others are headers they include) into one
-    library in the cache, linking ``libs`` (after the sources: linkers drop libraries named
-    before the objects that need them), unless a build of the same sources, compiler, flags,
-    libraries and CPU is already there."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                *(src.read_bytes() for src in sources),
-                version.encode(),
-                " ".join([*flags, *libs]).encode(),
-                _cpu_signature().encode(),
-            ]
-        )
-    ).hexdigest()[:16]
-    folder = cache_dir() / "cpu_ext"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{stem}-{key}.so"
-    if target.exists():
-        return target
-    import fcntl
-
-    with open(folder / f"{stem}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            out = Path(tmp) / "lib.so"
-            proc = subprocess.run(
-                [
-                    cxx,
-                    *flags,
-                    *(str(s) for s in sources if s.suffix == ".cpp"),
-                    "-o",
-                    str(out),
-                    *libs,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cxx} failed:\n{proc.stderr[-2000:]}")
-            os.replace(out, target)
-    return target
-
-
-def _bind(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.gn_abi_version() != _ABI_VERSION:
-        raise RuntimeError(f"{path} has ABI {lib.gn_abi_version()}, expected {_ABI_VERSION}")
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gn_forward_packed.argtypes = [ctypes.c_char_p]
-    lib.gn_forward_packed.restype = i32
-    lib.bn_forward_packed.argtypes = [ctypes.c_char_p]
-    lib.bn_forward_packed.restype = i32
-    lib.gn_backward_packed.argtypes = [ctypes.c_char_p]
-    lib.gn_backward_packed.restype = i32
-    lib.gn_activation.argtypes = [i32, i32, p, p, i64]
-    lib.gn_activation.restype = i32
-    return lib
-
-
 def _load_once(state: dict, disabled: str | None, load, warning: str):
     """``state["value"]``, made on the first call: ``load(compiler)``, or ``None`` with the
     reason in ``state["reason"]`` when ``disabled`` names one, no compiler is found, or the
@@ -185,32 +96,6 @@ def _load_once(state: dict, disabled: str | None, load, warning: str):
                 warnings.warn(warning.format(reason=state["reason"]), RuntimeWarning, stacklevel=4)
         state["value"] = value
         return value
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled library, building it on the first call; ``None`` when it cannot be had."""
-    if "value" in _state:  # (the common case, without building the arguments below)
-        return _state["value"]  # type: ignore[return-value]
-    off = os.environ.get("GROUPNORM_CPU_EXT", "1") == "0"
-    return _load_once(
-        _state,
-        "disabled by GROUPNORM_CPU_EXT=0" if off else None,
-        lambda cxx: _bind(
-            _build(
-                cxx,
-                [*KERNEL_SOURCES, *KERNEL_HEADERS],
-                [f"-march={target_isa()}" if f == "-march=native" else f for f in _FLAGS],
-                "gn_kernels",
-            )
-        ),
-        "groupnorm: the fused CPU kernels are unavailable ({reason}); "
-        "using torch's kernels plus the portable core",
-    )
-
-
-def unavailable_reason() -> str | None:
-    """Why :func:`library` returned ``None`` (after it was called), else ``None``."""
-    return _state.get("reason")  # type: ignore[return-value]
 
 
 _OPS_SOURCE = Path(__file__).with_name("gn_ops.cpp")
@@ -338,7 +223,8 @@ def extension():
     """The extension module built from ``gn_ops.cpp`` (the kernels behind pybind11 calls;
     group/layer/instance norm with a C++ autograd node), building it on the first call;
     ``None`` when it cannot be had (no compiler or Python headers, a failed build,
-    ``GROUPNORM_CPU_OPS=0``), and the callers then use the plain library through ctypes.
+    ``GROUPNORM_CPU_EXT=0`` or ``GROUPNORM_CPU_OPS=0``), and the cpu backend then uses torch's
+    kernels.
 
     A failure warns once, naming the reason (also in :func:`fused_op_unavailable_reason`).
     The answer is kept for the process: ``GROUPNORM_CPU_OPS`` and ``GROUPNORM_CPU_ISA`` are
@@ -360,8 +246,7 @@ def extension():
         _ops_state,
         disabled,
         load,
-        "groupnorm: the fused CPU kernels' Python extension is unavailable ({reason}); "
-        "calling the kernels through ctypes, which costs more per call",
+        "groupnorm: the fused CPU kernels are unavailable ({reason}); using torch's kernels",
     )
 
 
@@ -384,173 +269,3 @@ def _import_extension(name: str, path: Path):
 def fused_op_unavailable_reason() -> str | None:
     """Why :func:`extension` returned ``None`` (after it was called), else ``None``."""
     return _ops_state.get("reason")  # type: ignore[return-value]
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return t.data_ptr() if t is not None else 0
-
-
-# Arguments of gn_forward_packed / gn_backward_packed (the ForwardArgs / BackwardArgs structs of
-# gn_kernels.cpp): one packed buffer instead of 15-17 ctypes conversions (~1.5 us per call).
-_FORWARD_ARGS = struct.Struct("=12qd2q")
-_BACKWARD_ARGS = struct.Struct("=17q")
-_BATCH_FORWARD_ARGS = struct.Struct("=13qd4qd")
-
-
-def forward(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    eps: float,
-    activation: str,
-    channels_last: bool,
-    statistics: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """y, mean, rstd for ``x`` (N, C, *) stored as (N, C, S) or, with ``channels_last``, (N, S, C).
-
-    ``weight``/``bias`` must be contiguous float32 (or None). Without ``statistics`` mean and
-    rstd are not written (None): what the no-autograd fast path needs."""
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
-    y = torch.empty_like(x)  # keeps the layout
-    mean = torch.empty((n, num_groups), dtype=torch.float32) if statistics else None
-    rstd = torch.empty((n, num_groups), dtype=torch.float32) if statistics else None
-    rc = lib.gn_forward_packed(
-        _FORWARD_ARGS.pack(
-            DTYPE_CODES[x.dtype],
-            x.data_ptr(),
-            y.data_ptr(),
-            0 if weight is None else weight.data_ptr(),  # (inlined: this is the small-call path)
-            0 if bias is None else bias.data_ptr(),
-            mean.data_ptr() if statistics else 0,
-            rstd.data_ptr() if statistics else 0,
-            n,
-            c,
-            s,
-            num_groups,
-            int(channels_last),
-            eps,
-            ACT_CODES[activation],
-            torch.get_num_threads(),
-        )
-    )
-    if rc:
-        raise RuntimeError(f"gn_forward returned {rc}")
-    return y, mean, rstd
-
-
-def batch_forward(
-    lib: ctypes.CDLL,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    given_mean: torch.Tensor | None,
-    given_var: torch.Tensor | None,
-    eps: float,
-    activation: str,
-    rows: bool,
-    running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    statistics: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Batch norm: y, mean, rstd (float32, shape (C,)) for ``x`` (N, C, *).
-
-    Training statistics, or with ``given_mean``/``given_var`` (float32, contiguous) those.
-    ``rows`` means x is (N * S, C) in memory (channels-last, or S = 1), else (N, C, S).
-    ``weight``/``bias`` must be contiguous float32 (or None). ``running`` (running mean,
-    running var, momentum; float32 contiguous) are updated in place in training. Without
-    ``statistics`` mean and rstd are not returned (None)."""
-    n, c = x.shape[0], x.shape[1]
-    y = torch.empty_like(x)
-    mean = torch.empty(c, dtype=torch.float32) if statistics else None
-    rstd = torch.empty(c, dtype=torch.float32) if statistics else None
-    run_mean, run_var, momentum = running if running is not None else (None, None, 0.0)
-    rc = lib.bn_forward_packed(
-        _BATCH_FORWARD_ARGS.pack(
-            DTYPE_CODES[x.dtype],
-            x.data_ptr(),
-            y.data_ptr(),
-            _ptr(weight),
-            _ptr(bias),
-            _ptr(given_mean),
-            _ptr(given_var),
-            _ptr(mean),
-            _ptr(rstd),
-            n,
-            c,
-            x.numel() // (n * c),
-            int(rows),
-            eps,
-            ACT_CODES[activation],
-            torch.get_num_threads(),
-            _ptr(run_mean),
-            _ptr(run_var),
-            momentum,
-        )
-    )
-    if rc:
-        raise RuntimeError(f"bn_forward returned {rc}")
-    return y, mean, rstd
-
-
-def activation(lib: ctypes.CDLL, z: torch.Tensor, name: str, grad: bool = False) -> torch.Tensor:
-    """The fused kernels' activation (or, with ``grad``, its derivative) applied elementwise to
-    a float32 tensor, with the same inlined code; used to test their accuracy on their own."""
-    z = z.contiguous()
-    if z.dtype != torch.float32:
-        raise TypeError(f"activation() takes float32, got {z.dtype}")
-    out = torch.empty_like(z)
-    rc = lib.gn_activation(ACT_CODES[name], int(grad), z.data_ptr(), out.data_ptr(), z.numel())
-    if rc:
-        raise RuntimeError(f"gn_activation returned {rc}")
-    return out
-
-
-def backward(
-    lib: ctypes.CDLL,
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    num_groups: int,
-    activation: str,
-    channels_last: bool,
-    need_dx: bool,
-    need_dw: bool,
-    need_db: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """dx (like x), dweight and dbias (float32) or None where not asked for.
-
-    ``dy`` must have ``x``'s layout; ``mean``/``rstd`` float32 contiguous (N, G)."""
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
-    dx = torch.empty_like(x) if need_dx else None
-    dw = torch.empty(c, dtype=torch.float32) if need_dw else None
-    db = torch.empty(c, dtype=torch.float32) if need_db else None
-    rc = lib.gn_backward_packed(
-        _BACKWARD_ARGS.pack(
-            DTYPE_CODES[x.dtype],
-            dy.data_ptr(),
-            x.data_ptr(),
-            _ptr(weight),
-            _ptr(bias),
-            mean.data_ptr(),
-            rstd.data_ptr(),
-            _ptr(dx),
-            _ptr(dw),
-            _ptr(db),
-            n,
-            c,
-            s,
-            num_groups,
-            int(channels_last),
-            ACT_CODES[activation],
-            torch.get_num_threads(),
-        )
-    )
-    if rc:
-        raise RuntimeError(f"gn_backward returned {rc}")
-    return dx, dw, db

@@ -30,13 +30,10 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (the reason is printed below)
         ext = cpu_ext.extension()
-        lib = cpu_ext.library() if hasattr(cpu_ext, "library") else None
     if ext is None:
         reason = cpu_ext.fused_op_unavailable_reason()
         print(f"groupnorm build: the fused CPU kernels are unavailable: {reason}", file=sys.stderr)
         print("groupnorm build: CPU norms will use torch's kernels", file=sys.stderr)
         return 1
     print(f"groupnorm build: {ext.__file__} ({cpu_ext.target_isa()})")
-    if lib is not None:
-        print(f"groupnorm build: {lib._name}")
     return 0

@@ -1,32 +1,9 @@
 // The C entry points of the CPU kernels (declared in gn_kernels.h): they pick the kernel file
-// by op and layout and run small tensors on one thread. The rest of this file is what the
-// ctypes binding of kernels/cpu_ext/__init__.py calls (packed arguments, the ABI version).
+// by op and layout and run small tensors on one thread.
 
 #include "gn_kernels.h"
 
 // (kSerialBelow: gn_tuning.h)
-
-struct ForwardArgs {
-  i64 dtype, x, y, w, b, mean, rstd, N, C, S, G, nhwc;
-  double eps;
-  i64 act, nthreads;
-};
-
-struct BatchForwardArgs {
-  i64 dtype, x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, nhwc;
-  double eps;
-  i64 act, nthreads, running_mean, running_var;
-  double momentum;
-};
-
-struct BackwardArgs {
-  i64 dtype, dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, nhwc, act, nthreads;
-};
-
-template <typename P>
-inline P* ptr(i64 v) {
-  return reinterpret_cast<P*>(static_cast<intptr_t>(v));
-}
 
 extern "C" {
 
@@ -73,34 +50,6 @@ int gn_backward(int dtype, const void* dy, const void* x, const float* w, const 
                                           act, nthreads);
 }
 
-// The same two entry points with their arguments packed in one array of 8-byte fields (Python
-// fills it with struct.pack): ctypes converts each argument separately, which costs as much
-// as a small call's arithmetic; one pointer costs one conversion.
-int gn_forward_packed(const ForwardArgs* a) {
-  return gn_forward(static_cast<int>(a->dtype), ptr<const void>(a->x), ptr<void>(a->y),
-                    ptr<const float>(a->w), ptr<const float>(a->b), ptr<float>(a->mean),
-                    ptr<float>(a->rstd), a->N, a->C, a->S, a->G, static_cast<int>(a->nhwc),
-                    static_cast<float>(a->eps), static_cast<int>(a->act),
-                    static_cast<int>(a->nthreads));
-}
-
-int bn_forward_packed(const BatchForwardArgs* a) {
-  return bn_forward(static_cast<int>(a->dtype), ptr<const void>(a->x), ptr<void>(a->y),
-                    ptr<const float>(a->w), ptr<const float>(a->b), ptr<const float>(a->given_mean),
-                    ptr<const float>(a->given_var), ptr<float>(a->mean), ptr<float>(a->rstd), a->N,
-                    a->C, a->S, static_cast<int>(a->nhwc), static_cast<float>(a->eps),
-                    static_cast<int>(a->act), static_cast<int>(a->nthreads),
-                    ptr<float>(a->running_mean), ptr<float>(a->running_var), a->momentum);
-}
-
-int gn_backward_packed(const BackwardArgs* a) {
-  return gn_backward(static_cast<int>(a->dtype), ptr<const void>(a->dy), ptr<const void>(a->x),
-                     ptr<const float>(a->w), ptr<const float>(a->b), ptr<const float>(a->mean),
-                     ptr<const float>(a->rstd), ptr<void>(a->dx), ptr<float>(a->dw),
-                     ptr<float>(a->db), a->N, a->C, a->S, a->G, static_cast<int>(a->nhwc),
-                     static_cast<int>(a->act), static_cast<int>(a->nthreads));
-}
-
 // The activation alone, elementwise on float32 (grad=1: its derivative), with the same inlined
 // code as the fused kernels; for the accuracy tests of exp_nonpos and the activations.
 int gn_activation(int act, int grad, const float* z, float* out, i64 n) {
@@ -121,7 +70,5 @@ int gn_activation(int act, int grad, const float* z, float* out, i64 n) {
   }
 #undef GN_ACT
 }
-
-int gn_abi_version(void) { return 1; }
 
 }  // extern "C"
