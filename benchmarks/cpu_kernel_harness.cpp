@@ -1,21 +1,31 @@
-// Times one kernel of gn_kernels.cpp alone, without Python or torch: the "harness" numbers of
-// benchmarks/README.md. It includes the kernel source named by KERNELS, so two builds (say of
-// two commits' sources) can be timed against each other on the same machine:
+// Times one CPU kernel alone, without Python or torch: the "harness" numbers of
+// benchmarks/README.md. It calls the kernels' C entry points (gn_kernels.h) and is linked with
+// the kernel sources:
 //
-//   g++ -O3 -march=native -fopenmp -std=c++17 -fno-math-errno -fno-trapping-math -I.
-//       -DKERNELS='"src/groupnorm/kernels/cpu_ext/gn_kernels.cpp"'
-//       benchmarks/cpu_kernel_harness.cpp -o /tmp/harness      (one command line)
+//   K=src/groupnorm/kernels/cpu_ext
+//   g++ -O3 -march=native -fopenmp -std=c++17 -fno-math-errno -fno-trapping-math -I$K
+//       benchmarks/cpu_kernel_harness.cpp $K/gn_entry.cpp $K/gn_nchw.cpp $K/gn_nhwc.cpp
+//       $K/bn.cpp -o /tmp/harness                                 (one command line)
 //   /tmp/harness DTYPE ACT N C S G LAYOUT PASS REPS [THREADS]
+//
+// To time another version of the kernels against this one on the same machine, build a second
+// binary from that version's sources; a version kept in one file (before the kernels were
+// split by op) is built with -DKERNELS='"path/to/gn_kernels.cpp"' and without the other sources.
 //
 // DTYPE 0 float32, 1 bfloat16, 2 float16; ACT 0 none, 1 silu, 2 gelu, 3 relu; the input is
 // (N, C, S) with G groups, LAYOUT 0 (N, C, S) in memory or 1 (N, S, C); PASS 0 forward, 1
 // backward, 2 batch norm's forward (training statistics; G is ignored); THREADS threads (1 if
 // not given). Prints the median and 20th percentile of REPS calls, and a checksum
-// of the output (y for the forward, dx for the backward) to compare builds by. Buffers are
+// of the output (y for the forward, dx for the backward) and a hash of all its bits with the
+// statistics or the weight and bias gradients, to compare builds by. Buffers are
 // reused between calls, so unlike the Python benchmark no call faults in fresh pages, and
 // start on a 64-byte line, as torch's CPU allocator places tensors (malloc's 16-byte offset
-// made the line-aligned walks of the short-row kernels look up to 15 % slower than in torch).
+// made the line-aligned walks of the short-row kernels look slower than in torch).
+#if defined(KERNELS)
 #include KERNELS
+#else
+#include "gn_kernels.h"
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -57,6 +67,13 @@ double checksum(const Bytes& buf, i64 n) {
   return sum;
 }
 
+// FNV-1a of n bytes, continuing from h: equal only when every bit of the results is equal
+uint64_t fnv(const void* p, size_t n, uint64_t h = 14695981039346656037ull) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n; ++i) h = (h ^ c[i]) * 1099511628211ull;
+  return h;
+}
+
 template <typename T>
 int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps, int threads) {
   const i64 n = N * C * S;
@@ -69,9 +86,10 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps, int
   fill<T>(x, xf);
   fill<T>(dy, dyf);
   std::vector<float> mean(N * G + C), rstd(N * G + C), dw(C), db(C);
+  const int dtype = std::is_same_v<T, float> ? 0 : (std::is_same_v<T, BF16> ? 1 : 2);
   auto forward = [&] {
-    forward_any<T>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), N, C, S, G,
-                   layout, 1e-5f, act, threads);
+    gn_forward(dtype, x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), N, C, S,
+               G, layout, 1e-5f, act, threads);
   };
   forward();  // (the statistics the backward needs)
   std::vector<double> times;
@@ -80,18 +98,26 @@ int run(int act, i64 N, i64 C, i64 S, i64 G, int layout, int pass, int reps, int
     if (pass == 0)
       forward();
     else if (pass == 2)
-      bn_forward_any<T>(x.data(), y.data(), w.data(), b.data(), nullptr, nullptr, mean.data(),
-                        rstd.data(), N, C, S, layout, 1e-5f, Running{nullptr, nullptr, 0.0}, act,
-                        threads);
+      bn_forward(dtype, x.data(), y.data(), w.data(), b.data(), nullptr, nullptr, mean.data(),
+                 rstd.data(), N, C, S, layout, 1e-5f, act, threads, nullptr, nullptr, 0.0);
     else
-      backward_any<T>(dy.data(), x.data(), w.data(), b.data(), mean.data(), rstd.data(),
-                      dx.data(), dw.data(), db.data(), N, C, S, G, layout, act, threads);
+      gn_backward(dtype, dy.data(), x.data(), w.data(), b.data(), mean.data(), rstd.data(),
+                  dx.data(), dw.data(), db.data(), N, C, S, G, layout, act, threads);
     times.push_back(
         std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(times.begin(), times.end());
-  std::printf("%.1f us (p20 %.1f) checksum %.6g\n", times[times.size() / 2],
-              times[times.size() / 5], checksum<T>(pass == 1 ? dx : y, n));
+  // bits: a hash of the whole output and its statistics (forward) or gradients (backward)
+  uint64_t bits = fnv((pass == 1 ? dx : y).data(), n * sizeof(T));
+  if (pass == 1) {
+    bits = fnv(dw.data(), C * sizeof(float), fnv(db.data(), C * sizeof(float), bits));
+  } else {
+    const i64 stats = pass == 2 ? C : N * G;
+    bits = fnv(mean.data(), stats * sizeof(float), fnv(rstd.data(), stats * sizeof(float), bits));
+  }
+  std::printf("%.1f us (p20 %.1f) checksum %.6g bits %016llx\n", times[times.size() / 2],
+              times[times.size() / 5], checksum<T>(pass == 1 ? dx : y, n),
+              static_cast<unsigned long long>(bits));
   return 0;
 }
 

@@ -2,8 +2,9 @@
 reference, in every dtype, layout and activation they take: outputs and the gradients of x,
 weight, bias and residual.
 
-The C++ library is compiled once per machine (cached under ``GROUPNORM_CACHE_DIR``, by default
-``~/.cache/groupnorm``); the first test to need it pays the few seconds of that build.
+The C++ extension is compiled once per machine (cached under ``GROUPNORM_CACHE_DIR``, by
+default ``~/.cache/groupnorm``; ``make setup`` builds it); otherwise the first test to need it
+pays for that build.
 
 Tolerance: at most twice torch's own error against float64 on the same data (torch's unfused
 group_norm then activation, in the same dtype), plus a small absolute slack per dtype.
@@ -240,16 +241,14 @@ def test_statistics_survive_an_outlier_as_the_shift(layout, groups, dtype):
     """Group/layer/instance norm kernels (both layouts, the flat one-group and the per-channel
     chunk statistics) with an outlier where their sums start, against float64: statistics to a
     few float32 ulps, y within a few ulps of the output's scale (float32) or its own rounding."""
-    lib = cpu_ext.library()
-    if lib is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    ext = _ext_or_skip()
     x = _far_first_values(12)
     if dtype != torch.float32:
         x = x / 100  # (float16's range)
     x = x.to(dtype)
     ref = groupnorm.reference_norm(x.double(), "group", num_groups=groups)
     xl = _layout(x, layout)
-    y, mean, rstd = cpu_ext.forward(lib, xl, None, None, groups, 1e-5, "", layout != "contiguous")
+    y, mean, rstd = ext.forward(xl, None, None, groups, 1e-5, 0)
     _check_statistics(mean, rstd, ref)
     tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
@@ -262,18 +261,13 @@ def test_batch_norm_statistics_survive_an_outlier_as_the_shift(layout, shape, dt
     """Batch norm's kernels (per channel over samples: long rows, short rows in channel blocks
     of rows or of value spans; channels-last chunks of rows) with an outlier as each channel's
     first value (sample 0 only, so that it does not dominate the variance), against float64."""
-    lib = cpu_ext.library()
-    if lib is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    ext = _ext_or_skip()
     x = _far_first_values(13, shape, first_sample_only=True)
     if dtype != torch.float32:
         x = x / 100  # (float16's range)
     x = x.to(dtype)
     ref = groupnorm.reference_norm(x.double(), "batch")
-    rows = layout != "contiguous"
-    y, mean, rstd = cpu_ext.batch_forward(
-        lib, _layout(x, layout), None, None, None, None, 1e-5, "", rows
-    )
+    y, mean, rstd = ext.batch_forward(_layout(x, layout), None, None, None, None, 1e-5, 0)
     _check_statistics(mean, rstd, ref)
     tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
@@ -288,13 +282,11 @@ def test_batch_norm_sweep_over_large_tensors(dtype, shape):
     """Batch norm over 28x28 maps in tensors of 8 MiB or more reads the samples in the order
     they lie (channel blocks, one a thread): statistics and y against float64, with the outlier
     as each channel's first value."""
-    lib = cpu_ext.library()
-    if lib is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    ext = _ext_or_skip()
     x = _far_first_values(15, shape, first_sample_only=True).to(dtype)
     assert x.numel() * x.element_size() >= 8 << 20
     ref = groupnorm.reference_norm(x.double(), "batch")
-    y, mean, rstd = cpu_ext.batch_forward(lib, x, None, None, None, None, 1e-5, "", False)
+    y, mean, rstd = ext.batch_forward(x, None, None, None, None, 1e-5, 0)
     _check_statistics(mean, rstd, ref)
     tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
     assert _err(y, ref.output) <= tol * ref.output.abs().max().item()
@@ -303,13 +295,11 @@ def test_batch_norm_sweep_over_large_tensors(dtype, shape):
 def test_float16_channels_last_layer_norm_past_the_flat_threshold():
     """float16 channels-last layer norm sums each sample flat (as float32 does) from 2^22
     values on: statistics against float64, with the outlier at the start of every sample."""
-    lib = cpu_ext.library()
-    if lib is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    ext = _ext_or_skip()
     x = (_far_first_values(14, (2, 64, 256, 128)) / 100 + 3.0).half()  # 2^22 values
     ref = groupnorm.reference_norm(x.double(), "group", num_groups=1)
     xl = _layout(x, "channels_last")
-    y, mean, rstd = cpu_ext.forward(lib, xl, None, None, 1, 1e-5, "", True)
+    y, mean, rstd = ext.forward(xl, None, None, 1, 1e-5, 0)
     _check_statistics(mean, rstd, ref)
     assert _err(y, ref.output) <= 1e-3 * ref.output.abs().max().item()
 
@@ -369,8 +359,7 @@ def test_low_precision_input_with_float32_params():
 
 
 def test_fused_path_is_used_and_saves_only_x_mean_rstd():
-    if cpu_ext.library() is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    _ext_or_skip()
     from groupnorm.bench.memory import retained_bytes
 
     x = torch.randn(4, 64, 16, 16, requires_grad=True)
@@ -384,28 +373,26 @@ def test_fused_path_is_used_and_saves_only_x_mean_rstd():
 
 
 def test_launchers_without_autograd():
-    lib = cpu_ext.library()
-    if lib is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
+    ext = _ext_or_skip()
     x, _, dy, w, b = _data((2, 6, 3, 3), torch.float32, "contiguous", 6)
-    y, mean, rstd = cpu_ext.forward(lib, x, w, b, 3, 1e-5, "relu", 0)
+    y, mean, rstd = ext.forward(x, w, b, 3, 1e-5, 3)
     ref = groupnorm.reference_norm(x, "group", num_groups=3, weight=w, bias=b, activation="relu")
     assert _err(y, ref.output) < 1e-5
     assert _err(mean, ref.mean) < 1e-6 and _err(rstd, ref.rstd) < 1e-5
-    dx, dw, db = cpu_ext.backward(lib, dy, x, w, b, mean, rstd, 3, "relu", 0, True, False, True)
+    dx, dw, db = ext.backward(dy, x, w, b, mean, rstd, 3, 3, True, False, True)
     assert dx is not None and dw is None and db is not None
 
 
 def test_fallback_without_compiler(monkeypatch):
     """No compiler: one warning, then the torch-only path, still correct."""
-    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
     monkeypatch.setattr(cpu_ext, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
-        assert cpu_ext.library() is None
-    assert "compiler" in cpu_ext.unavailable_reason()
+        assert cpu_ext.extension() is None
+    assert "compiler" in cpu_ext.fused_op_unavailable_reason()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning is given once only
-        assert cpu_ext.library() is None
+        assert cpu_ext.extension() is None
         _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", True)
 
 
@@ -417,12 +404,7 @@ def _break_build(monkeypatch, tmp_path, state: str, source: str) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(cpu_ext, source, broken)
-
-
-def test_fallback_on_failed_build(monkeypatch, tmp_path):
-    _break_build(monkeypatch, tmp_path, "_state", "_SOURCE")
-    with pytest.warns(RuntimeWarning, match="build or load failed"):
-        assert cpu_ext.library() is None
+    monkeypatch.setattr(cpu_ext, "KERNEL_SOURCES", [])  # (fail fast: nothing else to compile)
 
 
 def test_env_switch_uses_torch_kernels(monkeypatch):
@@ -488,10 +470,11 @@ def _activation_grid() -> torch.Tensor:
 
 
 def _ext_or_skip():
-    lib = cpu_ext.library()
-    if lib is None:
-        pytest.skip(f"C++ kernels unavailable: {cpu_ext.unavailable_reason()}")
-    return lib
+    """The extension module of the fused kernels, or a skip naming why it is unavailable."""
+    ext = cpu_ext.extension()
+    if ext is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+    return ext
 
 
 @pytest.mark.parametrize("name", ["silu", "gelu"])
@@ -501,9 +484,9 @@ def test_activation_accuracy_against_float64(name, grad):
     range where e^z underflows, against float64: within a few ulp where the value is a
     normal float32 (and at most 2x torch's own largest error), flushed to zero only where the
     true value is below 1e-35 (torch flushes earlier)."""
-    lib = _ext_or_skip()
+    ext = _ext_or_skip()
     z = _activation_grid()
-    ours = cpu_ext.activation(lib, z, name, grad).double()
+    ours = ext.activation(z, cpu.ACT_CODES[name], grad).double()
     zd = z.double().requires_grad_(grad)
     tz = z.clone().requires_grad_(grad)
     if name == "silu":
@@ -526,19 +509,19 @@ def test_activation_accuracy_against_float64(name, grad):
 
 
 def test_activation_special_values():
-    lib = _ext_or_skip()
+    ext = _ext_or_skip()
     inf, nan = float("inf"), float("nan")
     z = torch.tensor([100.0, -100.0, inf, -inf, nan, 0.0, -0.0, 1e-40, -1e-40, 88.0, -88.0])
-    y = cpu_ext.activation(lib, z, "silu")
+    y = ext.activation(z, 1, False)
     assert y[0] == 100.0 and y[2] == inf and y[9] == 88.0
     assert y[1] == 0.0 and torch.signbit(y[1]) and y[10] == 0.0  # -0: e^-100 is flushed
     assert torch.isnan(y[3]) and torch.isnan(y[4])  # as torch: -inf / (1 + inf), NaN in
     assert y[5] == 0.0 and not torch.signbit(y[5]) and torch.signbit(y[6])
     assert y[7].item() == pytest.approx(5e-41, rel=1e-3)  # denormal in, half of it out
     torch.testing.assert_close(y, F.silu(z), equal_nan=True, rtol=1e-6, atol=1e-30)
-    g = cpu_ext.activation(lib, z, "silu", grad=True)
+    g = ext.activation(z, 1, True)
     assert g[0] == 1.0 and g[1] == 0.0 and torch.isnan(g[4]) and g[5] == 0.5
-    yg = cpu_ext.activation(lib, z, "gelu")
+    yg = ext.activation(z, 2, False)
     assert yg[0] == 100.0 and yg[1] == 0.0 and yg[2] == inf and torch.isnan(yg[4])
 
 
@@ -856,7 +839,7 @@ def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
     GROUPNORM_CPU_OPS=0 turns the extension off."""
     _ext_or_skip()
     _break_build(monkeypatch, tmp_path, "_ops_state", "_OPS_SOURCE")
-    with pytest.warns(RuntimeWarning, match="extension is unavailable"):
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
         assert cpu_ext.fused_op() is None
     assert "build or load failed" in cpu_ext.fused_op_unavailable_reason()
     _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", False)

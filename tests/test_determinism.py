@@ -43,7 +43,7 @@ KNOWN_THREAD_DEPENDENT = {
     "split across threads",
 }
 
-if __import__("groupnorm.kernels.cpu_ext", fromlist=["library"]).library() is None:
+if __import__("groupnorm.kernels.cpu_ext", fromlist=["extension"]).extension() is None:
     # Without a C++ compiler the cpu backend falls back to torch's kernels, which are not
     # thread-count invariant here (the fused C++ kernels are).
     KNOWN_THREAD_DEPENDENT[("cpu", "group", "many-sets", None)] = (

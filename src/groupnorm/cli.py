@@ -21,6 +21,7 @@ COMMANDS = {
         "reproduce the paper's error-vs-batch-size experiment on Fashion-MNIST",
     ),
     "bench": ("groupnorm.bench.cli", "benchmark the kernels against torch and peers"),
+    "build": ("groupnorm.kernels.cpu_ext.command", "compile the fused CPU kernels ahead of use"),
 }
 
 

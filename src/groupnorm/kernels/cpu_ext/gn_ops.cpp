@@ -12,7 +12,7 @@
 // path keeps the ctypes library. Python checks the context (plain eager mode, plain tensor types) and the
 // scalar arguments; the tensors' properties are checked here, where it costs less.
 
-#include "gn_kernels.cpp"
+#include "gn_kernels.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -1,0 +1,77 @@
+// What the CPU kernel files export: one function per op and layout (gn_nchw.cpp, gn_nhwc.cpp,
+// bn.cpp), and the C entry points of gn_entry.cpp, which choose among them. Including this
+// header also gives the shared helpers of gn_common.h (element types, load/store), which the
+// Python extension (gn_ops.cpp) uses to read small float16/bfloat16 tensors.
+//
+// Callers check shapes, dtypes and layouts; these functions trust their arguments. dtype: 0
+// float32, 1 bfloat16, 2 float16; act: 0 none, 1 SiLU, 2 GELU, 3 ReLU; weight and bias are
+// float32 (or null); mean and rstd float32, (N, G) for group norm and (C,) for batch norm.
+// Each returns 0 on success, 1 for an unknown activation, 2 for an unknown dtype.
+#pragma once
+
+#include <cstdint>
+
+#include "gn_common.h"
+
+namespace gn_kernels {
+
+// Running statistics, updated in place when given (training): as torch.nn.BatchNorm does,
+// running = (1 - momentum) * running + momentum * batch value, with the unbiased variance.
+struct Running {
+  float* mean;
+  float* var;
+  double momentum;
+};
+
+// group norm, x as (N, C, S)
+int nchw_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
+                 float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
+                 int nthreads);
+int nchw_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
+                  const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
+                  int64_t C, int64_t S, int64_t G, int act, int nthreads);
+// group norm, x as (N, S, C)
+int nhwc_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
+                 float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
+                 int nthreads);
+int nhwc_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
+                  const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
+                  int64_t C, int64_t S, int64_t G, int act, int nthreads);
+// batch norm forward, x as (N, C, S) ("planes") or (R, C) ("rows"); mean and rstd not null
+int bn_forward_planes(int dtype, const void* x, void* y, const float* w, const float* b,
+                      const float* given_mean, const float* given_var, float* mean, float* rstd,
+                      int64_t N, int64_t C, int64_t S, float eps, const Running& run, int act,
+                      int nthreads);
+int bn_forward_rows(int dtype, const void* x, void* y, const float* w, const float* b,
+                    const float* given_mean, const float* given_var, float* mean, float* rstd,
+                    int64_t R, int64_t C, float eps, const Running& run, int act, int nthreads);
+
+}  // namespace gn_kernels
+
+extern "C" {
+
+// Group/layer/instance norm forward: y, and mean/rstd (N, G) unless they are null (the caller
+// needs no statistics). nhwc: x is (N, S, C) in memory, else (N, C, S).
+int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
+               float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, int nhwc, float eps,
+               int act, int nthreads);
+
+// Batch norm forward (training when given_mean is null, else eval with the given statistics);
+// writes mean and rstd of shape (C,) unless they are null. running_mean/running_var (float32,
+// or null) are updated in place with momentum in training. nhwc: x is (N * S, C) in memory.
+int bn_forward(int dtype, const void* x, void* y, const float* w, const float* b,
+               const float* given_mean, const float* given_var, float* mean, float* rstd,
+               int64_t N, int64_t C, int64_t S, int nhwc, float eps, int act, int nthreads,
+               float* running_mean, float* running_var, double momentum);
+
+// The backward of gn_forward: dx (x's dtype and layout), dw, db (float32), each null when not
+// wanted, from dy (x's layout) and the forward's mean and rstd.
+int gn_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
+                const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
+                int64_t C, int64_t S, int64_t G, int nhwc, int act, int nthreads);
+
+// The activation alone, elementwise on float32 (grad=1: its derivative), with the same inlined
+// code as the fused kernels; for the accuracy tests of exp_nonpos and the activations.
+int gn_activation(int act, int grad, const float* z, float* out, int64_t n);
+
+}  // extern "C"
