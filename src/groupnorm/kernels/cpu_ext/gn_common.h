@@ -273,7 +273,7 @@ inline float act_fwd(float z) {
 // s (1 - s) = e q^2 for either sign of z (s is q or e q, 1 - s the other), so it needs no
 // subtraction from 1 (no lost digits where s is close to 1) and no second select: one multiply,
 // one select and one multiply-add after the division (s (1 + z (1 - s)) took two selects and
-// two multiplies, and was both slower and less accurate; benchmarks/README.md, #33).
+// two multiplies, and was both slower and less accurate; benchmarks/README.md, "Tried and rejected").
 template <int ACT>
 inline float act_grad(float z) {
   if constexpr (ACT == ACT_SILU) {

@@ -177,7 +177,8 @@ inline void set_lane_params(const float* w, const float* b, float r, i64 g, i64 
 
 // The forward of one set of float32 short rows of S > 16 values: z walked in x's lines
 // (z_lines) into y, then f over y in one flat loop, a chunk at a time after fetching the
-// same stretch of the next set's x and y (more); benchmarks/README.md, #72. Not inlined:
+// same stretch of the next set's x and y (more); benchmarks/README.md, "Kernel design, and
+// why". Not inlined:
 // inside forward_nchw, its vector code changed how GCC compiled the statistics pass (lane sums
 // spilled to the stack).
 template <int ACT>
@@ -314,7 +315,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
 // of the short-row backward below (with AVX-512, the float32 rows it still takes are those of
 // up to 16 values and of 32, 48 and 64). With AVX-512 the sums stay in two registers and the
 // last partial block is a masked load, so a channel costs a few vector adds and two horizontal
-// reductions; the generic code keeps its lanes in memory (approaches 18, 25, 27).
+// reductions; the generic code keeps its lanes in memory.
 #if defined(__AVX512F__)
 // the 16 lanes' total: halves, then quarters, pairs and neighbours added
 inline float lanes_total16(__m512 v) {
@@ -362,7 +363,7 @@ inline void short_sums(const float* u, const float* v, i64 n, float& s1, float& 
 //   4. dx = A_d dz + B (x - mu) + K.
 // x - mu is recomputed from x (in cache) instead of kept in a second buffer. par holds
 // 2 (D + 1) floats; zb has x's offset within a line. Not inlined, as forward_short_set_lines
-// (benchmarks/README.md, #72).
+// (benchmarks/README.md, "Kernel design, and why").
 template <int ACT>
 __attribute__((noinline)) void backward_short_set_lines(const float* dy, const float* x,
                                                         const float* w, const float* b, float mu,
@@ -520,7 +521,7 @@ void backward_short_set(const T* dy, const T* x, const float* w, const float* b,
 // channel: dz = dy f'(z) with z = (x - mu) a + h (stored), and the sums of dz and dz (x - mu),
 // in 64 lanes as sum_two does for long runs (its lane groups are added in another order, so
 // the bits differ), with silu_grad16: a little faster than sum_two with act_grad
-// (benchmarks/README.md, #74).
+// (benchmarks/README.md, "Kernel design, and why").
 inline void silu_dz_sums(const float* x, const float* dy, float* dz, i64 n, float mu, float a,
                          float h, float& s1, float& s2) {
   const __m512 vmu = _mm512_set1_ps(mu), va = _mm512_set1_ps(a), vh = _mm512_set1_ps(h);

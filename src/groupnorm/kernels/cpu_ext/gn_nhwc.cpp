@@ -310,7 +310,7 @@ void backward_nhwc_samples(const T* dy, const T* x, const float* w, const float*
   // One parallel region for both passes and the sums between them (a single thread does those):
   // starting a region wakes the other threads, asleep in the gaps between calls from Python,
   // where a barrier finds them awake (a back-to-back harness does not see the difference;
-  // calls from Python do, benchmarks/README.md #79).
+  // calls from Python do; benchmarks/README.md, "Kernel design, and why").
 #pragma omp parallel num_threads(nthreads)
   {
 #pragma omp for schedule(static)
