@@ -88,7 +88,7 @@ def test_build_announces_start_and_end_once(monkeypatch, tmp_path, capfd):
 
 
 def test_build_command(capsys):
-    """``groupnorm build`` prebuilds (here: finds the build this test run already made) and names it."""
+    """``groupnorm build`` prebuilds (here it finds the build already made) and names it."""
     if cpu_ext.extension() is None:
         assert cli.main(["build"]) == 1
         assert "unavailable" in capsys.readouterr().err
