@@ -302,16 +302,18 @@ at::Tensor activation(const at::Tensor& z_in, int64_t act, bool grad) {
   return out;
 }
 
-// Batch norm's autograd: our forward kernel (with the activation fused); the backward first
-// recomputes the activation's input z = w * x_hat + b and its derivative (activation() above)
-// when there is one, then
-// is torch's native_batch_norm_backward for batch statistics, and for given (running)
-// statistics, which are constants, dx = dz * w * rstd per channel. Saves x, the float32 params,
-// mean and rstd.
+// Batch norm's autograd: our forward kernel (with the activation fused). Without an
+// activation the backward is torch's native_batch_norm_backward: for batch statistics from the
+// saved mean and rstd, for given (running) statistics, which are constants, from their mean
+// (float32 copy), the given variance in float32, and eps (dx = dy * w * rstd per channel). With an
+// activation it first recomputes the activation's input z = w * x_hat + b and its derivative
+// (activation() above), then the same formulas in float32 ATen operations. Saves x, the float32
+// params, mean and rstd (and the given variance).
 struct BatchNormBackward : public Node {
-  SavedVariable x_, w32_, b32_, mean_, rstd_;
+  SavedVariable x_, w32_, b32_, mean_, rstd_, var_;
   int64_t act = 0;
   bool given = false;
+  double eps = 0.0;
   at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
 
   std::string name() const override { return "groupnorm::BatchNormBackward"; }
@@ -322,6 +324,7 @@ struct BatchNormBackward : public Node {
     b32_.reset_data();
     mean_.reset_data();
     rstd_.reset_data();
+    var_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -336,9 +339,11 @@ struct BatchNormBackward : public Node {
     if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
       dy = at::empty_like(x).copy_(dy);  // torch's backward reads dy with x's layout
     at::Tensor dx, dw, db;
-    if (act == 0 && !given) {
-      auto out = at::native_batch_norm_backward(dy, x, w32, {}, {}, mean, rstd, true, 0.0,
-                                                {need_dx, need_dw, need_db});
+    if (act == 0) {
+      auto out = given ? at::native_batch_norm_backward(dy, x, w32, mean, var_.unpack(), {}, {},
+                                                        false, eps, {need_dx, need_dw, need_db})
+                       : at::native_batch_norm_backward(dy, x, w32, {}, {}, mean, rstd, true,
+                                                        0.0, {need_dx, need_dw, need_db});
       dx = std::get<0>(out);
       dw = std::get<1>(out);
       db = std::get<2>(out);
@@ -399,6 +404,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_with_grad(
   node->rstd_ = SavedVariable(rstd, false);
   node->act = act;
   node->given = given_mean.defined();
+  if (node->given && act == 0) {  // (saved as torch's batch norm saves it: changing it in place
+                                   // before the backward is an error there too)
+    node->var_ = SavedVariable(as_f32(given_var), false);
+    node->eps = eps;
+  }
   node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
   node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
   set_history(y, node);
