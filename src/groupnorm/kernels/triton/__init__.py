@@ -77,8 +77,10 @@ def eager(
     bias and residual (mean and rstd are not).
 
     With no gradient needed (``no_grad``, or no input requiring grad) this is the launcher
-    alone; otherwise one ``torch.autograd.Function`` saves x (or x + residual), weight, bias,
-    mean and rstd and runs :func:`backward`. Inputs must already be validated.
+    alone; otherwise the forward kernels are launched first, and one
+    ``torch.autograd.Function`` then records them, saving x (or x + residual), weight, bias,
+    mean and rstd for :func:`backward`. Inputs must already be validated, and plain (the
+    dispatcher's plain eager context: no functorch transform, no tensor subclass).
     """
     run = (_impl or _load())[2]
     return run(

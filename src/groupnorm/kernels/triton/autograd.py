@@ -1,4 +1,9 @@
-"""The Triton backend's own autograd for plain eager calls (one ``torch.autograd.Function``)."""
+"""The Triton backend's own autograd for plain eager calls (one ``torch.autograd.Function``).
+
+A call that needs gradients launches its forward kernels first and records the graph after:
+the GPU starts on the forward while the host builds the autograd node, and the work before
+the first launch is the same as without gradients.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +14,18 @@ from .launch import norm_backward, norm_forward
 
 
 class TritonNorm(torch.autograd.Function):
-    """Forward through :func:`.launch.norm_forward`, backward through
-    :func:`.launch.norm_backward`; saves only x (or x + residual), weight, bias, mean, rstd."""
+    """Records a forward already computed by :func:`.launch.norm_forward` (passed in as
+    ``outputs``), with :func:`.launch.norm_backward` as its backward; saves only x (or
+    x + residual), weight, bias, mean and rstd."""
 
     @staticmethod
     def forward(
-        ctx,
-        x,
-        weight,
-        bias,
-        residual,
-        given_mean,
-        given_var,
-        num_groups,
-        pool_batch,
-        eps,
-        activation,
+        ctx, x, weight, bias, residual, num_groups, pool_batch, stats_given, activation, outputs
     ):
-        y, total, mean, rstd = norm_forward(
-            x,
-            weight,
-            bias,
-            residual,
-            given_mean,
-            given_var,
-            num_groups,
-            pool_batch,
-            eps,
-            activation,
-        )
+        y, total, mean, rstd = outputs
         has_res = residual is not None
         ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
-        ctx.meta = (num_groups, pool_batch, given_mean is not None, activation, has_res)
+        ctx.meta = (num_groups, pool_batch, stats_given, activation, has_res)
         ctx.set_materialize_grads(False)
         if has_res:
             ctx.mark_non_differentiable(mean, rstd)
@@ -75,31 +60,41 @@ class TritonNorm(torch.autograd.Function):
         if has_res and need_dx and grad_total is not None:
             dx = grad_total if dx is None else dx + grad_total
         dres = dx if has_res and needs[3] else None
-        return dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None
+        return dx if needs[0] else None, dw, db, dres, None, None, None, None, None
+
+
+# Function.apply without its functorch preamble, which only unwraps functorch's dead wrappers
+# when no transform is active: the dispatcher sends this route plain tensors outside any
+# transform, so the C++ entry that preamble ends in is called directly.
+_record = super(torch.autograd.Function, TritonNorm).apply
 
 
 def eager(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):
     """See :func:`groupnorm.kernels.triton.eager`."""
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-        or (residual is not None and residual.requires_grad)
-    ):
-        return TritonNorm.apply(
-            x,
-            weight,
-            bias,
-            residual,
-            given_mean,
-            given_var,
-            num_groups,
-            pool_batch,
-            eps,
-            activation,
+    if not (
+        torch.is_grad_enabled()
+        and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)
         )
-    return norm_forward(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    ):
+        return norm_forward(
+            x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps,
+            activation,
+        )  # fmt: skip
+    torch._C._set_grad_enabled(False)  # (the outputs get their history from the record below)
+    try:
+        outputs = norm_forward(
+            x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps,
+            activation,
+        )  # fmt: skip
+    finally:
+        torch._C._set_grad_enabled(True)
+    return _record(
+        x, weight, bias, residual, num_groups, pool_batch, given_mean is not None, activation,
+        outputs,
+    )  # fmt: skip
