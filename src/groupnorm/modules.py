@@ -147,11 +147,12 @@ class GroupNorm(nn.GroupNorm):
         spec = self.__dict__.get("_spec") or self._resolve_spec()
         if self.training and spec.num_groups == self.num_channels:
             _warn_single_element_sets(self, input)
+        params = self._parameters  # (nn.Module.__getattr__ is the slow way to reach these)
         return run(
             spec,
             input,
-            self.weight,
-            self.bias,
+            params["weight"] if "weight" in params else self.weight,
+            params["bias"] if "bias" in params else self.bias,
             residual,
             lambda: self._validate(input, residual),
         )[0]
@@ -419,19 +420,29 @@ class BatchNorm(_BatchNorm):
         use_batch = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         momentum = self.momentum
-        if update and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)  # (empty batches count too, as in torch)
-            if momentum is None:  # a cumulative average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        # (parameters and buffers straight from their dicts: nn.Module.__getattr__ is slow)
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        if update:
+            count = buffers.get("num_batches_tracked")
+            if count is not None:
+                count.add_(1)  # (empty batches count too, as in torch)
+                if momentum is None:  # a cumulative average
+                    momentum = 1.0 / float(count)
         if update or not use_batch:
-            running = (self.running_mean, self.running_var, momentum or 0.0)
+            running = (
+                buffers["running_mean"] if "running_mean" in buffers else self.running_mean,
+                buffers["running_var"] if "running_var" in buffers else self.running_var,
+                momentum or 0.0,
+            )
         else:
             running = None
 
         def validate():
             self._check_input_dim(input)
-            v.check_param(self.weight, "weight", self.num_features, input)
-            v.check_param(self.bias, "bias", self.num_features, input)
+            v.check_param(weight, "weight", self.num_features, input)
+            v.check_param(bias, "bias", self.num_features, input)
             v.check_residual(residual, input)
             check_backend(None)
             if running is not None:
@@ -446,4 +457,4 @@ class BatchNorm(_BatchNorm):
                 return None, None, running if update and input.numel() > 0 else None
             return self.running_mean, self.running_var, None
 
-        return run(spec, input, self.weight, self.bias, residual, validate, running, use_batch)[0]
+        return run(spec, input, weight, bias, residual, validate, running, use_batch)[0]
