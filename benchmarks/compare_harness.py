@@ -17,8 +17,10 @@ import statistics
 import subprocess
 
 # (label, dtype, act, N, C, S, G, layout, pass): forward of every op (GN, LN, IN, BN), GN+SiLU
-# forward and backward, both layouts, float32 and bfloat16, UNet and ResNet stage shapes
+# forward and backward, both layouts, float32 and bfloat16, UNet and ResNet stage shapes; and
+# instance norm on small maps (many short sets), in every dtype, also with SiLU
 SHAPES = [(2, 1280, 256, 32), (2, 2048, 49, 32), (8, 512, 784, 32), (2, 320, 4096, 32)]
+SMALL_SETS = [(2, 32, 16), (8, 128, 16), (2, 64, 49), (4, 32, 256), (2, 32, 4)]
 
 
 def cases():
@@ -34,6 +36,21 @@ def cases():
             yield (f"in {dname} {lname} {n}x{c}x{s}", dtype, 0, n, c, s, c, layout, 0)
             for n, c, s in ((8, 512, 784), (32, 2048, 49)):
                 yield (f"bn {dname} {lname} {n}x{c}x{s}", dtype, 0, n, c, s, 1, layout, 2)
+    for dtype, dname in ((0, "float32"), (1, "bfloat16"), (2, "float16")):
+        for layout, lname in ((0, "contiguous"), (1, "channels_last")):
+            for n, c, s in SMALL_SETS:
+                for act, aname in ((0, "in"), (1, "in_silu")):
+                    yield (
+                        f"{aname} {dname} {lname} {n}x{c}x{s}",
+                        dtype,
+                        act,
+                        n,
+                        c,
+                        s,
+                        c,
+                        layout,
+                        0,
+                    )
 
 
 def time_once(binary: str, args, reps: int) -> tuple[float, str]:

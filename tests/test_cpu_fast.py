@@ -114,6 +114,16 @@ def test_group_norm_matches_reference(dtype, layout, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("shape", [(3, 37, 4, 4), (5, 7, 3, 3), (2, 16, 16, 16)], ids=str)
+def test_many_short_sets_match_reference(shape, activation, dtype):
+    """Instance norm on small maps: the forward takes the statistics of short sets a block of
+    sets at a time. Set counts that leave a partial last block (111, 35), a whole number of
+    blocks (32, sets of 256 values: the longest that take blocks), in every dtype."""
+    _check_against_reference(shape, shape[1], dtype, "contiguous", activation, residual=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_residual_gradients(dtype, layout, activation):

@@ -27,6 +27,9 @@ INPUTS = {
     # one thread but over the whole tensor on two (3 samples do not share out evenly)
     "odd-samples-channels-last": ((3, 64, 10, 10), 16, True),
     "long-sets": ((1, 4, 1 << 18), 1, False),
+    # instance norm on small maps: 2130 sets of 16 values, taken in blocks of sets (the last
+    # block partial) shared by the threads
+    "short-sets": ((71, 30, 4, 4), 30, False),
 }
 
 # (backend, mode, input, activation) -> what differs between 1 and 2 threads, and why.

@@ -27,6 +27,12 @@ constexpr i64 kVec = 16;
 // loop over the whole set instead of one short loop per channel, whose setup and partly empty
 // last vector dominate at these sizes; longer rows lost with the extra pass.
 constexpr i64 kShortRowMax = 256;
+// nchw forward: sets of at most this many values (instance norm on small maps) take their
+// statistics a block of kStatBlock sets at a time, so that the closing square root and division
+// run as vector code over the block instead of one dependent scalar chain per set; a block of
+// such sets (16 KiB of float32) is still in L1 for the output pass.
+constexpr i64 kShortSetMax = 256;
+constexpr int kStatBlock = 16;
 // nchw short rows: values of the costly pass between two prefetches of the next set's data;
 // short enough to keep the memory stalls overlapped, long enough for the loop to vectorize.
 constexpr i64 kPrefetchChunk = 64;
