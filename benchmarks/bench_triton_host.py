@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 
 def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
+    import groupnorm
     import groupnorm.kernels.triton as backend
     from groupnorm.kernels.triton import launch
 
@@ -66,6 +67,15 @@ def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
             dy, x, w, b, mean, rstd, 32, False, False, "silu", (True, True, True)
         )
 
+    def api(grad):
+        # the library's entry: argument checks and the dispatcher, then the backend
+        def make():
+            x = torch.randn(2, 320, 16, 16).half().requires_grad_(grad)
+            w, b = torch.randn(320).half(), torch.randn(320).half()
+            return lambda: groupnorm.group_norm(x, 32, w, b, activation="silu", backend="triton")
+
+        return make
+
     split = {"GROUPNORM_TRITON_PATH": "split"}
     return [
         ("GN+SiLU fp16 2x320x16x16, fused, no grad", {}, gn("silu", False)),
@@ -75,6 +85,8 @@ def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
         ("BN+ReLU fp32 8x64x14x14 training, no grad", {}, bn_train),
         ("BN fp32 8x64x14x14 given stats, no grad", {}, bn_eval),
         ("GN+SiLU fp16 backward (dx, dw, db), fused", {}, gn_backward),
+        ("group_norm(...) API, GN+SiLU fp16 2x320x16x16, no grad", {}, api(False)),
+        ("group_norm(...) API, GN+SiLU fp16 2x320x16x16, x requires grad", {}, api(True)),
     ]
 
 

@@ -114,3 +114,78 @@ CASES = [
 def test_bad_input_is_explained(name, call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: the shortcut leaves such tensors to the full checks."""
+
+
+def test_tensor_shortcut_never_passes_what_the_full_checks_reject():
+    """``tensors_ok`` lets calls skip the full checks; it must never say True where they would
+    raise (it may say False where they pass: those calls just take the full checks). Checked on
+    a seeded sample of combinations of good and bad inputs, params, residuals and groups."""
+    import random
+
+    from groupnorm import _validation as v
+
+    x32 = torch.randn(2, 8, 3, 3)
+    xs = {
+        "f32": x32,
+        "f16": torch.randn(2, 8, 3, 3).half(),
+        "f64": torch.randn(2, 8, 3, 3, dtype=torch.float64),
+        "channels_last": x32.contiguous(memory_format=torch.channels_last),
+        "int": torch.ones(2, 8, 3, 3, dtype=torch.int32),
+        "rank1": torch.randn(8),
+        "no channels": torch.randn(2, 0, 3),
+        "meta": torch.empty(2, 8, 3, 3, device="meta"),
+        "subclass": torch.randn(2, 8, 3, 3).as_subclass(_Sub),
+        "list": [[1.0] * 8] * 2,
+    }
+    params = {
+        "none": None,
+        "f32": torch.rand(8),
+        "f16": torch.rand(8).half(),
+        "f64": torch.rand(8, dtype=torch.float64),
+        "bf16": torch.rand(8).bfloat16(),
+        "param": torch.nn.Parameter(torch.rand(8)),
+        "short": torch.rand(4),
+        "2d": torch.rand(8, 1),
+        "int": torch.ones(8, dtype=torch.int64),
+        "meta": torch.empty(8, device="meta"),
+        "float": 1.0,
+    }
+    residuals = {
+        "none": None,
+        "f32": torch.randn(2, 8, 3, 3),
+        "f16": torch.randn(2, 8, 3, 3).half(),
+        "other shape": torch.randn(2, 8, 3, 1),
+        "meta": torch.empty(2, 8, 3, 3, device="meta"),
+    }
+
+    def full(x, w, b, r, g, c):
+        v.check_input(x)
+        if c is not None and x.shape[1] != c:
+            raise ValueError("channels")
+        if g is not None:
+            v.resolve_num_groups(x.shape[1], g, None)
+        v.check_param(w, "weight", x.shape[1], x)
+        v.check_param(b, "bias", x.shape[1], x)
+        v.check_residual(r, x)
+
+    rng = random.Random(5)
+    said_yes = 0
+    for _ in range(20000):
+        xk, wk, bk, rk = (rng.choice(list(d)) for d in (xs, params, params, residuals))
+        g, c = rng.choice([None, 1, 2, 3, 4, 8, 16]), rng.choice([None, 8, 6])
+        args = (xs[xk], params[wk], params[bk], residuals[rk], g, c)
+        if v.tensors_ok(*args):
+            said_yes += 1
+            try:
+                full(*args)
+            except (TypeError, ValueError) as err:
+                pytest.fail(f"shortcut passed x={xk} w={wk} b={bk} r={rk} g={g} c={c}: {err}")
+    assert said_yes > 50  # (the sample holds many valid calls)
+    # the common valid calls take the shortcut
+    for x, w, r in [(x32, params["f32"], None), (xs["f16"], params["f32"], residuals["f16"]),
+                    (xs["channels_last"], params["param"], residuals["f32"])]:  # fmt: skip
+        assert v.tensors_ok(x, w, w, r, 4, 8) and v.tensors_ok(x, None, None, None, None)

@@ -252,6 +252,52 @@ def check_residual(residual: object, x: torch.Tensor) -> torch.Tensor | None:
     return residual
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_F32 = torch.float32
+
+
+def tensors_ok(
+    x: object,
+    weight: object,
+    bias: object,
+    residual: object,
+    num_groups: int | None,
+    num_channels: int | None = None,
+) -> bool:
+    """Whether the tensors of a call pass :func:`check_input`, :func:`check_param` (weight,
+    bias), :func:`check_residual`, the division of the channels into ``num_groups`` groups (a
+    valid positive int, or None for one set per channel) and, if given, ``num_channels``.
+
+    A shortcut for the calls that pass: it builds no messages and reads each attribute once.
+    False means "not sure" (tensor subclasses, for instance): the caller then runs the full
+    checks, which raise where something is wrong, so messages and their order stay theirs.
+    """
+    if type(x) not in _PLAIN:
+        return False
+    dtype, shape = x.dtype, x.shape
+    if dtype not in FLOAT_DTYPES or len(shape) < 2:
+        return False
+    c = shape[1]
+    if c == 0 or (num_groups is not None and c % num_groups) or c != (num_channels or c):
+        return False
+    device = None
+    for p in (weight, bias):
+        if p is not None:
+            if type(p) not in _PLAIN or p.shape != (c,):
+                return False
+            if p.dtype is not dtype and (p.dtype is not _F32 or dtype not in LOW_PRECISION):
+                return False
+            device = device or x.device
+            if p.device != device:
+                return False
+    if residual is not None:
+        if type(residual) not in _PLAIN or residual.shape != shape or residual.dtype is not dtype:
+            return False
+        if residual.device != (device or x.device):
+            return False
+    return True
+
+
 def check_momentum(momentum: object) -> float | None:
     """``momentum`` must be None or a number in [0, 1]."""
     if momentum is None:

@@ -6,14 +6,14 @@ and hand both to :func:`run`::
 
     plain eager CPU call,       -> the C++ extension takes the whole call   (the common case;
       no residual                  it checks the tensors and declines what it cannot take)
-    otherwise                   -> full validation (the API's messages), then
-      exporting                 -> the decomposed form in standard ATen ops      (export.py)
-      compiling, tracing,       -> the ``groupnorm::forward`` custom op: fake implementation
-      tensor subclasses, modes,    and registered autograd                       (ops.py)
-      functorch transforms
-      forward-mode AD           -> the portable core in torch ops (carries tangents)
+    otherwise                   -> validation (the API's messages), then
       plain eager               -> the selected backend's ``eager`` entry, which owns its
                                    autograd                         (kernels/__init__.select)
+      exporting                 -> the decomposed form in standard ATen ops      (export.py)
+      forward-mode AD           -> the portable core in torch ops (carries tangents)
+      compiling, tracing,       -> the ``groupnorm::forward`` custom op: fake implementation
+      tensor subclasses, modes,    and registered autograd (ops.py), or on CUDA Triton's
+      functorch transforms         ``triton_op``
 
 Batch norm's running statistics are updated here, once, from the statistics the route
 returned (``kernels/running.py``); the C++ extension applies the same formula inside its call.
@@ -139,14 +139,14 @@ def run(
         spec.eps,
         spec.activation,
     )
-    if export.is_exporting():
-        return export.decomposed_normalize(*args, running=running)
-    if _forward_ad._current_level >= 0:  # neither the op nor the kernels carry tangents
-        y, total, mean, rstd = portable.forward(*args)
-    elif not plain:  # compiling, tracing, subclasses, modes, transforms: a registered op
-        y, total, mean, rstd = _traced(name, x, args)
-    else:
+    if plain:  # (no exporter records a plain eager call: the exporters trace or compile)
         y, total, mean, rstd = select(name, x, num_groups, spec.pool_batch).eager(*args)
+    elif export.is_exporting():
+        return export.decomposed_normalize(*args, running=running)
+    elif _forward_ad._current_level >= 0:  # neither the op nor the kernels carry tangents
+        y, total, mean, rstd = portable.forward(*args)
+    else:  # compiling, tracing, subclasses, modes, transforms: a registered op
+        y, total, mean, rstd = _traced(name, x, args)
     if running is not None and x.numel() > 0:
         running_mean, running_var, momentum = running
         count = x.numel() // x.shape[1]

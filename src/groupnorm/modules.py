@@ -129,7 +129,14 @@ class GroupNorm(nn.GroupNorm):
         return spec
 
     def _validate(self, input: Tensor, residual: Tensor | None):
-        """The full checks of a call, with the module's messages."""
+        """The checks of a call, with the module's messages: a shortcut for tensors that
+        certainly pass, else the full checks."""
+        spec = self.__dict__.get("_spec") or self._resolve_spec()
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        if v.tensors_ok(input, weight, bias, residual, spec.num_groups, self.num_channels):
+            return None, None, None
         v.check_input(input)
         if input.shape[1] != self.num_channels:
             raise ValueError(
@@ -440,14 +447,20 @@ class BatchNorm(_BatchNorm):
             running = None
 
         def validate():
-            self._check_input_dim(input)
-            v.check_param(weight, "weight", self.num_features, input)
-            v.check_param(bias, "bias", self.num_features, input)
-            v.check_residual(residual, input)
-            check_backend(None)
-            if running is not None:
-                v.check_stat(self.running_mean, "running_mean", self.num_features, input)
-                v.check_stat(self.running_var, "running_var", self.num_features, input)
+            # (the full checks only where the shortcut is not sure; they raise the messages)
+            c = self.num_features
+            if not v.tensors_ok(input, weight, bias, residual, None, c) or (
+                running is not None
+                and not v.tensors_ok(input, running[0], running[1], None, None, c)
+            ):
+                self._check_input_dim(input)
+                v.check_param(weight, "weight", c, input)
+                v.check_param(bias, "bias", c, input)
+                v.check_residual(residual, input)
+                check_backend(None)
+                if running is not None:
+                    v.check_stat(self.running_mean, "running_mean", c, input)
+                    v.check_stat(self.running_var, "running_var", c, input)
             if use_batch and input.numel() == input.shape[1]:
                 raise ValueError(
                     f"batch norm in training needs more than 1 value per channel, got input of "
