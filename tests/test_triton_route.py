@@ -458,7 +458,7 @@ def test_gpu_benchmark_help_and_auto_provider(capsys):
 def test_host_benchmark_measures_every_case_with_launches_stubbed():
     bench = _load("bench_triton_host")
     rows = bench.measure(calls=20, rounds=1)
-    assert len(rows) == 7
+    assert len(rows) == 9
     for row in rows:
         assert 0 < row["to_first_launch_us"] <= row["whole_call_us"], row
     # The stub is removed afterwards: a real launch runs again.
