@@ -76,6 +76,20 @@ def _run(
     """Hand a functional call to the dispatcher: the quick ``spec`` when the scalars allowed one
     (the C++ extension may then take the call unchecked), with the full checks as the
     validator; without a quick spec the checks run first and build it."""
+    if spec is not None and not spec.pool_batch:  # group, layer or instance norm (most calls)
+
+        def validate():
+            # (the spec vouches for the scalars: only the tensors need checks, and the full
+            # checks run when that is not certain)
+            if v.tensors_ok(input, weight, bias, residual, spec.num_groups):
+                return None, None, None
+            return _check_call(
+                input, mode, num_groups, group_size, weight, bias, eps, activation, residual,
+                running_mean, running_var, training, momentum, return_sum, backend,
+            )[1:]  # fmt: skip
+
+        y, total = run(spec, input, weight, bias, residual, validate)
+        return (y, total) if return_sum else y
     args = (
         input,
         mode,
@@ -115,10 +129,6 @@ def _run(
     else:
 
         def validate():
-            # (the spec vouches for the scalars: group/layer/instance norm need only the
-            # tensors checked, and the full checks run when that is not certain)
-            if not spec.pool_batch and v.tensors_ok(input, weight, bias, residual, spec.num_groups):
-                return None, None, None
             return _check_call(*args)[1:]
 
     y, total = run(spec, input, weight, bias, residual, validate, running, training is True)
