@@ -66,10 +66,13 @@ def main() -> None:
     p.add_argument("b")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--match", default="", help="only the cases whose label contains this text")
     args = p.parse_args()
     ratios = []
     print(f"{'case':48s} {'A us':>9s} {'B us':>9s}  B/A  same bits")
     for label, *rest in cases():
+        if args.match not in label:
+            continue
         ta, tb = [], []
         for _ in range(args.rounds):
             t, bits_a = time_once(args.a, rest, args.reps)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import get_backend
+from .kernels import get_backend, input_grads
 from .kernels.portable import acc_dtype
 
 
@@ -149,35 +149,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
     """Input gradients of the forward op, through the ``groupnorm::backward`` op."""
     saved_x, weight, bias, mean, rstd = ctx.saved_tensors
+
+    def backward(need_dx, need_dw, need_db):
+        return norm_backward(
+            grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
+            ctx.stats_given, ctx.activation, need_dx, need_dw, need_db, ctx.backend,
+        )  # fmt: skip
+
     needs = ctx.needs_input_grad[-11:]  # the op's 11 inputs, whatever comes before them
-    need_dx = needs[0] or (ctx.has_residual and needs[3])
-    need_dw = weight is not None and needs[1]
-    need_db = bias is not None and needs[2]
-    dx = dw = db = None
-    if need_dx or need_dw or need_db:
-        dx, dw, db = norm_backward(
-            grad_y,
-            saved_x,
-            weight,
-            bias,
-            mean,
-            rstd,
-            ctx.num_groups,
-            ctx.pool_batch,
-            ctx.stats_given,
-            ctx.activation,
-            need_dx,
-            need_dw,
-            need_db,
-            ctx.backend,
-        )
-        dx = dx if need_dx else None
-        dw = dw if need_dw else None
-        db = db if need_db else None
-    if ctx.has_residual and dx is not None and grad_total is not None and grad_total.numel():
-        dx = dx + grad_total
-    dres = dx if ctx.has_residual and needs[3] else None
-    return (dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None, None)
+    grads = input_grads(grad_y, grad_total, weight, bias, ctx.has_residual, needs, backward)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)

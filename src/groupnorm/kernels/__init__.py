@@ -99,6 +99,28 @@ def get_backend(name: str, device: torch.device) -> ModuleType:
     return _load(name)
 
 
+def input_grads(grad_y, grad_total, weight, bias, has_residual, needs, backward):
+    """The gradients (dx, dweight, dbias, dresidual) of a norm call, for every autograd
+    around a backend (the custom ops' registered autograd, Triton's Function and triton_op).
+
+    ``needs`` says which of (x, weight, bias, residual) want a gradient; ``backward(need_dx,
+    need_dweight, need_dbias)`` runs the backend's backward for ``grad_y`` and returns three
+    tensors, those not asked for unused. With a residual, x + residual was normalized (and
+    returned as the sum): x and the residual get the same gradient, the sum's own gradient
+    ``grad_total`` added. ``grad_y``/``grad_total`` may be None (outputs not used).
+    """
+    need_dx = needs[0] or (has_residual and needs[3])
+    need_dw = weight is not None and needs[1]
+    need_db = bias is not None and needs[2]
+    dx = dw = db = None
+    if grad_y is not None and (need_dx or need_dw or need_db):
+        dx, dw, db = backward(need_dx, need_dw, need_db)
+        dx, dw, db = (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None)
+    if has_residual and need_dx and grad_total is not None:
+        dx = grad_total if dx is None else dx + grad_total
+    return (dx if needs[0] else None), dw, db, (dx if has_residual and needs[3] else None)
+
+
 def select(name: str, x: torch.Tensor, num_groups: int, pool_batch: bool) -> ModuleType:
     """The module behind backend ``name`` for a plain eager call on ``x``.
 

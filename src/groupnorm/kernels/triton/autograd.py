@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import input_grads
 from .launch import norm_backward, norm_forward
 
 
@@ -38,29 +39,15 @@ class TritonNorm(torch.autograd.Function):
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
         saved_x, weight, bias, mean, rstd = ctx.saved_tensors
         num_groups, pool_batch, stats_given, activation, has_res = ctx.meta
-        needs = ctx.needs_input_grad
-        need_dx = needs[0] or (has_res and needs[3])
-        need_dw = weight is not None and needs[1]
-        need_db = bias is not None and needs[2]
-        dx = dw = db = None
-        if grad_y is not None and (need_dx or need_dw or need_db):
-            dx, dw, db = norm_backward(
-                grad_y,
-                saved_x,
-                weight,
-                bias,
-                mean,
-                rstd,
-                num_groups,
-                pool_batch,
-                stats_given,
-                activation,
-                (need_dx, need_dw, need_db),
-            )
-        if has_res and need_dx and grad_total is not None:
-            dx = grad_total if dx is None else dx + grad_total
-        dres = dx if has_res and needs[3] else None
-        return dx if needs[0] else None, dw, db, dres, None, None, None, None, None
+
+        def run(need_dx, need_dw, need_db):
+            return norm_backward(
+                grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given,
+                activation, (need_dx, need_dw, need_db),
+            )  # fmt: skip
+
+        grads = input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
+        return (*grads, None, None, None, None, None)
 
 
 # Function.apply without its functorch preamble, which only unwraps functorch's dead wrappers

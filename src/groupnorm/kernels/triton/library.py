@@ -38,6 +38,7 @@ def register() -> bool:
     except ImportError:
         _registered = False
         return False
+    from .. import input_grads
     from .launch import traced_backward_launch, traced_forward_launch
 
     @triton_op("groupnorm::triton_forward", mutates_args=())
@@ -104,36 +105,15 @@ def register() -> bool:
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
         saved_x, weight, bias, mean, rstd = ctx.saved_tensors
         num_groups, pool_batch, stats_given, activation, has_res = ctx.meta
-        needs = ctx.needs_input_grad
-        need_dx = needs[0] or (has_res and needs[3])
-        need_dw = weight is not None and needs[1]
-        need_db = bias is not None and needs[2]
-        dx = dw = db = None
-        if need_dx or need_dw or need_db:
-            dx, dw, db = torch.ops.groupnorm.triton_backward(
-                grad_y,
-                saved_x,
-                weight,
-                bias,
-                mean,
-                rstd,
-                num_groups,
-                pool_batch,
-                stats_given,
-                activation,
-                need_dx,
-                need_dw,
-                need_db,
-            )
-            dx, dw, db = (
-                (dx if need_dx else None),
-                (dw if need_dw else None),
-                (db if need_db else None),
-            )
-        if has_res and dx is not None and grad_total is not None and grad_total.numel():
-            dx = dx + grad_total
-        dres = dx if has_res and needs[3] else None
-        return dx if needs[0] else None, dw, db, dres, None, None, None, None, None, None
+
+        def run(need_dx, need_dw, need_db):
+            return torch.ops.groupnorm.triton_backward(
+                grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
+                stats_given, activation, need_dx, need_dw, need_db,
+            )  # fmt: skip
+
+        grads = input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
+        return (*grads, None, None, None, None, None, None)
 
     triton_forward.register_autograd(backward, setup_context=setup_context)
     _registered = True
