@@ -103,3 +103,30 @@ def test_build_command_fails_when_disabled(monkeypatch, capsys):
     monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
     assert cli.main(["build"]) == 1
     assert "GROUPNORM_CPU_EXT=0" in capsys.readouterr().err
+
+
+def test_remove_other_builds_keeps_the_one_in_use(monkeypatch, tmp_path):
+    """``groupnorm build --clean`` deletes the cache's other build folders, and nothing else."""
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
+    root = tmp_path / "cpu_ext"
+    keep = root / "groupnorm_cpu_ops-native-aaaa"
+    for name in ("groupnorm_cpu_ops-native-aaaa", "groupnorm_cpu_ops-native-bbbb",
+                 "groupnorm_cpu_ops-x86-64-v3-cccc", "someone-elses"):  # fmt: skip
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "lib.so").write_bytes(b"x" * 1000)
+    assert cpu_ext.remove_other_builds(keep) == (2, 2000)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "groupnorm_cpu_ops-native-aaaa",
+        "someone-elses",
+    ]
+    assert cpu_ext.remove_other_builds(keep) == (0, 0)
+
+
+def test_build_command_clean(monkeypatch, capsys):
+    if cpu_ext.extension() is None:
+        pytest.skip("no extension here")
+    calls = []
+    monkeypatch.setattr(cpu_ext, "remove_other_builds", lambda keep: calls.append(keep) or (3, 0))
+    assert cli.main(["build", "--clean"]) == 0
+    assert "removed 3 other build(s)" in capsys.readouterr().out
+    assert calls and (calls[0] / "groupnorm_cpu_ops.so").exists()

@@ -153,6 +153,25 @@ def _ext_build_dir(cxx: str, isa: str) -> Path:
     return cache_dir() / "cpu_ext" / f"groupnorm_cpu_ops-{isa}-{key}"
 
 
+def remove_other_builds(keep: Path) -> tuple[int, int]:
+    """Delete every build folder of the extension in the cache except ``keep`` (older
+    versions, other instruction sets, other machines' native builds: each is rebuilt if it is
+    ever needed again). Returns (folders removed, bytes freed)."""
+    root = cache_dir() / "cpu_ext"
+    removed = freed = 0
+    if not root.is_dir():
+        return 0, 0
+    for folder in root.iterdir():
+        if not folder.is_dir() or not folder.name.startswith("groupnorm_cpu_ops-"):
+            continue  # (only what the builds made)
+        if folder.resolve() == keep.resolve():
+            continue
+        freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed, freed
+
+
 def _ninja_on_path() -> None:
     """Put the ninja of the ``ninja`` package (a dependency) on PATH for torch's builder, which
     looks for the command; a system ninja already there serves as well."""

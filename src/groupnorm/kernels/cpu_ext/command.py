@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instruction set to compile for, a -march value (default: $GROUPNORM_CPU_ISA, "
         "else native); e.g. x86-64-v3 for a build that runs on any AVX2 machine",
     )
+    parser.add_argument(
+        "--clean",
+        action="store_true",
+        help="then delete the other builds in the cache (older versions, other instruction "
+        "sets); each is rebuilt if it is needed again",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,4 +42,9 @@ def run(args: argparse.Namespace) -> int:
         print("groupnorm build: CPU norms will use torch's kernels", file=sys.stderr)
         return 1
     print(f"groupnorm build: {ext.__file__} ({cpu_ext.target_isa()})")
+    if args.clean:
+        from pathlib import Path
+
+        count, freed = cpu_ext.remove_other_builds(Path(ext.__file__).parent)
+        print(f"groupnorm build: removed {count} other build(s), {freed / 2**20:.1f} MiB")
     return 0
