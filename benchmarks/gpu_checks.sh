@@ -45,7 +45,7 @@ fi
 
 if [[ $stages == *bench* ]]; then
     timeout "${BENCH_S:-300}" python3 benchmarks/bench_triton_gpu.py --no-plot --rep "${REP:-50}" \
-        --providers groupnorm,torch,liger --out "$out/triton-${stamp}${TAG:-}.csv" ${BENCH_ARGS:-} \
+        --providers groupnorm,groupnorm-auto,torch,liger --out "$out/triton-${stamp}${TAG:-}.csv" ${BENCH_ARGS:-} \
         > "$out/gpu_bench.log" 2>&1
     tail -5 "$out/gpu_bench.log"
 fi

@@ -748,6 +748,38 @@ def test_torch_compile_fullgraph_on_gpu():
     torch.testing.assert_close(gx2, gx, rtol=2e-3, atol=2e-3)
 
 
+@gpu_only
+def test_torch_compile_records_the_triton_op_on_gpu():
+    """With the triton backend, a compiled graph holds ``groupnorm::triton_forward`` (the
+    ``triton_op`` whose kernels Inductor launches itself), not the opaque ``groupnorm::forward``;
+    with Inductor, forward and gradients match eager."""
+    torch.manual_seed(0)
+    w = torch.randn(320, device="cuda", dtype=F16)
+    b = torch.randn(320, device="cuda", dtype=F16)
+    x = torch.randn(2, 320, 16, 16, device="cuda", dtype=F16, requires_grad=True)
+
+    def fn(t):
+        return groupnorm.group_norm(t, 32, w, b, activation="silu", backend="triton")
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(x)
+    assert graphs and "triton_forward" in graphs[0] and "groupnorm.forward" not in graphs[0]
+    torch._dynamo.reset()
+    eager = fn(x)
+    (gx,) = torch.autograd.grad(eager.float().square().sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    out = torch.compile(fn, fullgraph=True)(x2)
+    (gx2,) = torch.autograd.grad(out.float().square().sum(), x2)
+    torch.testing.assert_close(out, eager, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(gx2, gx, rtol=2e-3, atol=2e-3)
+
+
 def test_functional_api_dispatches_to_triton(monkeypatch):
     monkeypatch.setenv("GROUPNORM_BACKEND", "triton")
     x = torch.randn(2, 6, 4, 4, device=DEVICE)
