@@ -236,102 +236,106 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
   std::vector<float> z_buf(short_rows && !std::is_same_v<T, float> ? L : 0);
   std::vector<float> par_buf(lines ? 2 * (D + 1) : 0);
   float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
-  // the sets' statistics a block at a time (one set a block unless sets are short): the
-  // moments of each, then mean and rstd of the whole block in one loop the compiler vectorizes
-  // (IEEE square root and division round as the scalar ones do, so the bits do not change)
-  const i64 block = L <= kShortSetMax ? kStatBlock : 1;
-  double mean_d[kStatBlock], m2[kStatBlock];
-  float rstd[kStatBlock];
-#pragma omp for schedule(static)
-  for (i64 first = 0; first < N * G; first += block) {
-    const i64 sets = first + block <= N * G ? block : N * G - first;
-    for (i64 j = 0; j < sets; ++j) {
-      const Moments mom = run_moments(x + (first + j) * L, L, in_buf);
-      mean_d[j] = mom.mean;
-      m2[j] = mom.m2;
+  // the output pass of one set, from its mean (in double) and rstd
+  auto output_pass = [&](i64 item, double set_mean, float r) __attribute__((always_inline)) {
+    const i64 g = item % G;
+    const T* px = x + item * L;
+    T* py = y + item * L;
+    const float mu = static_cast<float>(set_mean);
+    // the shifted apply: x - k is exact near the mean, and md keeps the digits of the mean
+    // that mu, rounded to float32, loses when |mu| is large against the spread
+    const bool shifted = shift_needed(mu, r);
+    const float k = shifted ? load(px[0]) : 0.0f;
+    const float md = shifted ? static_cast<float>(set_mean - static_cast<double>(k)) : mu;
+    if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
+    if (rstd_out) rstd_out[item] = r;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && (ACT == ACT_SILU || ACT == ACT_GELU)) {
+      if (lines) {
+        forward_short_set_lines<ACT>(px, py, w, b, k, md, r, g, D, S, par_buf.data(),
+                                     item + 1 < N * G);
+        return;
+      }
     }
-    for (i64 j = sets; j < block; ++j) m2[j] = 1.0;  // (unused lanes)
-    if (block == kStatBlock) {
+#endif
+    if (short_rows) {
+      float* zb;
+      if constexpr (std::is_same_v<T, float>) {
+        zb = py;
+      } else {
+        zb = z_buf.data();
+      }
+      // (S <= kShortRowMax: whole channels in each block)
+      for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64, i64, i64 count) {
+        with_f32(px + d0 * S, count, in_buf, [&](const auto* qx) {
+          for (i64 d = d0; d < d0 + nd; ++d) {
+            const i64 c = g * D + d;
+            const float a = w ? r * w[c] : r;
+            const float h = b ? b[c] : 0.0f;
+            float* qz = zb + d * S;
+            const auto* rx = qx + (d - d0) * S;
+            for_each_vec(S, [&](i64 s) { qz[s] = ((load(rx[s]) - k) - md) * a + h; });
+          }
+        });
+      });
+      // the next set's x and y are fetched while this one computes (see kPrefetchChunk)
+      const bool more = item + 1 < N * G;
+      for_each_prefetch_chunk(L, more, px + L, py + L, [&](i64 i0, i64 n) {
+        const i64 whole = n - n % kVec;
+        const float* qz = zb + i0;
+        via_f32(py + i0, n, out_buf, [&](auto* qy) {
+#pragma omp simd
+          for (i64 j = 0; j < whole; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+          for (i64 j = whole; j < n; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
+        });
+      });
+      return;
+    }
+    const bool more = prefetch && item + 1 < N * G;
+    for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64 s0, i64 len, i64 count) {
+      with_f32(px + d0 * S + s0, count, in_buf, [&](const auto* qx) {
+        via_f32(py + d0 * S + s0, count, out_buf, [&](auto* qy) {
+          for (i64 d = 0; d < nd; ++d) {
+            const i64 c = g * D + d0 + d;
+            const float a = w ? r * w[c] : r;
+            const float h = b ? b[c] : 0.0f;
+            if (more && s0 == 0) prefetch_range(px + (d0 + d) * S + L, S);
+            const auto* rx = qx + d * S;
+            auto* ry = qy + d * S;
+            for_each_vec(len, [&](i64 s) {
+              store(ry + s, act_fwd<ACT>(((load(rx[s]) - k) - md) * a + h));
+            });
+          }
+        });
+      });
+    });
+  };
+  if (L > kShortSetMax) {
+#pragma omp for schedule(static)
+    for (i64 item = 0; item < N * G; ++item) {
+      const Moments mom = run_moments(x + item * L, L, in_buf);
+      output_pass(item, mom.mean,
+                  static_cast<float>(1.0 / std::sqrt(mom.m2 / static_cast<double>(L) + eps)));
+    }
+  } else {
+    // short sets, a block at a time: the moments of each, then rstd of the whole block in one
+    // loop the compiler vectorizes (IEEE square root and division round as the scalar ones
+    // do, so the bits are those of the loop above), then the output pass of each
+    double mean_d[kStatBlock], m2[kStatBlock];
+    float rstd[kStatBlock];
+#pragma omp for schedule(static)
+    for (i64 first = 0; first < N * G; first += kStatBlock) {
+      const i64 sets = first + kStatBlock <= N * G ? kStatBlock : N * G - first;
+      for (i64 j = 0; j < sets; ++j) {
+        const Moments mom = run_moments(x + (first + j) * L, L, in_buf);
+        mean_d[j] = mom.mean;
+        m2[j] = mom.m2;
+      }
+      for (i64 j = sets; j < kStatBlock; ++j) m2[j] = 1.0;  // (unused lanes)
 #pragma omp simd
       for (int j = 0; j < kStatBlock; ++j)
         rstd[j] = static_cast<float>(1.0 / std::sqrt(m2[j] / static_cast<double>(L) + eps));
-    } else {
-      rstd[0] = static_cast<float>(1.0 / std::sqrt(m2[0] / static_cast<double>(L) + eps));
-    }
-    for (i64 item = first; item < first + sets; ++item) {
-      const i64 g = item % G;
-      const T* px = x + item * L;
-      T* py = y + item * L;
-      const double set_mean = mean_d[item - first];
-      const float mu = static_cast<float>(set_mean);
-      const float r = rstd[item - first];
-      // the shifted apply: x - k is exact near the mean, and md keeps the digits of the mean
-      // that mu, rounded to float32, loses when |mu| is large against the spread
-      const bool shifted = shift_needed(mu, r);
-      const float k = shifted ? load(px[0]) : 0.0f;
-      const float md = shifted ? static_cast<float>(set_mean - static_cast<double>(k)) : mu;
-      if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
-      if (rstd_out) rstd_out[item] = r;
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float> && (ACT == ACT_SILU || ACT == ACT_GELU)) {
-        if (lines) {
-          forward_short_set_lines<ACT>(px, py, w, b, k, md, r, g, D, S, par_buf.data(),
-                                       item + 1 < N * G);
-          continue;
-        }
-      }
-#endif
-      if (short_rows) {
-        float* zb;
-        if constexpr (std::is_same_v<T, float>) {
-          zb = py;
-        } else {
-          zb = z_buf.data();
-        }
-        // (S <= kShortRowMax: whole channels in each block)
-        for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64, i64, i64 count) {
-          with_f32(px + d0 * S, count, in_buf, [&](const auto* qx) {
-            for (i64 d = d0; d < d0 + nd; ++d) {
-              const i64 c = g * D + d;
-              const float a = w ? r * w[c] : r;
-              const float h = b ? b[c] : 0.0f;
-              float* qz = zb + d * S;
-              const auto* rx = qx + (d - d0) * S;
-              for_each_vec(S, [&](i64 s) { qz[s] = ((load(rx[s]) - k) - md) * a + h; });
-            }
-          });
-        });
-        // the next set's x and y are fetched while this one computes (see kPrefetchChunk)
-        const bool more = item + 1 < N * G;
-        for_each_prefetch_chunk(L, more, px + L, py + L, [&](i64 i0, i64 n) {
-          const i64 whole = n - n % kVec;
-          const float* qz = zb + i0;
-          via_f32(py + i0, n, out_buf, [&](auto* qy) {
-#pragma omp simd
-            for (i64 j = 0; j < whole; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
-            for (i64 j = whole; j < n; ++j) store(qy + j, act_fwd<ACT>(qz[j]));
-          });
-        });
-        continue;
-      }
-      const bool more = prefetch && item + 1 < N * G;
-      for_each_stage_block<T>(D, S, [&](i64 d0, i64 nd, i64 s0, i64 len, i64 count) {
-        with_f32(px + d0 * S + s0, count, in_buf, [&](const auto* qx) {
-          via_f32(py + d0 * S + s0, count, out_buf, [&](auto* qy) {
-            for (i64 d = 0; d < nd; ++d) {
-              const i64 c = g * D + d0 + d;
-              const float a = w ? r * w[c] : r;
-              const float h = b ? b[c] : 0.0f;
-              if (more && s0 == 0) prefetch_range(px + (d0 + d) * S + L, S);
-              const auto* rx = qx + d * S;
-              auto* ry = qy + d * S;
-              for_each_vec(len, [&](i64 s) {
-                store(ry + s, act_fwd<ACT>(((load(rx[s]) - k) - md) * a + h));
-              });
-            }
-          });
-        });
-      });
+      for (i64 j = 0; j < sets; ++j) output_pass(first + j, mean_d[j], rstd[j]);
     }
   }
   }
