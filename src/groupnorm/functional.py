@@ -55,6 +55,15 @@ def _quick_spec(
     return spec
 
 
+def _check_tensors(args: tuple, num_groups: int | None):
+    """The validator of a group, layer or instance norm call whose spec came from the cache
+    (so its scalars are good): the tensors only, where they certainly pass; else the full
+    checks of ``_check_call(*args)``, which raise the messages."""
+    if v.tensors_ok(args[0], args[4], args[5], args[8], num_groups):
+        return None, None, None
+    return _check_call(*args)[1:]
+
+
 def _run(
     spec: NormSpec | None,
     input: Tensor,
@@ -76,20 +85,8 @@ def _run(
     """Hand a functional call to the dispatcher: the quick ``spec`` when the scalars allowed one
     (the C++ extension may then take the call unchecked), with the full checks as the
     validator; without a quick spec the checks run first and build it."""
-    if spec is not None and not spec.pool_batch:  # group, layer or instance norm (most calls)
-
-        def validate():
-            # (the spec vouches for the scalars: only the tensors need checks, and the full
-            # checks run when that is not certain)
-            if v.tensors_ok(input, weight, bias, residual, spec.num_groups):
-                return None, None, None
-            return _check_call(
-                input, mode, num_groups, group_size, weight, bias, eps, activation, residual,
-                running_mean, running_var, training, momentum, return_sum, backend,
-            )[1:]  # fmt: skip
-
-        y, total = run(spec, input, weight, bias, residual, validate)
-        return (y, total) if return_sum else y
+    # (the validators below take what they need as default arguments: a closure over this
+    # function's parameters would make each of them a cell on every call, ~0.5 us here)
     args = (
         input,
         mode,
@@ -107,6 +104,10 @@ def _run(
         return_sum,
         backend,
     )
+    if spec is not None and not spec.pool_batch:  # group, layer or instance norm (most calls)
+        validate = lambda a=args, g=spec.num_groups: _check_tensors(a, g)  # noqa: E731
+        y, total = run(spec, input, weight, bias, residual, validate)
+        return (y, total) if return_sum else y
     running = None
     if spec is not None and spec.pool_batch:
         if type(training) is not bool or (running_mean is None) != (running_var is None):
@@ -120,16 +121,14 @@ def _run(
                 running = (running_mean, running_var, momentum)
     if spec is None:
         spec, *checked = _check_call(*args)
-        validate = lambda: checked  # noqa: E731  (already checked)
+        validate = lambda c=checked: c  # noqa: E731  (already checked)
         running = (
             checked[2]
             if checked[2] is not None
             else (None if training else (running_mean, running_var, 0.0))
         )
     else:
-
-        def validate():
-            return _check_call(*args)[1:]
+        validate = lambda a=args: _check_call(*a)[1:]  # noqa: E731
 
     y, total = run(spec, input, weight, bias, residual, validate, running, training is True)
     return (y, total) if return_sum else y
