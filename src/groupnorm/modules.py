@@ -161,7 +161,7 @@ class GroupNorm(nn.GroupNorm):
             params["weight"] if "weight" in params else self.weight,
             params["bias"] if "bias" in params else self.bias,
             residual,
-            lambda: self._validate(input, residual),
+            lambda m=self, x=input, r=residual: m._validate(x, r),  # (defaults, not cells)
         )[0]
 
 
@@ -446,28 +446,31 @@ class BatchNorm(_BatchNorm):
         else:
             running = None
 
-        def validate():
-            # (the full checks only where the shortcut is not sure; they raise the messages)
-            c = self.num_features
-            if not v.tensors_ok(input, weight, bias, residual, None, c) or (
-                running is not None
-                and not v.tensors_ok(input, running[0], running[1], None, None, c)
-            ):
-                self._check_input_dim(input)
-                v.check_param(weight, "weight", c, input)
-                v.check_param(bias, "bias", c, input)
-                v.check_residual(residual, input)
-                check_backend(None)
-                if running is not None:
-                    v.check_stat(self.running_mean, "running_mean", c, input)
-                    v.check_stat(self.running_var, "running_var", c, input)
-            if use_batch and input.numel() == input.shape[1]:
-                raise ValueError(
-                    f"batch norm in training needs more than 1 value per channel, got input of "
-                    f"shape {tuple(input.shape)}; use a larger batch, eval mode, or group norm"
-                )
-            if use_batch:
-                return None, None, running if update and input.numel() > 0 else None
-            return self.running_mean, self.running_var, None
-
+        # (the validator's arguments as defaults: a closure would make each a cell per call)
+        call = (input, weight, bias, residual, running, use_batch, update)
+        validate = lambda m=self, a=call: m._validate(*a)  # noqa: E731
         return run(spec, input, weight, bias, residual, validate, running, use_batch)[0]
+
+    def _validate(self, input, weight, bias, residual, running, use_batch, update):
+        """The checks of a call, with the module's messages (the full checks only where the
+        tensor shortcut is not sure); returns what the dispatcher's validator returns."""
+        c = self.num_features
+        if not v.tensors_ok(input, weight, bias, residual, None, c) or (
+            running is not None and not v.tensors_ok(input, running[0], running[1], None, None, c)
+        ):
+            self._check_input_dim(input)
+            v.check_param(weight, "weight", c, input)
+            v.check_param(bias, "bias", c, input)
+            v.check_residual(residual, input)
+            check_backend(None)
+            if running is not None:
+                v.check_stat(self.running_mean, "running_mean", c, input)
+                v.check_stat(self.running_var, "running_var", c, input)
+        if use_batch and input.numel() == input.shape[1]:
+            raise ValueError(
+                f"batch norm in training needs more than 1 value per channel, got input of "
+                f"shape {tuple(input.shape)}; use a larger batch, eval mode, or group norm"
+            )
+        if use_batch:
+            return None, None, running if update and input.numel() > 0 else None
+        return self.running_mean, self.running_var, None
