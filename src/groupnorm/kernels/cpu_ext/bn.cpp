@@ -84,7 +84,7 @@ inline void finish_stats(double mean_d, double m2, double count, float eps, floa
                          i64 c) {
   if (m2 < 0.0) m2 = 0.0;
   *mean = static_cast<float>(mean_d);
-  *rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + eps));
+  *rstd = rstd_of(m2, count, eps);
   const bool shifted = shift_needed(*mean, *rstd);
   *shift = shifted ? pivot : 0.0f;
   *md = shifted ? static_cast<float>(mean_d - static_cast<double>(pivot)) : *mean;

@@ -505,6 +505,13 @@ struct Moments {
   double count, mean, m2;
 };
 
+// A set's rstd from its M2 and value count: 1 / sqrt(M2 / count + eps) in double, rounded once
+// to float32 (where every kernel's statistics end; IEEE square root and division, so a
+// vectorized loop of it gives the same bits)
+inline float rstd_of(double m2, double count, double eps) {
+  return static_cast<float>(1.0 / std::sqrt(m2 / count + eps));
+}
+
 // (always inlined: called once per set of instance norm, whose sets are short)
 template <typename T>
 __attribute__((always_inline)) inline Moments run_moments(const T* p, i64 n, float* buf) {

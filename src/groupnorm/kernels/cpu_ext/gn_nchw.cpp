@@ -314,8 +314,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
 #pragma omp for schedule(static)
     for (i64 item = 0; item < N * G; ++item) {
       const Moments mom = run_moments(x + item * L, L, in_buf);
-      output_pass(item, mom.mean,
-                  static_cast<float>(1.0 / std::sqrt(mom.m2 / static_cast<double>(L) + eps)));
+      output_pass(item, mom.mean, rstd_of(mom.m2, static_cast<double>(L), eps));
     }
   } else {
     // short sets, a block at a time: the moments of each, then rstd of the whole block in one
@@ -333,8 +332,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
       }
       for (i64 j = sets; j < kStatBlock; ++j) m2[j] = 1.0;  // (unused lanes)
 #pragma omp simd
-      for (int j = 0; j < kStatBlock; ++j)
-        rstd[j] = static_cast<float>(1.0 / std::sqrt(m2[j] / static_cast<double>(L) + eps));
+      for (int j = 0; j < kStatBlock; ++j) rstd[j] = rstd_of(m2[j], static_cast<double>(L), eps);
       for (i64 j = 0; j < sets; ++j) output_pass(first + j, mean_d[j], rstd[j]);
     }
   }

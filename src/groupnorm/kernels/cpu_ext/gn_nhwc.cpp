@@ -124,7 +124,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
       Moments m = moments[n * pieces];
       for (i64 k = 1; k < pieces; ++k) m = combine(m, moments[n * pieces + k]);
       const float muf = static_cast<float>(m.mean);
-      const float r = static_cast<float>(1.0 / std::sqrt(m.m2 / static_cast<double>(L) + eps));
+      const float r = rstd_of(m.m2, static_cast<double>(L), eps);
       if (mean_out) mean_out[n] = muf;
       if (rstd_out) rstd_out[n] = r;
       const bool shifted = shift_needed(muf, r);
