@@ -252,7 +252,10 @@ def check_residual(residual: object, x: torch.Tensor) -> torch.Tensor | None:
     return residual
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: Tensor types the eager road hands to a kernel, and the tensor shortcut below takes: plain
+#: tensors and parameters (a subclass's __torch_function__ or __torch_dispatch__ would be
+#: skipped, so subclasses take the custom op and the full checks).
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _F32 = torch.float32
 
 
@@ -272,7 +275,7 @@ def tensors_ok(
     False means "not sure" (tensor subclasses, for instance): the caller then runs the full
     checks, which raise where something is wrong, so messages and their order stay theirs.
     """
-    if type(x) not in _PLAIN:
+    if type(x) not in PLAIN_TYPES:
         return False
     dtype, shape = x.dtype, x.shape
     if dtype not in FLOAT_DTYPES or len(shape) < 2:
@@ -283,7 +286,7 @@ def tensors_ok(
     device = None
     for p in (weight, bias):
         if p is not None:
-            if type(p) not in _PLAIN or p.shape != (c,):
+            if type(p) not in PLAIN_TYPES or p.shape != (c,):
                 return False
             if p.dtype is not dtype and (p.dtype is not _F32 or dtype not in LOW_PRECISION):
                 return False
@@ -291,7 +294,11 @@ def tensors_ok(
             if p.device != device:
                 return False
     if residual is not None:
-        if type(residual) not in _PLAIN or residual.shape != shape or residual.dtype is not dtype:
+        if (
+            type(residual) not in PLAIN_TYPES
+            or residual.shape != shape
+            or residual.dtype is not dtype
+        ):
             return False
         if residual.device != (device or x.device):
             return False

@@ -31,12 +31,9 @@ from torch._C._functorch import is_functorch_wrapped_tensor as _is_wrapped
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import export, ops
+from ._validation import PLAIN_TYPES
 from .kernels import check_backend, cpu, portable, select
 from .kernels.running import update_running_stats
-
-#: Tensor types the eager road hands to a kernel: plain tensors and parameters (a subclass's
-#: __torch_function__ or __torch_dispatch__ would be skipped, so subclasses take the custom op).
-PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 @dataclass(frozen=True, slots=True)

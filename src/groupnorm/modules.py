@@ -128,14 +128,10 @@ class GroupNorm(nn.GroupNorm):
         self.__dict__["_spec"] = spec
         return spec
 
-    def _validate(self, input: Tensor, residual: Tensor | None):
+    def _validate(self, input: Tensor, weight, bias, residual: Tensor | None, num_groups: int):
         """The checks of a call, with the module's messages: a shortcut for tensors that
         certainly pass, else the full checks."""
-        spec = self.__dict__.get("_spec") or self._resolve_spec()
-        params = self._parameters
-        weight = params["weight"] if "weight" in params else self.weight
-        bias = params["bias"] if "bias" in params else self.bias
-        if v.tensors_ok(input, weight, bias, residual, spec.num_groups, self.num_channels):
+        if v.tensors_ok(input, weight, bias, residual, num_groups, self.num_channels):
             return None, None, None
         v.check_input(input)
         if input.shape[1] != self.num_channels:
@@ -144,8 +140,8 @@ class GroupNorm(nn.GroupNorm):
                 f"input of shape {tuple(input.shape)}; build the layer with "
                 f"num_channels={input.shape[1]} or fix the layer that feeds it"
             )
-        v.check_param(self.weight, "weight", self.num_channels, input)
-        v.check_param(self.bias, "bias", self.num_channels, input)
+        v.check_param(weight, "weight", self.num_channels, input)
+        v.check_param(bias, "bias", self.num_channels, input)
         v.check_residual(residual, input)
         check_backend(None)
         return None, None, None
@@ -155,14 +151,12 @@ class GroupNorm(nn.GroupNorm):
         if self.training and spec.num_groups == self.num_channels:
             _warn_single_element_sets(self, input)
         params = self._parameters  # (nn.Module.__getattr__ is the slow way to reach these)
-        return run(
-            spec,
-            input,
-            params["weight"] if "weight" in params else self.weight,
-            params["bias"] if "bias" in params else self.bias,
-            residual,
-            lambda m=self, x=input, r=residual: m._validate(x, r),  # (defaults, not cells)
-        )[0]
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        # (the validator's arguments as defaults: a closure would make each a cell per call)
+        call = (input, weight, bias, residual, spec.num_groups)
+        validate = lambda m=self, a=call: m._validate(*a)  # noqa: E731
+        return run(spec, input, weight, bias, residual, validate)[0]
 
 
 def _warn_single_element_sets(module: nn.Module, input: Tensor) -> None:
