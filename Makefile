@@ -9,19 +9,21 @@ DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groupnorm-installed
 
-.PHONY: setup test test-isa ci test-gpu lint format demo reproduce data bench bench-gpu fuzz \
+.PHONY: setup test test-wheel ci test-gpu lint format demo reproduce data bench bench-gpu fuzz \
 	test-large figures clean test-interop
 
-# set-up ends by building the fused CPU kernels (groupnorm build: about a minute once, then
-# cached), so that no test or demo pays for it inside a timed step; without a compiler the
-# CPU norms use torch's kernels, so a failed build does not fail set-up.
+# The editable install compiles the fused CPU kernels into src/ for every instruction-set level
+# of this architecture (setup.py; a few minutes on 2 cores, once). It builds against the venv's
+# torch (--no-build-isolation). set-up then recompiles only when a kernel source changed
+# (groupnorm build --inplace); without a compiler the CPU norms use torch's kernels, so a failed
+# build does not fail set-up.
 setup: $(STAMP)
-	@$(PY) -m groupnorm build || echo "note: the fused CPU kernels did not build; CPU norms will use torch's kernels"
+	@$(PY) -m groupnorm build --inplace || echo "note: the fused CPU kernels did not build; CPU norms will use torch's kernels"
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "setuptools>=64" wheel
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
 	$(PY) -m pip install -q --disable-pip-version-check "$(TRITON_SPEC)" \
 		|| echo "note: $(TRITON_SPEC) did not install; Triton interpreter tests will be skipped"
 	touch $(STAMP)
@@ -37,28 +39,41 @@ data:
 	fi
 
 lint: setup
-	$(PY) -m ruff check src tests benchmarks scripts tools conftest.py
-	$(PY) -m ruff format --check src tests benchmarks scripts tools conftest.py
+	$(PY) -m ruff check src tests benchmarks scripts tools conftest.py setup.py
+	$(PY) -m ruff format --check src tests benchmarks scripts tools conftest.py setup.py
 
 format: setup
-	$(PY) -m ruff format src tests benchmarks scripts tools conftest.py
-	$(PY) -m ruff check --fix src tests benchmarks scripts tools conftest.py
+	$(PY) -m ruff format src tests benchmarks scripts tools conftest.py setup.py
+	$(PY) -m ruff check --fix src tests benchmarks scripts tools conftest.py setup.py
 
+# The whole suite on the best instruction-set level this CPU runs, then the CPU-kernel tests
+# again on each lower level it runs (GROUPNORM_CPU_ISA caps the level): an AVX-512 machine tests
+# x86-64-v4, v3 and v2, an AVX2 machine v3 and v2.
+CPU_KERNEL_TESTS ?= tests/test_cpu_fast.py tests/test_numerics.py tests/test_determinism.py tests/test_cpu_build.py
 test: setup lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --doctest-modules tests src/groupnorm
+	@levels="$$($(PY) -m groupnorm build --levels)"; best="$$(echo "$$levels" | tail -n 1)"; \
+	for level in $$levels; do \
+		[ "$$level" = "$$best" ] && continue; \
+		echo "== the CPU-kernel tests on $$level (this CPU runs: $$(echo $$levels))"; \
+		GROUPNORM_CPU_ISA=$$level $(PY) -m pytest -q $(CPU_KERNEL_TESTS) || exit 1; \
+	done
 
-# The CPU-kernel tests against a second build of the kernels for another instruction set
-# (its own cache key): x86-64-v3 (AVX2, FMA, F16C) has no AVX-512, so the code paths that the
-# native build of an AVX-512 machine skips run here. A few minutes on 2 cores.
-CPU_ISA2 ?= x86-64-v3
-CPU_KERNEL_TESTS ?= tests/test_cpu_fast.py tests/test_numerics.py tests/test_determinism.py tests/test_cpu_build.py
-test-isa: setup
-	GROUPNORM_CPU_ISA=$(CPU_ISA2) $(PY) -m groupnorm build
-	GROUPNORM_CPU_ISA=$(CPU_ISA2) $(PY) -m pytest -q $(CPU_KERNEL_TESTS)
+# The package as users get it: a wheel (it copies the in-place build of the same sources),
+# installed into a fresh venv, tested in processes with no C++ compiler on PATH and a cache
+# that cannot be written.
+WHEEL_VENV ?= .venv-wheel
+test-wheel: setup
+	rm -rf dist && $(PY) -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps . -w dist
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "pytest>=7" hypothesis numpy
+	$(WHEEL_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps dist/groupnorm-*.whl
+	env -i PATH="$(CURDIR)/$(WHEEL_VENV)/bin" HOME=/nonexistent GROUPNORM_CACHE_DIR=/dev/null/cache \
+		GROUPNORM_INSTALLED_TEST=1 $(WHEEL_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_installed.py $(CPU_KERNEL_TESTS)
 
-# What CI runs (.ci/run): the whole suite on the native build, then the CPU-kernel tests on the
-# second instruction set.
-ci: test test-isa
+# What CI runs (.ci/run): the suite on every level this CPU runs, then the installed wheel.
+ci: test test-wheel
 
 # Property tests with a big budget: $(FUZZ_EXAMPLES) random examples per property (fresh seeds
 # each run); prints how many examples ran. make test runs the same properties with 50 each.
@@ -117,4 +132,4 @@ test-interop: $(INTEROP_STAMP)
 	GROUPNORM_INTEROP_TESTS=1 $(INTEROP_PY) -m pytest -q tests/interop
 
 clean:
-	rm -rf $(VENV) $(INTEROP_VENV) .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) $(INTEROP_VENV) $(WHEEL_VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

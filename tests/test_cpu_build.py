@@ -1,105 +1,352 @@
-"""The build of the fused CPU kernels: its cache key, its announcement, the prebuild command.
+"""Delivery of the fused CPU kernels: the level chosen for a CPU, the builds found, the run-time
+build's lock, and what happens when something is missing.
 
-Building for real takes about a minute, so these tests replace the compiler step where they
-can; the real build is exercised by every test that runs the kernels (``make setup`` builds it
-first, and CI builds a second instruction set, ``make test-isa``).
+Compiling for real takes minutes, so the lock and fault tests replace the compiler step with a
+stand-in that writes a build's files the way the real one does (temporary folder first, the
+information file last); the real compiler runs in ``make setup`` (``pip install``), whose build
+every kernel test then loads, and ``make test-wheel`` checks an installed wheel.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
 import pytest
+import torch
 
 from groupnorm import cli
 from groupnorm.kernels import cpu_ext
+from groupnorm.kernels.cpu_ext import build
+
+INTEL_AVX512 = (
+    "fpu sse sse2 ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm abm movbe xsave avx f16c fma bmi1 "
+    "avx2 bmi2 avx512f avx512dq avx512cd avx512bw avx512vl"
+).split()
+AMD_AVX2 = [f for f in INTEL_AVX512 if not f.startswith("avx512")]
+OLD_SSE42 = "fpu sse sse2 ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm".split()
 
 
-def _cxx() -> str:
-    cxx = cpu_ext._compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    return cxx
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """A process state as before the first CPU call (restored afterwards)."""
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
 
 
-def test_target_isa_default_and_override(monkeypatch):
+@pytest.mark.parametrize(
+    "flags, levels",
+    [
+        (INTEL_AVX512, ["x86-64-v2", "x86-64-v3", "x86-64-v4"]),
+        (AMD_AVX2, ["x86-64-v2", "x86-64-v3"]),
+        (OLD_SSE42, ["x86-64-v2"]),
+        (["fpu", "sse", "sse2"], []),
+        ([f for f in AMD_AVX2 if f != "fma"], ["x86-64-v2"]),  # one v3 feature missing
+    ],
+)
+def test_cpu_levels_from_flags(monkeypatch, flags, levels):
+    monkeypatch.setattr(build, "is_x86_64", lambda machine=None: True)
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: set(flags))
+    assert cpu_ext.cpu_levels() == levels
+
+
+def test_other_architectures_get_the_generic_build(monkeypatch):
+    assert build.levels_for("aarch64") == ["generic"]
+    assert build.levels_for("x86_64") == ["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+    monkeypatch.setattr(build, "is_x86_64", lambda machine=None: False)
+    assert cpu_ext.cpu_levels() == ["generic"]
+
+
+def test_target_level_and_its_cap(monkeypatch):
+    monkeypatch.setattr(build, "is_x86_64", lambda machine=None: True)
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: set(INTEL_AVX512))
     monkeypatch.delenv("GROUPNORM_CPU_ISA", raising=False)
-    assert cpu_ext.target_isa() == "native"
+    assert cpu_ext.target_level() == "x86-64-v4"
     monkeypatch.setenv("GROUPNORM_CPU_ISA", "x86-64-v3")
-    assert cpu_ext.target_isa() == "x86-64-v3"
+    assert cpu_ext.target_level() == "x86-64-v3"
+    monkeypatch.setenv("GROUPNORM_CPU_ISA", "x86-64-v2")
+    assert cpu_ext.target_level() == "x86-64-v2"
+    monkeypatch.setenv("GROUPNORM_CPU_ISA", "native")  # (no cap)
+    assert cpu_ext.target_level() == "x86-64-v4"
+    # a build that lacks the best level: the best it has
+    monkeypatch.delenv("GROUPNORM_CPU_ISA")
+    assert cpu_ext.target_level(["x86-64-v2", "x86-64-v3"]) == "x86-64-v3"
+    # a cap above what the CPU runs: what the CPU runs
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: set(AMD_AVX2))
+    monkeypatch.setenv("GROUPNORM_CPU_ISA", "x86-64-v4")
+    assert cpu_ext.target_level() == "x86-64-v3"
 
 
-@pytest.mark.parametrize("bad", ["-O0", "native -mno-avx", "x; rm -rf /"])
-def test_target_isa_rejects_what_is_not_a_march_value(monkeypatch, bad):
+@pytest.mark.parametrize("bad", ["-O0", "avx2", "x86-64-v5", "x; rm -rf /"])
+def test_bad_isa_value_is_refused_with_the_choices(monkeypatch, bad):
     monkeypatch.setenv("GROUPNORM_CPU_ISA", bad)
-    with pytest.raises(ValueError, match="GROUPNORM_CPU_ISA"):
-        cpu_ext.target_isa()
+    with pytest.raises(ValueError, match="GROUPNORM_CPU_ISA") as info:
+        cpu_ext.isa_cap()
+    assert build.levels_for()[0] in str(info.value)
 
 
-def test_cache_key_names_the_instruction_set(monkeypatch, tmp_path):
-    """Each instruction set gets its own build folder; native's key also holds the CPU (a
-    native binary may not run on another CPU sharing the cache), a named one's does not."""
-    cxx = _cxx()
-    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
-    native = cpu_ext._ext_build_dir(cxx, "native")
-    v3 = cpu_ext._ext_build_dir(cxx, "x86-64-v3")
-    assert native != v3
-    assert native.parent == v3.parent == tmp_path / "cpu_ext"
-    assert "-native-" in native.name and "-x86-64-v3-" in v3.name
-    monkeypatch.setattr(cpu_ext, "_cpu_signature", lambda: "another CPU")
-    assert cpu_ext._ext_build_dir(cxx, "native") != native
-    assert cpu_ext._ext_build_dir(cxx, "x86-64-v3") == v3
+def test_installed_build_is_found_and_loaded():
+    """make setup compiles into the package folder; the first call loads it, for this CPU's best
+    level, without a compiler step (here: no build in the cache is involved)."""
+    if cpu_ext.extension() is None:
+        pytest.skip(f"kernels unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+    info = build.read_info(cpu_ext.loaded_folder())
+    assert info["torch"] == torch.__version__
+    assert info["sources"] == build.sources_digest()
+    assert cpu_ext.loaded_level() in info["levels"]
+    if os.environ.get("GROUPNORM_CPU_ISA") in (None, "", "native"):
+        assert cpu_ext.loaded_level() == cpu_ext.cpu_levels()[-1]
 
 
-def test_cache_key_follows_the_sources(monkeypatch, tmp_path):
-    cxx = _cxx()
-    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
-    before = cpu_ext._ext_build_dir(cxx, "x86-64-v3")
-    extra = tmp_path / "extra.h"
-    extra.write_text("// changed\n")
-    monkeypatch.setattr(cpu_ext, "KERNEL_HEADERS", [*cpu_ext.KERNEL_HEADERS, extra])
-    assert cpu_ext._ext_build_dir(cxx, "x86-64-v3") != before
+def test_every_level_the_cpu_runs_loads_and_computes():
+    """Switch the loaded kernels through every level this CPU runs: each says its level and
+    gives group norm (+SiLU) within float32 error of the float64 reference."""
+    import groupnorm
+
+    if cpu_ext.extension() is None:
+        pytest.skip(f"kernels unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+    before = cpu_ext.loaded_level()
+    x = torch.randn(3, 12, 5, 7) * 2 + 1
+    w, b = torch.randn(12), torch.randn(12)
+    ref = groupnorm.reference_norm(x, "group", num_groups=4, weight=w, bias=b, activation="silu")
+    try:
+        for level in cpu_ext.cpu_levels():
+            cpu_ext.use_level(level)
+            assert cpu_ext.loaded_level() == level
+            y = groupnorm.normalize(x, "group", num_groups=4, weight=w, bias=b, activation="silu")
+            assert (y.double() - ref.output).abs().max() < 1e-5
+    finally:
+        cpu_ext.use_level(before)
 
 
-def test_build_announces_start_and_end_once(monkeypatch, tmp_path, capfd):
-    """A cold build says what it builds and for which instruction set before it starts, and how
-    long it took after; a warm one says nothing. (torch's builder is replaced by one that
-    writes the module file, as the real one does.)"""
-    cxx = _cxx()
-    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("GROUPNORM_CPU_ISA", "x86-64-v3")
-    calls = []
-
-    def fake_load(name, sources, extra_cflags, build_directory, **kwargs):
-        calls.append(extra_cflags)
-        (tmp_path / build_directory / f"{name}.so").write_bytes(b"")
-
-    from torch.utils import cpp_extension
-
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
-    path = cpu_ext.build_extension(cxx)
-    err = capfd.readouterr().err.splitlines()
-    assert path.exists() and path.parent == cpu_ext._ext_build_dir(cxx, "x86-64-v3")
-    assert len(calls) == 1 and "-march=x86-64-v3" in calls[0]
-    assert len(err) == 2
-    assert "building the fused CPU kernels" in err[0] and "-march=x86-64-v3" in err[0]
-    assert "minute" in err[0]  # how long it usually takes
-    assert err[1].startswith("groupnorm: built the fused CPU kernels in ") and err[1].endswith(" s")
-    assert cpu_ext.build_extension(cxx) == path
-    assert capfd.readouterr().err == "" and len(calls) == 1
+def test_use_level_refuses_what_the_cpu_cannot_run(monkeypatch):
+    if cpu_ext.extension() is None:
+        pytest.skip("kernels unavailable")
+    monkeypatch.setattr(cpu_ext, "cpu_levels", lambda: ["x86-64-v2"])
+    with pytest.raises(ValueError, match="cannot run x86-64-v4"):
+        cpu_ext.use_level("x86-64-v4")
 
 
-def test_build_command(capsys):
-    """``groupnorm build`` prebuilds (here it finds the build already made) and names it."""
+def _fake_build_folder(folder: Path, torch_version: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"torch": torch_version, "python": "3.11", "machine": "x86_64", "levels": []}
+    (folder / build.INFO_FILE).write_text(json.dumps(info))
+
+
+def test_build_for_another_torch_warns_once_and_uses_torch_kernels(
+    monkeypatch, tmp_path, fresh_state
+):
+    """Installed kernels compiled against another torch are not loaded: one warning names both
+    versions and how to rebuild; nothing is compiled behind the user's back."""
+    _fake_build_folder(tmp_path / "pkg", "1.13.0")
+    monkeypatch.setattr(cpu_ext, "package_build_dir", lambda: tmp_path / "pkg")
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_ext, "build_into_cache", lambda *a, **k: pytest.fail("built"))
+    with pytest.warns(RuntimeWarning) as record:
+        assert cpu_ext.extension() is None
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "torch 1.13.0" in message and f"torch {torch.__version__}" in message
+    assert "groupnorm build" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_ext.extension() is None  # (once)
+    x = torch.randn(2, 6, 4, 4)
+    y = torch.nn.functional.group_norm(x, 3)
+    import groupnorm
+
+    assert torch.allclose(groupnorm.group_norm(x, 3), y, atol=1e-5)
+
+
+def test_unwritable_cache_without_a_packaged_build(monkeypatch, tmp_path, fresh_state):
+    """No build in the package and a cache that cannot be made (a read-only home): one warning
+    that says so, then torch's kernels."""
+    monkeypatch.setattr(cpu_ext, "package_build_dir", lambda: tmp_path / "empty")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(blocker / "cache"))  # (under a file)
+    with pytest.warns(RuntimeWarning, match="none could be made in the cache"):
+        assert cpu_ext.extension() is None
+
+
+def test_packaged_build_needs_no_writable_cache(monkeypatch, tmp_path, fresh_state):
+    if build.read_info(cpu_ext.package_build_dir()) is None:
+        pytest.skip("no build in the package folder")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(cpu_ext, "_compiler", lambda: pytest.fail("looked for a compiler"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_ext.extension() is not None
+
+
+def test_explicit_off_switch_is_silent_and_the_old_name_deprecated(monkeypatch, fresh_state):
+    monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_ext.extension() is None
+    assert "GROUPNORM_CPU_EXT=0" in cpu_ext.fused_op_unavailable_reason()
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.delenv("GROUPNORM_CPU_EXT")
+    monkeypatch.setenv("GROUPNORM_CPU_OPS", "0")
+    with pytest.warns(DeprecationWarning, match="GROUPNORM_CPU_EXT=0"):
+        assert cpu_ext.extension() is None
+
+
+# --- the run-time build's lock, in real processes -------------------------------------------
+
+# A stand-in for build.build: writes the build's files like the real one (a temporary folder
+# inside the target first, build-info.json last), after SECONDS seconds, and appends a line to
+# LOG for each build that starts.
+_FAKE_BUILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    from groupnorm.kernels import cpu_ext
+    from groupnorm.kernels.cpu_ext import build
+
+    SECONDS = float(os.environ["FAKE_BUILD_SECONDS"])
+    LOG = os.environ["FAKE_BUILD_LOG"]
+
+    def fake_build(out_dir, levels=None, **kwargs):
+        import torch
+        with open(LOG, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        tmp = Path(out_dir) / f".build-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        (tmp / "gn_ops.o").write_bytes(b"partial")
+        time.sleep(SECONDS)
+        (Path(out_dir) / build.ops_filename()).write_bytes(b"")
+        info = {"torch": torch.__version__, "python": "%d.%d" % sys.version_info[:2],
+                "machine": "x86_64", "levels": [], "seconds": SECONDS,
+                "sources": build.sources_digest()}
+        (tmp / "info").write_text(json.dumps(info))
+        os.replace(tmp / "info", Path(out_dir) / build.INFO_FILE)
+        (tmp / "gn_ops.o").unlink()
+        tmp.rmdir()
+        return info
+
+    build.build = fake_build
+    folder = cpu_ext.build_into_cache("c++")
+    print("FOLDER", folder)
+    """
+)
+
+
+def _start(tmp_path: Path, seconds: float, **env) -> subprocess.Popen:
+    script = tmp_path / "fake_build.py"
+    script.write_text(_FAKE_BUILD)
+    full_env = {
+        **os.environ,
+        "GROUPNORM_CACHE_DIR": str(tmp_path / "cache"),
+        "FAKE_BUILD_SECONDS": str(seconds),
+        "FAKE_BUILD_LOG": str(tmp_path / "builds.log"),
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _builds(tmp_path: Path) -> list[str]:
+    log = tmp_path / "builds.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def _wait_for_build_start(tmp_path: Path, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_builds(tmp_path)) < count:
+        assert time.monotonic() < deadline, "the build did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_build_never_blocks_the_next(tmp_path):
+    """A build killed part-way (SIGKILL: no clean-up runs) leaves its partial files; the next
+    process takes the lock at once, says the earlier build did not finish, builds again."""
+    first = _start(tmp_path, 60)
+    _wait_for_build_start(tmp_path, 1)
+    first.kill()
+    first.wait(timeout=30)
+    start = time.monotonic()
+    second = _start(tmp_path, 0.2)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert time.monotonic() - start < 30  # (no waiting on the dead holder)
+    assert "did not finish" in err and "building again" in err
+    assert len(_builds(tmp_path)) == 2
+    folder = Path(out.split("FOLDER", 1)[1].strip())
+    assert build.read_info(folder) is not None and not list(folder.glob(".build-*"))
+
+
+@pytest.mark.slow
+def test_processes_starting_together_build_once(tmp_path):
+    """Three first calls at once (DDP ranks): one builds, the others wait for it, say whom they
+    wait for, and load its result."""
+    procs = [_start(tmp_path, 2.0) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    assert len(_builds(tmp_path)) == 1
+    folders = {o.split("FOLDER", 1)[1].strip() for o, _ in outs}
+    assert len(folders) == 1
+    waiting = [e for _, e in outs if "waiting for process" in e]
+    assert len(waiting) >= 1  # (a late starter may find the build already finished)
+    builder_pid = _builds(tmp_path)[0]
+    assert all(builder_pid in e for e in waiting)
+
+
+def test_wait_for_a_stuck_build_is_bounded(tmp_path):
+    """A live holder that never finishes: the wait ends after GROUPNORM_BUILD_WAIT seconds with
+    an error that names the holder."""
+    import fcntl
+
+    env = {"GROUPNORM_CACHE_DIR": str(tmp_path / "cache")}
+    probe = "from groupnorm.kernels import cpu_ext; print(cpu_ext.cache_build_dir())"
+    folder = Path(
+        subprocess.run(
+            [sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+    )  # fmt: skip
+    folder.parent.mkdir(parents=True)
+    with open(folder.parent / (folder.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("4242\n")
+        lock.flush()
+        proc = _start(tmp_path, 0.1, GROUPNORM_BUILD_WAIT="1")
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "TimeoutError" in err and "4242" in err and "GROUPNORM_BUILD_WAIT" in err
+    assert _builds(tmp_path) == []
+
+
+def test_build_command_reports_the_build_and_level(capsys):
+    """``groupnorm build`` finds the build (here the package's), names it and the level."""
     if cpu_ext.extension() is None:
         assert cli.main(["build"]) == 1
         assert "unavailable" in capsys.readouterr().err
         return
     assert cli.main(["build"]) == 0
     out = capsys.readouterr().out
-    assert "groupnorm_cpu_ops" in out and cpu_ext.target_isa() in out
+    assert str(cpu_ext.loaded_folder()) in out and cpu_ext.loaded_level() in out
 
 
-def test_build_command_fails_when_disabled(monkeypatch, capsys):
-    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+def test_build_command_lists_levels(capsys):
+    assert cli.main(["build", "--levels"]) == 0
+    assert capsys.readouterr().out.split() == cpu_ext.cpu_levels()
+
+
+def test_build_command_fails_when_disabled(monkeypatch, capsys, fresh_state):
     monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
     assert cli.main(["build"]) == 1
     assert "GROUPNORM_CPU_EXT=0" in capsys.readouterr().err
@@ -109,24 +356,32 @@ def test_remove_other_builds_keeps_the_one_in_use(monkeypatch, tmp_path):
     """``groupnorm build --clean`` deletes the cache's other build folders, and nothing else."""
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
     root = tmp_path / "cpu_ext"
-    keep = root / "groupnorm_cpu_ops-native-aaaa"
-    for name in ("groupnorm_cpu_ops-native-aaaa", "groupnorm_cpu_ops-native-bbbb",
-                 "groupnorm_cpu_ops-x86-64-v3-cccc", "someone-elses"):  # fmt: skip
+    keep = root / "torch2.13.0-py311-aaaa"
+    for name in ("torch2.13.0-py311-aaaa", "torch2.12.0-py311-bbbb",
+                 "groupnorm_cpu_ops-native-cccc", "someone-elses"):  # fmt: skip
         (root / name / "sub").mkdir(parents=True)
         (root / name / "sub" / "lib.so").write_bytes(b"x" * 1000)
     assert cpu_ext.remove_other_builds(keep) == (2, 2000)
-    assert sorted(p.name for p in root.iterdir()) == [
-        "groupnorm_cpu_ops-native-aaaa",
-        "someone-elses",
-    ]
+    assert sorted(p.name for p in root.iterdir()) == ["someone-elses", "torch2.13.0-py311-aaaa"]
     assert cpu_ext.remove_other_builds(keep) == (0, 0)
 
 
-def test_build_command_clean(monkeypatch, capsys):
-    if cpu_ext.extension() is None:
-        pytest.skip("no extension here")
-    calls = []
-    monkeypatch.setattr(cpu_ext, "remove_other_builds", lambda keep: calls.append(keep) or (3, 0))
-    assert cli.main(["build", "--clean"]) == 0
-    assert "removed 3 other build(s)" in capsys.readouterr().out
-    assert calls and (calls[0] / "groupnorm_cpu_ops.so").exists()
+def test_build_reuses_a_finished_build_of_the_same_sources(tmp_path):
+    """A wheel built after the in-place build copies it (same sources, torch, Python) instead
+    of compiling again; a build whose sources differ is not reused."""
+    src = cpu_ext.package_build_dir()
+    info = build.read_info(src)
+    if info is None or info.get("sources") != build.sources_digest():
+        pytest.skip("no finished in-place build of these sources")
+    lines = []
+    got = build.build(
+        tmp_path / "out", info["levels"], cxx="/nonexistent", log=lines.append, reuse=src
+    )
+    assert got == info and "copying" in lines[0]
+    for level in info["levels"]:
+        assert (tmp_path / "out" / build.kernel_library(level)).exists()
+    stale = dict(info, sources="0" * 16)
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / build.INFO_FILE).write_text(json.dumps(stale))
+    with pytest.raises(build.BuildError, match="could not run|command failed"):
+        build.build(tmp_path / "out2", info["levels"], cxx="/nonexistent", reuse=tmp_path / "stale")

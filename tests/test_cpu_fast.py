@@ -394,8 +394,9 @@ def test_launchers_without_autograd():
 
 
 def test_fallback_without_compiler(monkeypatch):
-    """No compiler: one warning, then the torch-only path, still correct."""
+    """No build to load and no compiler: one warning, then the torch-only path, still correct."""
     monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setattr(cpu_ext, "find_build", lambda: (None, None))
     monkeypatch.setattr(cpu_ext, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
         assert cpu_ext.extension() is None
@@ -406,15 +407,21 @@ def test_fallback_without_compiler(monkeypatch):
         _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", True)
 
 
-def _break_build(monkeypatch, tmp_path, state: str, source: str) -> None:
-    """Point one of cpu_ext's loaders (its cached state and source attribute) at a source that
-    does not compile, with an empty cache, so that its next call builds and fails."""
-    monkeypatch.setattr(cpu_ext, state, {})
-    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path))
-    broken = tmp_path / "broken.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_ext, source, broken)
-    monkeypatch.setattr(cpu_ext, "KERNEL_SOURCES", [])  # (fail fast: nothing else to compile)
+def _break_build(monkeypatch, tmp_path) -> None:
+    """No build to load, an empty cache, and sources that do not compile, so that the next
+    call of cpu_ext.extension() builds and fails."""
+    from groupnorm.kernels.cpu_ext import build
+
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setattr(cpu_ext, "find_build", lambda: (None, None))
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tmp_path / "src"
+    broken.mkdir()
+    for f in build.source_files():
+        (broken / f.name).write_text("// empty\n")
+    (broken / build.OPS_SOURCE).write_text("this is not C++\n")
+    monkeypatch.setattr(build, "HERE", broken)
+    monkeypatch.setattr(build, "KERNEL_SOURCES", ())  # (fail fast: nothing else to compile)
 
 
 def test_env_switch_uses_torch_kernels(monkeypatch):
@@ -845,20 +852,22 @@ def test_fast_path_refuses_double_backward(fast_path):
 
 
 def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
-    """A broken extension build warns once and leaves torch's kernels, still correct;
-    GROUPNORM_CPU_OPS=0 turns the extension off."""
+    """A broken run-time build warns once and leaves torch's kernels, still correct;
+    GROUPNORM_CPU_EXT=0 turns the extension off without a warning."""
     _ext_or_skip()
-    _break_build(monkeypatch, tmp_path, "_ops_state", "_OPS_SOURCE")
+    if cpu_ext._compiler() is None:
+        pytest.skip("no C++ compiler")
+    _break_build(monkeypatch, tmp_path)
     with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
-        assert cpu_ext.fused_op() is None
-    assert "build or load failed" in cpu_ext.fused_op_unavailable_reason()
+        assert cpu_ext.extension() is None
+    assert "build failed" in cpu_ext.fused_op_unavailable_reason()
     _check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", False)
     monkeypatch.setattr(cpu_ext, "_ops_state", {})
-    monkeypatch.setenv("GROUPNORM_CPU_OPS", "0")
+    monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # switched off on purpose: no warning
-        assert cpu_ext.fused_op() is None
-    assert "GROUPNORM_CPU_OPS=0" in cpu_ext.fused_op_unavailable_reason()
+        assert cpu_ext.extension() is None
+    assert "GROUPNORM_CPU_EXT=0" in cpu_ext.fused_op_unavailable_reason()
 
 
 def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):

@@ -1,7 +1,9 @@
-"""``groupnorm build``: compile the fused CPU kernels into the cache ahead of use.
+"""``groupnorm build``: make sure the fused CPU kernels can load here, building them if needed.
 
-The first call of a CPU norm otherwise waits for the build (about a minute on 2 cores) inside
-whatever it is doing; ``make setup`` runs this command so that tests and demos do not.
+``pip install`` compiles the kernels into the package; this command is for the cases it does
+not cover: a source checkout used from ``PYTHONPATH``, or a torch upgraded after the install.
+Then it builds into the cache (``$GROUPNORM_CACHE_DIR``). It also tells which build and which
+instruction-set level a CPU call would use, and lists the levels this CPU runs (``--levels``).
 """
 
 from __future__ import annotations
@@ -15,36 +17,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--isa",
         default=None,
-        help="instruction set to compile for, a -march value (default: $GROUPNORM_CPU_ISA, "
-        "else native); e.g. x86-64-v3 for a build that runs on any AVX2 machine",
+        help="cap the instruction-set level, as $GROUPNORM_CPU_ISA does (e.g. x86-64-v3)",
+    )
+    parser.add_argument(
+        "--levels",
+        action="store_true",
+        help="print the instruction-set levels this CPU runs, lowest first, one per line, and exit",
+    )
+    parser.add_argument(
+        "--inplace",
+        action="store_true",
+        help="compile into the package's own folder (a source checkout, or an install whose "
+        "torch changed) instead of the cache; does nothing when that build is up to date",
     )
     parser.add_argument(
         "--clean",
         action="store_true",
-        help="then delete the other builds in the cache (older versions, other instruction "
-        "sets); each is rebuilt if it is needed again",
+        help="then delete the cache's other builds (older versions, other torch versions)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.isa:
         os.environ["GROUPNORM_CPU_ISA"] = args.isa
-    import warnings
-
     from groupnorm.kernels import cpu_ext
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # (the reason is printed below)
-        ext = cpu_ext.extension()
+    if args.levels:
+        print("\n".join(cpu_ext.cpu_levels()))
+        return 0
+    if args.inplace:
+        from groupnorm.kernels.cpu_ext import build
+
+        try:
+            build.build(
+                cpu_ext.package_build_dir(), log=lambda line: print(f"groupnorm build: {line}")
+            )
+        except (build.BuildError, OSError) as err:
+            print(f"groupnorm build: the in-place build failed: {err}", file=sys.stderr)
+            return 1
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (the reason is printed below)
+            ext = cpu_ext.extension()
+    except ValueError as err:
+        print(f"groupnorm build: {err}", file=sys.stderr)
+        return 2
     if ext is None:
         reason = cpu_ext.fused_op_unavailable_reason()
-        print(f"groupnorm build: the fused CPU kernels are unavailable: {reason}", file=sys.stderr)
-        print("groupnorm build: CPU norms will use torch's kernels", file=sys.stderr)
-        return 1
-    print(f"groupnorm build: {ext.__file__} ({cpu_ext.target_isa()})")
+        folder, why = cpu_ext.find_build()
+        if folder is None and why is not None:  # built for another torch: build for this one
+            cxx = cpu_ext._compiler()
+            if cxx is None:
+                print(
+                    "groupnorm build: no C++ compiler found (set CXX or install g++)",
+                    file=sys.stderr,
+                )
+                return 1
+            cpu_ext.build_into_cache(cxx)
+            cpu_ext._ops_state.clear()
+            ext = cpu_ext.extension()
+        if ext is None:
+            reason = cpu_ext.fused_op_unavailable_reason() or reason
+            print(
+                f"groupnorm build: the fused CPU kernels are unavailable: {reason}", file=sys.stderr
+            )
+            print("groupnorm build: CPU norms will use torch's kernels", file=sys.stderr)
+            return 1
+    folder = cpu_ext.loaded_folder()
+    runs = ", ".join(cpu_ext.cpu_levels())
+    print(f"groupnorm build: {folder} ({cpu_ext.loaded_level()}; this CPU runs {runs})")
     if args.clean:
-        from pathlib import Path
-
-        count, freed = cpu_ext.remove_other_builds(Path(ext.__file__).parent)
+        keep = folder if folder != cpu_ext.package_build_dir() else None
+        count, freed = cpu_ext.remove_other_builds(keep)
         print(f"groupnorm build: removed {count} other build(s), {freed / 2**20:.1f} MiB")
     return 0

@@ -5,7 +5,13 @@
 
 // (kSerialBelow: gn_tuning.h)
 
+#ifndef GN_LEVEL
+#define GN_LEVEL "unnamed"
+#endif
+
 extern "C" {
+
+const char* gn_level() { return GN_LEVEL; }
 
 // dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0 on success.
 int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,

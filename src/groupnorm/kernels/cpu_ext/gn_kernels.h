@@ -48,30 +48,41 @@ int bn_forward_rows(int dtype, const void* x, void* y, const float* w, const flo
 
 }  // namespace gn_kernels
 
+// The C entry points, the only symbols a kernel library exports (it is compiled with hidden
+// visibility; the extension finds these with dlsym).
+#if defined(__GNUC__)
+#define GN_EXPORT __attribute__((visibility("default")))
+#else
+#define GN_EXPORT
+#endif
+
 extern "C" {
+
+// The instruction-set level the library was compiled for (e.g. "x86-64-v3").
+GN_EXPORT const char* gn_level();
 
 // Group/layer/instance norm forward: y, and mean/rstd (N, G) unless they are null (the caller
 // needs no statistics). nhwc: x is (N, S, C) in memory, else (N, C, S).
-int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
+GN_EXPORT int gn_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
                float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, int nhwc, float eps,
                int act, int nthreads);
 
 // Batch norm forward (training when given_mean is null, else eval with the given statistics);
 // writes mean and rstd of shape (C,) unless they are null. running_mean/running_var (float32,
 // or null) are updated in place with momentum in training. nhwc: x is (N * S, C) in memory.
-int bn_forward(int dtype, const void* x, void* y, const float* w, const float* b,
+GN_EXPORT int bn_forward(int dtype, const void* x, void* y, const float* w, const float* b,
                const float* given_mean, const float* given_var, float* mean, float* rstd,
                int64_t N, int64_t C, int64_t S, int nhwc, float eps, int act, int nthreads,
                float* running_mean, float* running_var, double momentum);
 
 // The backward of gn_forward: dx (x's dtype and layout), dw, db (float32), each null when not
 // wanted, from dy (x's layout) and the forward's mean and rstd.
-int gn_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
+GN_EXPORT int gn_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
                 const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
                 int64_t C, int64_t S, int64_t G, int nhwc, int act, int nthreads);
 
 // The activation alone, elementwise on float32 (grad=1: its derivative), with the same inlined
 // code as the fused kernels; for the accuracy tests of exp_nonpos and the activations.
-int gn_activation(int act, int grad, const float* z, float* out, int64_t n);
+GN_EXPORT int gn_activation(int act, int grad, const float* z, float* out, int64_t n);
 
 }  // extern "C"

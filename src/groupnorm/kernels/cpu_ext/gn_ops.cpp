@@ -27,7 +27,56 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <dlfcn.h>
+
+#include <string>
+
 namespace {
+
+// The kernel library in use: one of libgnkernels-<level>.so, chosen by the Python side for this
+// CPU and opened with load_kernels(). Every kernel call goes through this table.
+struct KernelTable {
+  decltype(&::gn_forward) gn_forward = nullptr;
+  decltype(&::bn_forward) bn_forward = nullptr;
+  decltype(&::gn_backward) gn_backward = nullptr;
+  decltype(&::gn_activation) gn_activation = nullptr;
+  decltype(&::gn_level) gn_level = nullptr;
+};
+
+KernelTable g_kernels;
+
+const KernelTable& kernels() {
+  TORCH_CHECK(g_kernels.gn_forward != nullptr,
+              "groupnorm_cpu_ops: no kernel library is loaded (call load_kernels first)");
+  return g_kernels;
+}
+
+// Open a kernel library and take its entry points; "" on success, else why not. The library
+// replaced stays open (a call on another thread may still be in it).
+std::string load_kernels(const std::string& path) {
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) {
+    const char* err = dlerror();
+    return err ? err : "dlopen failed";
+  }
+  KernelTable table;
+  table.gn_forward = reinterpret_cast<decltype(table.gn_forward)>(dlsym(handle, "gn_forward"));
+  table.bn_forward = reinterpret_cast<decltype(table.bn_forward)>(dlsym(handle, "bn_forward"));
+  table.gn_backward = reinterpret_cast<decltype(table.gn_backward)>(dlsym(handle, "gn_backward"));
+  table.gn_activation =
+      reinterpret_cast<decltype(table.gn_activation)>(dlsym(handle, "gn_activation"));
+  table.gn_level = reinterpret_cast<decltype(table.gn_level)>(dlsym(handle, "gn_level"));
+  if (!table.gn_forward || !table.bn_forward || !table.gn_backward || !table.gn_activation ||
+      !table.gn_level) {
+    dlclose(handle);
+    return path + " lacks the kernels' entry points";
+  }
+  g_kernels = table;
+  return "";
+}
+
+// The level of the kernel library in use ("" when none is loaded).
+std::string kernel_level() { return g_kernels.gn_level ? g_kernels.gn_level() : ""; }
 
 using torch::autograd::collect_next_edges;
 using torch::autograd::Node;
@@ -103,7 +152,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
                     const at::Tensor& b32, const at::Tensor& mean, const at::Tensor& rstd,
                     int64_t G, double eps, int64_t act, int64_t layout) {
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
-  const int rc = gn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(), f32_ptr(w32),
+  const int rc = kernels().gn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(),
+                                      f32_ptr(w32),
                             f32_ptr(b32), f32_out(mean), f32_out(rstd), N, C, S, G,
                             static_cast<int>(layout), static_cast<float>(eps),
                             static_cast<int>(act), at::get_num_threads());
@@ -154,7 +204,7 @@ struct GroupNormBackward : public Node {
         w32.defined() && task_should_compute_output(1) ? at::empty({C}, f32) : at::Tensor();
     at::Tensor db =
         b32.defined() && task_should_compute_output(2) ? at::empty({C}, f32) : at::Tensor();
-    const int rc = gn_backward(dtype_code(x), dy.data_ptr(), x.data_ptr(), f32_ptr(w32),
+    const int rc = kernels().gn_backward(dtype_code(x), dy.data_ptr(), x.data_ptr(), f32_ptr(w32),
                                f32_ptr(b32), f32_ptr(mean), f32_ptr(rstd),
                                dx.defined() ? dx.data_ptr() : nullptr, f32_out(dw), f32_out(db),
                                N, C, S, G, static_cast<int>(layout), static_cast<int>(act),
@@ -215,7 +265,7 @@ std::optional<at::Tensor> fused_norm(const at::Tensor& x, const std::optional<at
   at::Tensor y = at::empty_like(x);  // no autograd: no statistics either
   const F32Copy w32 = f32_copy(w), b32 = f32_copy(b);
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
-  const int rc = gn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(), w32.ptr, b32.ptr, nullptr,
+  const int rc = kernels().gn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(), w32.ptr, b32.ptr, nullptr,
                             nullptr, N, C, S, G, layout, static_cast<float>(eps),
                             static_cast<int>(act), at::get_num_threads());
   TORCH_CHECK(rc == 0, "groupnorm_cpu::fused_norm: the forward kernel returned ", rc);
@@ -280,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_kernel(const at::Tensor& x,
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x), mean = at::empty({C}, f32), rstd = at::empty({C}, f32);
-  const int rc = bn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(), w32, b32, given_mean,
+  const int rc = kernels().bn_forward(dtype_code(x), x.data_ptr(), y.data_ptr(), w32, b32, given_mean,
                             given_var, mean.data_ptr<float>(), rstd.data_ptr<float>(), N, C, S,
                             static_cast<int>(rows_layout(x, layout)), static_cast<float>(eps),
                             static_cast<int>(act), at::get_num_threads(), nullptr, nullptr, 0.0);
@@ -296,7 +346,7 @@ at::Tensor activation(const at::Tensor& z_in, int64_t act, bool grad) {
               "groupnorm_cpu_ops.activation takes a float32 CPU tensor");
   const at::Tensor z = z_in.contiguous();
   at::Tensor out = at::empty_like(z);
-  const int rc = gn_activation(static_cast<int>(act), static_cast<int>(grad),
+  const int rc = kernels().gn_activation(static_cast<int>(act), static_cast<int>(grad),
                                z.data_ptr<float>(), out.data_ptr<float>(), z.numel());
   TORCH_CHECK(rc == 0, "groupnorm_cpu_ops.activation: unknown activation code ", act);
   return out;
@@ -517,7 +567,7 @@ backward(const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::T
   at::Tensor dx = need_dx ? at::empty_like(x) : at::Tensor();
   at::Tensor dw = need_dw && w.defined() ? at::empty({C}, f32) : at::Tensor();
   at::Tensor db = need_db && b.defined() ? at::empty({C}, f32) : at::Tensor();
-  const int rc = gn_backward(dtype_code(x), dy.data_ptr(), x.data_ptr(), f32_ptr(w), f32_ptr(b),
+  const int rc = kernels().gn_backward(dtype_code(x), dy.data_ptr(), x.data_ptr(), f32_ptr(w), f32_ptr(b),
                              m.data_ptr<float>(), r.data_ptr<float>(),
                              dx.defined() ? dx.data_ptr() : nullptr, f32_out(dw), f32_out(db), N,
                              C, S, G, layout, static_cast<int>(act), at::get_num_threads());
@@ -553,7 +603,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_forward(
 // A Python module rather than a torch.ops operator: a pybind11 call costs about 0.8 us where
 // the dispatcher's boxed path for an operator of six arguments cost about 3 us (1x64x4x4 group
 // norm: 3.9 us through torch.ops against torch.group_norm's 2.6 us).
-PYBIND11_MODULE(groupnorm_cpu_ops, m) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("load_kernels", &load_kernels,
+        "open a kernel library (libgnkernels-<level>.so) and use it from now on: \"\" on "
+        "success, else the reason");
+  m.def("kernel_level", &kernel_level, "the level of the kernel library in use");
   // (the GIL is released while the kernels run: other Python threads go
   // on; arguments are converted before and the result after, with the GIL held)
   m.def("fused_norm", &fused_norm, pybind11::call_guard<pybind11::gil_scoped_release>(),
