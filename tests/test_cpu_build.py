@@ -167,6 +167,7 @@ def test_unwritable_cache_without_a_packaged_build(monkeypatch, tmp_path, fresh_
     """No build in the package and a cache that cannot be made (a read-only home): one warning
     that says so, then torch's kernels."""
     monkeypatch.setattr(cpu_ext, "package_build_dir", lambda: tmp_path / "empty")
+    monkeypatch.setattr(cpu_ext, "_compiler", lambda: "c++")  # (never reached: no cache first)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(blocker / "cache"))  # (under a file)
