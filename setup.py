@@ -52,6 +52,7 @@ class BuildKernels(build_ext):
                 jobs=self.parallel or None,
                 log=lambda line: print(f"groupnorm: {line}"),
                 reuse=_SRC,  # (an in-place build of the same sources is copied, not redone)
+                objects=Path(self.build_temp) / "groupnorm-objects",  # (unchanged units kept)
             )
         except builder.BuildError as err:
             print(

@@ -386,3 +386,20 @@ def test_build_reuses_a_finished_build_of_the_same_sources(tmp_path):
     (tmp_path / "stale" / build.INFO_FILE).write_text(json.dumps(stale))
     with pytest.raises(build.BuildError, match="could not run|command failed"):
         build.build(tmp_path / "out2", info["levels"], cxx="/nonexistent", reuse=tmp_path / "stale")
+
+
+def test_object_names_follow_the_command_and_every_source(monkeypatch, tmp_path):
+    """A kept object is reused only for the same command and the same sources: its name is a
+    hash of both, so a changed header or flag compiles the unit again."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in build.source_files():
+        (src / f.name).write_text(f"// {f.name}\n")
+    monkeypatch.setattr(build, "HERE", src)
+    cmd = ["c++", "-O3", "-c", str(src / "gn_nchw.cpp")]
+    first = build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
+    assert first == build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
+    assert first != build._object([*cmd, "-mavx2"], tmp_path / "gn_nchw.o", tmp_path / "objs")
+    (src / "gn_common.h").write_text("// changed\n")
+    assert first != build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
+    assert build._object(list(cmd), tmp_path / "x.o", None) == str(tmp_path / "x.o")

@@ -142,6 +142,30 @@ class BuildError(RuntimeError):
     """A compiler step failed; the message holds its command and output."""
 
 
+def _object(cmd: list[str], fallback: Path, cache: Path | None) -> str:
+    """Append ``-o OBJECT`` to a compile command: a file in ``cache`` named by a hash of the
+    command and of every source file (the unit and all headers), else ``fallback``."""
+    if cache is None:
+        obj = str(fallback)
+    else:
+        import hashlib
+
+        digest = hashlib.sha256("\0".join(cmd).encode())
+        for src in source_files():
+            digest.update(src.read_bytes())
+        obj = str(cache / f"{fallback.stem}-{digest.hexdigest()[:20]}.o")
+    cmd += ["-o", obj]
+    return obj
+
+
+def _compile(cmd: list[str]) -> None:
+    """Run a compile command whose last argument is its object, written atomically."""
+    final = cmd[-1]
+    partial = f"{final}.{os.getpid()}.partial"
+    _run([*cmd[:-1], partial])
+    os.replace(partial, final)
+
+
 def _run(cmd: list[str]) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -161,6 +185,7 @@ def build(
     jobs: int | None = None,
     log=None,
     reuse: Path | None = None,
+    objects: Path | None = None,
 ) -> dict:
     """Compile the kernel libraries for ``levels`` (default: every level of this architecture)
     and the extension into ``out_dir``; returns the build information written there.
@@ -169,7 +194,9 @@ def build(
     one, ``build-info.json`` last, so a reader never takes a half-written build for a finished
     one. ``log`` (a callable taking a line) hears about each step. ``reuse``: a folder whose
     finished build is of the same sources, torch and Python (and has these levels) is copied
-    instead of compiled again (a wheel built after an in-place build).
+    instead of compiled again (a wheel built after an in-place build). ``objects``: a folder
+    that keeps compiled units by a hash of their command and every source they read, so a
+    later build recompiles only the units whose sources or flags changed.
     """
     import torch
 
@@ -196,6 +223,12 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     cflags, ldflags = _torch_flags()
+    obj_cache = Path(objects) if objects is not None else None
+    if obj_cache is not None:
+        try:
+            obj_cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            obj_cache = None  # (a folder that cannot be written: compile everything)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp_name:
         tmp = Path(tmp_name)
         compile_jobs: list[list[str]] = []
@@ -204,29 +237,21 @@ def build(
             (tmp / level).mkdir()
             objects[level] = []
             for src in KERNEL_SOURCES:
-                obj = str(tmp / level / (src[:-4] + ".o"))
-                objects[level].append(obj)
-                compile_jobs.append(
-                    [cxx, *_COMMON_FLAGS, *LEVEL_FLAGS[level], "-fopenmp", "-fvisibility=hidden",
-                     f'-DGN_LEVEL="{level}"', f"-I{HERE}", "-c", str(HERE / src), "-o", obj]
-                )  # fmt: skip
-        ops_obj = str(tmp / "gn_ops.o")
-        compile_jobs.insert(  # (the longest unit first)
-            0,
-            [
-                cxx,
-                *_COMMON_FLAGS,
-                *cflags,
-                f"-I{HERE}",
-                "-c",
-                str(HERE / OPS_SOURCE),
-                "-o",
-                ops_obj,
-            ],
+                cmd = [cxx, *_COMMON_FLAGS, *LEVEL_FLAGS[level], "-fopenmp", "-fvisibility=hidden",
+                       f'-DGN_LEVEL="{level}"', f"-I{HERE}", "-c", str(HERE / src)]  # fmt: skip
+                objects[level].append(_object(cmd, tmp / level / (src[:-4] + ".o"), obj_cache))
+                compile_jobs.append(cmd)
+        ops_cmd = [cxx, *_COMMON_FLAGS, *cflags, f"-I{HERE}", "-c", str(HERE / OPS_SOURCE)]
+        ops_obj = _object(ops_cmd, tmp / "gn_ops.o", obj_cache)
+        compile_jobs.insert(0, ops_cmd)  # (the longest unit first)
+        todo = [cmd for cmd in compile_jobs if not Path(cmd[-1]).exists()]
+        reused = len(compile_jobs) - len(todo)
+        say(
+            f"compiling {len(todo)} translation units with {jobs} job(s)"
+            + (f" ({reused} unchanged, from {obj_cache})" if reused else "")
         )
-        say(f"compiling {len(compile_jobs)} translation units with {jobs} job(s)")
         with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(_run, compile_jobs))
+            list(pool.map(_compile, todo))
         links = [
             [cxx, "-shared", "-fopenmp", *objs, "-o", str(tmp / kernel_library(lvl))]
             for lvl, objs in objects.items()

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             build.build(
-                cpu_ext.package_build_dir(), log=lambda line: print(f"groupnorm build: {line}")
+                cpu_ext.package_build_dir(),
+                log=lambda line: print(f"groupnorm build: {line}"),
+                objects=cpu_ext.cache_dir() / "objects",  # (unchanged units are not recompiled)
             )
         except (build.BuildError, OSError) as err:
             print(f"groupnorm build: the in-place build failed: {err}", file=sys.stderr)
