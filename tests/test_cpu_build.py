@@ -403,3 +403,41 @@ def test_object_names_follow_the_command_and_every_source(monkeypatch, tmp_path)
     (src / "gn_common.h").write_text("// changed\n")
     assert first != build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
     assert build._object(list(cmd), tmp_path / "x.o", None) == str(tmp_path / "x.o")
+
+
+def _disassembly(path: Path) -> str:
+    return subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True
+    ).stdout
+
+
+@pytest.mark.skipif(not build.is_x86_64(), reason="x86-64 levels")
+def test_each_level_library_holds_only_its_instructions_and_no_constructors():
+    """What makes it safe to ship all levels together: the v2 library uses no AVX registers,
+    v3 no AVX-512 registers (v4 does), the extension loaded by every process is baseline code,
+    and no level library runs code of its own at load time (its .init_array holds only the
+    C runtime's frame_dummy entry)."""
+    import shutil
+
+    folder = cpu_ext.package_build_dir()
+    info = build.read_info(folder)
+    if info is None or shutil.which("objdump") is None or shutil.which("readelf") is None:
+        pytest.skip("needs the in-place build and binutils (objdump, readelf)")
+    forbidden = {"x86-64-v2": ("%ymm", "%zmm"), "x86-64-v3": ("%zmm",), "x86-64-v4": ()}
+    for level in info["levels"]:
+        lib = folder / build.kernel_library(level)
+        text = _disassembly(lib)
+        for reg in forbidden[level]:
+            assert reg not in text, f"{lib.name} uses {reg} registers"
+        if level == "x86-64-v4":
+            assert "%zmm" in text  # (the flags reached the compiler)
+        sections = subprocess.run(
+            ["readelf", "-W", "-S", str(lib)], capture_output=True, text=True
+        ).stdout
+        init = [line.split() for line in sections.splitlines() if " .init_array " in line]
+        size = int(init[0][init[0].index(".init_array") + 4], 16) if init else 0
+        assert size <= 8, f"{lib.name} has {size // 8} load-time constructors"
+        symbols = subprocess.run(["nm", str(lib)], capture_output=True, text=True).stdout
+        assert "_GLOBAL__sub_I" not in symbols  # (no static initializer of ours)
+    ops = _disassembly(folder / build.ops_filename())
+    assert "%ymm" not in ops and "%zmm" not in ops
