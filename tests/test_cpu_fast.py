@@ -218,7 +218,11 @@ def test_channels_last_one_group_in_pieces_stays_accurate():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             with torch.no_grad():
-                got.append(gf.layer_norm(_layout(x.float(), "channels_last"), w.float(), b.float()))
+                got.append(
+                    gf.layer_norm(
+                        _layout(x.float(), "channels_last"), weight=w.float(), bias=b.float()
+                    )
+                )
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got[0], got[1])
