@@ -124,20 +124,27 @@ def _check(got_list, want_list, names, dtype, scale, what):
 
 
 def _first_and_second(fn, x, w, b, r, dy, second):
-    """y, the gradients of <y, dy> w.r.t. the leaves, and (second) the gradients of a penalty
-    on those gradients: sum_i <g_i, v_i>, v fixed random (so every term is exercised)."""
+    """y, the gradients of <y, dy> w.r.t. the leaves, and with ``second`` the same gradients
+    again under create_graph=True and the gradients of a penalty on those: sum_i <g_i, v_i>, v
+    fixed random (so every term is exercised)."""
     leaves = _leaves(x, w, b, r, dy if second else None)
     for t in leaves:
         t.requires_grad_(True)
     y = fn(x, w, b, r)
     inputs = _leaves(x, w, b, r, None)
-    grads = torch.autograd.grad(y, inputs, dy, create_graph=second)
+    grads = torch.autograd.grad(y, inputs, dy, retain_graph=second)
     if not second:
         return y, grads, None
+    # the ordinary backward (the backend's kernels) above; now again with create_graph
+    graph_grads = torch.autograd.grad(y, inputs, dy, create_graph=True)
+    for plain, graph in zip(grads, graph_grads, strict=True):
+        assert graph.requires_grad or not plain.any()
     gen = torch.Generator().manual_seed(99)
     penalty = sum(
-        (g.double() * torch.randn(g.shape, generator=gen, dtype=torch.float64)).sum() for g in grads
+        (g.double() * torch.randn(g.shape, generator=gen, dtype=torch.float64)).sum()
+        for g in graph_grads
     )
+    grads = (*grads, *graph_grads)
     hess = torch.autograd.grad(penalty, leaves, allow_unused=True)
     return y, grads, hess
 
@@ -169,10 +176,13 @@ def _compare(name, affine, dtype, layout, route, second, activation=None, residu
     assert y.dtype == dtype and y.shape == x.shape
     assert y.stride() == x.stride() or layout == "strided"
     _check([y.detach()], [y64.detach()], ["y"], dtype, 1.0, "output")
+    if second:  # (the ordinary gradients, then those computed with create_graph=True)
+        names = names + [f"{n} (create_graph)" for n in names]
     _check(grads, grads64, names, dtype, 4.0, "gradient")
     if second:
         # second order: each term went through one more rounding to dtype (the first gradient)
-        _check(hess, hess64, names + ["dy"], dtype, 16.0, "second-order gradient")
+        names = names[: len(names) // 2] + ["dy"]
+        _check(hess, hess64, names, dtype, 16.0, "second-order gradient")
 
 
 @pytest.mark.parametrize("route", ROUTES)
