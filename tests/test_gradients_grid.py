@@ -205,15 +205,18 @@ def test_double_backward(name, affine, dtype, layout, route):
     _compare(name, affine, dtype, layout, route, second=True)
 
 
+# (activation, residual) but the plain (None, False), which test_double_backward covers
+FUSED = [(a, r) for a in ("silu", "gelu", "relu", None) for r in (False, True) if a or r]
+
+
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu", None])
+@pytest.mark.parametrize(
+    "activation,residual", FUSED, ids=[f"{a}-{'res' if r else 'nores'}" for a, r in FUSED]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", FUNCTIONALS)
 def test_double_backward_with_activation_and_residual(name, dtype, activation, residual, route):
     """The fused activation and the residual sum inside the second-order graph."""
-    if activation is None and not residual:
-        pytest.skip("the plain case is test_double_backward's")
     _compare(name, "weight_bias", dtype, "channels_last", route, True, activation, residual)
 
 
