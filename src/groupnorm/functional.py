@@ -178,7 +178,9 @@ def normalize(
             ``momentum`` (unbiased variance, as torch does); with ``training=False`` they are the
             statistics used.
         training: batch mode only; ``False`` normalizes with the running statistics.
-        momentum: batch mode only; ``None`` means a cumulative average is not supported here, use
+        momentum: batch mode only, used to update the running statistics in training (and
+            range-checked, [0, 1], only then; torch ignores it otherwise, and so do we).
+            ``None`` means a cumulative average, not supported here: use
             :class:`groupnorm.BatchNorm` for that.
         return_sum: with a residual, also return ``input + residual`` (the value a pre-norm
             residual stream carries on).
@@ -390,6 +392,18 @@ def batch_norm(
     backend: str | None = None,
 ) -> Tensor:
     """Batch norm with the positional arguments of ``torch.nn.functional.batch_norm``.
+
+    Args:
+        input: floating tensor (N, C, \\*).
+        running_mean, running_var: per-channel statistics (C,), or None. In training they are
+            updated in place with ``momentum`` (unbiased variance, as torch does); with
+            ``training=False`` they are the statistics used (then required).
+        weight, bias: per-channel affine (C,), or None.
+        training: normalize with the batch's statistics (and update the running ones).
+        momentum: the update factor, in [0, 1] where an update uses it; ignored (not
+            range-checked, as by torch) with ``training=False`` or without running statistics.
+        eps: added to the variance.
+        activation, residual, backend: keyword-only, as in :func:`normalize`.
 
     >>> x = torch.randn(8, 3, 5)
     >>> rm, rv = torch.zeros(3), torch.ones(3)
