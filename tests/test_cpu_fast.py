@@ -1171,20 +1171,33 @@ def test_jit_trace_records_the_op_not_a_constant():
 @pytest.mark.parametrize(
     "training, momentum, error",
     [
-        (False, 2.0, ValueError),
-        (False, float("nan"), ValueError),
+        (False, 2.0, None),
+        (False, float("nan"), None),
         (False, "abc", TypeError),
         (True, 2.0, ValueError),
+        (True, -0.5, ValueError),
+        (True, "abc", TypeError),
     ],
 )
 def test_batch_norm_fast_path_checks_momentum_like_the_full_path(
     training, momentum, error, fast_path
 ):
+    """The range is checked where an update uses momentum (training with running statistics),
+    as torch ignores it elsewhere; its type always. The fast path and the full checks agree."""
     x = torch.randn(4, 3, 5)
     rm, rv = torch.zeros(3), torch.ones(3)
+    if error is None:  # unused: accepted, torch's answer, the statistics left alone
+        y = groupnorm.batch_norm(x, rm, rv, training=training, momentum=momentum)
+        torch.testing.assert_close(y, F.batch_norm(x, rm, rv, training=training))
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+        return
     with pytest.raises(error, match="momentum"):
         groupnorm.batch_norm(x, rm, rv, training=training, momentum=momentum)
-    if training:
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    if training and error is ValueError:  # no running statistics: nothing uses it
+        y = groupnorm.batch_norm(x, None, None, training=True, momentum=momentum)
+        torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+    elif training:
         with pytest.raises(error, match="momentum"):
             groupnorm.batch_norm(x, None, None, training=True, momentum=momentum)
 

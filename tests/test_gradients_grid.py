@@ -288,11 +288,13 @@ def _penalty_grads(module, x):
     return torch.autograd.grad(loss, [x, *params], allow_unused=True)
 
 
+@pytest.mark.parametrize("backend", ["auto", "portable"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("module", list(MODULES))
-def test_gradient_penalty_through_modules(module, dtype, layout):
+def test_gradient_penalty_through_modules(module, dtype, layout, backend, monkeypatch):
     """Each module's gradient penalty equals torch.nn's computed in float64."""
+    monkeypatch.setenv("GROUPNORM_BACKEND", backend)
     make_ours, make_theirs = MODULES[module]
     ours, theirs = make_ours(), make_theirs()
     gen = torch.Generator().manual_seed(3)
