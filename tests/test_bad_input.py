@@ -205,7 +205,7 @@ CASES = [
     ),
     (
         "bias-wrong-shape",
-        lambda: layer_norm(x4(), None, torch.zeros(5)),
+        lambda: layer_norm(x4(), bias=torch.zeros(5)),
         ValueError,
         r"bias must have shape \(4,\).*\(5,\)",
     ),
@@ -241,7 +241,7 @@ CASES = [
     ),
     (
         "bias-on-meta",
-        lambda: instance_norm(x4(), None, torch.zeros(4, device=META)),
+        lambda: instance_norm(x4(), bias=torch.zeros(4, device=META)),
         ValueError,
         r"bias is on meta but the input is on cpu; move both",
     ),

@@ -311,6 +311,6 @@ def test_single_element_sets(backend):
     # rounding of x - mean, amplified by 1/sqrt(eps)), as with torch.
     x = make_input((5, 6), torch.float32)
     w, b = params(6, torch.float32)
-    y = groupnorm.instance_norm(x, w, b, backend=backend)
+    y = groupnorm.instance_norm(x, weight=w, bias=b, backend=backend)
     assert torch.allclose(y, b.expand_as(y), atol=1e-3)
     assert torch.allclose(y, F.group_norm(x, 6, w, b), atol=1e-3)

@@ -305,14 +305,16 @@ def tensors_ok(
     return True
 
 
-def check_momentum(momentum: object) -> float | None:
-    """``momentum`` must be None or a number in [0, 1]."""
+def check_momentum(momentum: object, used: bool = True) -> float | None:
+    """``momentum`` must be None or a number, in [0, 1] where it is ``used`` (an update of
+    running statistics); a momentum that no update uses is not range-checked, as torch
+    does not check it."""
     if momentum is None:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(
             f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}"
         )
-    if not 0.0 <= float(momentum) <= 1.0:  # also rejects NaN
+    if used and not 0.0 <= float(momentum) <= 1.0:  # also rejects NaN
         raise ValueError(f"momentum must be in [0, 1] (typically 0.1), got {momentum}")
     return float(momentum)

@@ -10,10 +10,11 @@ and hand both to :func:`run`::
       plain eager               -> the selected backend's ``eager`` entry, which owns its
                                    autograd                         (kernels/__init__.select)
       exporting                 -> the decomposed form in standard ATen ops      (export.py)
-      forward-mode AD           -> the portable core in torch ops (carries tangents)
+      forward-mode AD,          -> the portable core in torch ops (carries tangents, nests
+      torch.func transforms        under grad of grad)
       compiling, tracing,       -> the ``groupnorm::forward`` custom op: fake implementation
-      tensor subclasses, modes,    and registered autograd (ops.py), or on CUDA Triton's
-      functorch transforms         ``triton_op``
+      tensor subclasses, modes     and registered autograd (ops.py), or on CUDA Triton's
+                                   ``triton_op``
 
 Batch norm's running statistics are updated here, once, from the statistics the route
 returned (``kernels/running.py``); the C++ extension applies the same formula inside its call.
@@ -72,6 +73,14 @@ def plain_eager_context() -> bool:
         or torch._C._are_functorch_transforms_active()
         or _get_current_dispatch_mode() is not None
         or _forward_ad._current_level >= 0
+    )
+
+
+def _functorch_transform() -> bool:
+    """A torch.func transform (grad, vmap, jvp, jacrev, hessian...) is active, outside a
+    compiler."""
+    return torch._C._are_functorch_transforms_active() and not (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting()
     )
 
 
@@ -140,9 +149,11 @@ def run(
         y, total, mean, rstd = select(name, x, num_groups, spec.pool_batch).eager(*args)
     elif export.is_exporting():
         return export.decomposed_normalize(*args, running=running)
-    elif _forward_ad._current_level >= 0:  # neither the op nor the kernels carry tangents
+    elif _forward_ad._current_level >= 0 or _functorch_transform():
+        # neither the op nor the kernels carry tangents, and the autograd torch.library
+        # registers for the op is not nestable under torch.func transforms (grad of grad)
         y, total, mean, rstd = portable.forward(*args)
-    else:  # compiling, tracing, subclasses, modes, transforms: a registered op
+    else:  # compiling, tracing, subclasses, modes: a registered op
         y, total, mean, rstd = _traced(name, x, args)
     if running is not None and x.numel() > 0:
         running_mean, running_var, momentum = running

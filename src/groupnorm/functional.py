@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from . import _validation as v
@@ -177,7 +178,9 @@ def normalize(
             ``momentum`` (unbiased variance, as torch does); with ``training=False`` they are the
             statistics used.
         training: batch mode only; ``False`` normalizes with the running statistics.
-        momentum: batch mode only; ``None`` means a cumulative average is not supported here, use
+        momentum: batch mode only, used to update the running statistics in training (and
+            range-checked, [0, 1], only then; torch ignores it otherwise, and so do we).
+            ``None`` means a cumulative average, not supported here: use
             :class:`groupnorm.BatchNorm` for that.
         return_sum: with a residual, also return ``input + residual`` (the value a pre-norm
             residual stream carries on).
@@ -292,7 +295,10 @@ def _check_call(
         running_var = v.check_stat(running_var, "running_var", num_channels, input)
         if (running_mean is None) != (running_var is None):
             raise ValueError("pass both running_mean and running_var, or neither")
-        momentum = v.check_momentum(momentum)
+        # (momentum is range-checked only where an update uses it, as torch ignores it
+        # otherwise: in eval, or in training without running statistics)
+        used = training and running_mean is not None and input.numel() > 0
+        momentum = v.check_momentum(momentum, used)
         if not training:
             if running_mean is None:
                 raise ValueError(
@@ -387,6 +393,18 @@ def batch_norm(
 ) -> Tensor:
     """Batch norm with the positional arguments of ``torch.nn.functional.batch_norm``.
 
+    Args:
+        input: floating tensor (N, C, \\*).
+        running_mean, running_var: per-channel statistics (C,), or None. In training they are
+            updated in place with ``momentum`` (unbiased variance, as torch does); with
+            ``training=False`` they are the statistics used (then required).
+        weight, bias: per-channel affine (C,), or None.
+        training: normalize with the batch's statistics (and update the running ones).
+        momentum: the update factor, in [0, 1] where an update uses it; ignored (not
+            range-checked, as by torch) with ``training=False`` or without running statistics.
+        eps: added to the variance.
+        activation, residual, backend: keyword-only, as in :func:`normalize`.
+
     >>> x = torch.randn(8, 3, 5)
     >>> rm, rv = torch.zeros(3), torch.ones(3)
     >>> y = batch_norm(x, rm, rv, training=True)
@@ -415,24 +433,44 @@ def batch_norm(
 
 def layer_norm(
     input: Tensor,
+    *positional: object,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
-    *,
     activation: str | None = None,
     residual: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """The paper's layer norm: statistics over (C, \\*) of each sample, affine per channel.
+    r"""The paper's layer norm: statistics over (C, \*) of each sample, affine per channel.
 
-    This is group norm with one group. It is *not* ``torch.nn.functional.layer_norm``, which
-    normalizes over trailing dims given by ``normalized_shape`` and has an elementwise affine of
-    that shape; over (C, H, W) the two agree only when the affine is constant per channel.
+    This is group norm with one group. It is **not** ``torch.nn.functional.layer_norm``, which
+    normalizes over the trailing dims named by ``normalized_shape`` and has an elementwise
+    affine of that shape. To keep the two from being confused, every argument after ``input``
+    is keyword-only: a call written torch's way, ``layer_norm(x, normalized_shape, w, b)``,
+    raises a ``TypeError`` instead of taking ``normalized_shape`` as something else. Over
+    (C, H, W) the two agree only when the affine is constant per channel.
+
+    Args:
+        input: floating tensor (N, C, \*).
+        weight, bias: keyword-only, per-channel :math:`\gamma`, :math:`\beta` of shape (C,).
+        eps: keyword-only, added to the variance.
+        activation, residual, backend: as in :func:`normalize`.
 
     >>> x = torch.randn(2, 4, 3, 3)
     >>> torch.allclose(layer_norm(x), torch.nn.functional.layer_norm(x, x.shape[1:]), atol=1e-5)
     True
+    >>> w, b = torch.randn(4), torch.randn(4)
+    >>> torch.allclose(layer_norm(x, weight=w, bias=b), group_norm(x, 1, w, b))
+    True
     """
+    if positional:
+        raise TypeError(
+            "groupnorm.layer_norm is the paper's layer norm (statistics over (C, *) of each "
+            "sample, a per-channel weight and bias), not torch.nn.functional.layer_norm: it "
+            "takes no normalized_shape, and its arguments after the input are keyword-only; "
+            "write layer_norm(x, weight=w, bias=b, eps=eps), or call "
+            "torch.nn.functional.layer_norm for torch's layer norm over trailing dims"
+        )
     spec = _quick_spec(1, False, eps, activation, backend)
     return _run(
         spec, input, "layer", None, None, weight, bias, eps, activation, residual, backend=backend
@@ -441,31 +479,124 @@ def layer_norm(
 
 def instance_norm(
     input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
     eps: float = 1e-5,
     *,
     activation: str | None = None,
     residual: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """Instance norm: statistics per sample and channel (group norm with C groups).
+    r"""Instance norm with the arguments of ``torch.nn.functional.instance_norm``: statistics
+    per sample and channel (group norm with C groups).
+
+    Args:
+        input: floating tensor (N, C, \*).
+        running_mean, running_var: optional per-channel statistics (C,). With
+            ``use_input_stats=True`` they are updated in place with ``momentum`` (the batch
+            average of each sample's mean and unbiased variance, as torch does); with
+            ``use_input_stats=False`` they are the statistics used.
+        weight, bias: per-channel :math:`\gamma`, :math:`\beta` of shape (C,).
+        use_input_stats: normalize with each sample's own statistics (default) or with the
+            running ones.
+        momentum: the running statistics' update factor, in [0, 1] where it is used.
+        eps: added to the variance.
+        activation, residual, backend: keyword-only, as in :func:`normalize`.
 
     >>> x = torch.randn(2, 4, 5, 5)
     >>> torch.allclose(instance_norm(x), torch.nn.functional.instance_norm(x), atol=1e-5)
     True
+    >>> w, b = torch.randn(4), torch.randn(4)
+    >>> torch.allclose(instance_norm(x, weight=w, bias=b), group_norm(x, 4, w, b))
+    True
     """
-    spec = _quick_spec(None, False, eps, activation, backend)
-    return _run(
-        spec,
-        input,
-        "instance",
-        None,
-        None,
-        weight,
-        bias,
-        eps,
-        activation,
-        residual,
-        backend=backend,
-    )
+    if running_mean is None and running_var is None and use_input_stats is True:
+        spec = _quick_spec(None, False, eps, activation, backend)
+        return _run(
+            spec,
+            input,
+            "instance",
+            None,
+            None,
+            weight,
+            bias,
+            eps,
+            activation,
+            residual,
+            backend=backend,
+        )
+    return _instance_norm_running(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+        activation, residual, backend,
+    )  # fmt: skip
+
+
+def _instance_norm_running(
+    input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, activation,
+    residual, backend,
+):  # fmt: skip
+    """Instance norm with running statistics: used (``use_input_stats=False``: per-channel
+    statistics given, which is batch norm at inference) or updated after the call."""
+    if not isinstance(use_input_stats, bool):
+        raise TypeError(
+            f"use_input_stats must be True or False, got {type(use_input_stats).__name__} "
+            f"{use_input_stats!r}; pass bool(...)"
+        )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError(
+                "instance_norm with use_input_stats=False normalizes with running_mean and "
+                "running_var; pass them, or use_input_stats=True for each sample's own statistics"
+            )
+        return _run(
+            None, input, "batch", None, None, weight, bias, eps, activation, residual,
+            running_mean, running_var, False, momentum, backend=backend,
+        )  # fmt: skip
+    v.check_input(input)
+    num_channels = input.shape[1]
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        v.check_stat(stat, name, num_channels, input)
+        if stat.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but running statistics are buffers that instance_norm "
+                f"updates in place (torch's positional order: input, running_mean, "
+                f"running_var, weight, bias); for an affine pass instance_norm(x, weight=w, "
+                f"bias=b)"
+            )
+    momentum = v.check_momentum(momentum)
+    if momentum is None:
+        raise ValueError(
+            "instance_norm updates running statistics with a momentum in [0, 1] (typically "
+            "0.1); pass one, or leave running_mean and running_var out"
+        )
+    per_instance = input.numel() // max(input.shape[0] * num_channels, 1)
+    if input.numel() > 0 and per_instance == 1:
+        raise ValueError(
+            f"instance norm with running statistics needs more than 1 value per channel, got "
+            f"input of shape {tuple(input.shape)}; leave running_mean and running_var out"
+        )
+    y = _run(
+        _quick_spec(None, False, eps, activation, backend), input, "instance", None, None,
+        weight, bias, eps, activation, residual, backend=backend,
+    )  # fmt: skip
+    if input.numel() > 0:
+        src = input if residual is None else input + residual
+        _update_instance_running(src, running_mean, running_var, momentum)
+    return y
+
+
+def _update_instance_running(src: Tensor, running_mean: Tensor, running_var: Tensor, momentum):
+    """torch's update for instance norm: ``old + momentum * (batch - old)`` with the batch's
+    average of each sample's mean and unbiased variance, in float64, rounded once."""
+    with torch.no_grad():
+        n, c = src.shape[0], src.shape[1]
+        var, mean = torch.var_mean(src.detach().reshape(n, c, -1).double(), dim=2, correction=1)
+        for stat, batch in ((running_mean, mean.mean(0)), (running_var, var.mean(0))):
+            old = stat.double()
+            stat.copy_(old + momentum * (batch - old))

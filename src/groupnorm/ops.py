@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .kernels import get_backend, input_grads
-from .kernels.portable import acc_dtype
+from .kernels.portable import acc_dtype, differentiable_backward
 
 
 @torch.library.custom_op("groupnorm::forward", mutates_args=())
@@ -130,7 +130,7 @@ def _setup_context(ctx, inputs, output):
         _given_var,
         num_groups,
         pool_batch,
-        _eps,
+        eps,
         activation,
         backend,
     ) = inputs
@@ -141,16 +141,24 @@ def _setup_context(ctx, inputs, output):
     ctx.pool_batch = pool_batch
     ctx.stats_given = given_mean is not None
     ctx.activation = activation
+    ctx.eps = eps
     ctx.backend = backend
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
-    """Input gradients of the forward op, through the ``groupnorm::backward`` op."""
+    """Input gradients of the forward op, through the ``groupnorm::backward`` op; under
+    ``create_graph=True`` (grad mode on in the backward) through the portable core's torch
+    operations, whose gradients are differentiable again."""
     saved_x, weight, bias, mean, rstd = ctx.saved_tensors
 
     def backward(need_dx, need_dw, need_db):
+        if torch.is_grad_enabled():  # create_graph=True: gradients that carry a graph
+            return differentiable_backward(
+                grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
+                ctx.stats_given, ctx.activation, ctx.eps, (need_dx, need_dw, need_db),
+            )  # fmt: skip
         return norm_backward(
             grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
             ctx.stats_given, ctx.activation, need_dx, need_dw, need_db, ctx.backend,

@@ -110,12 +110,12 @@ def op_functions(op: str, inputs: dict[str, torch.Tensor]) -> dict[str, NormFn]:
             fns["timm"] = timm_fn
     elif op == "ln":
         fns = {
-            "ours": lambda x, w, b: gf.layer_norm(x, w, b),
+            "ours": lambda x, w, b: gf.layer_norm(x, weight=w, bias=b),
             "torch": lambda x, w, b: F.group_norm(x, 1, w, b),
         }
     elif op == "in":
         fns = {
-            "ours": lambda x, w, b: gf.instance_norm(x, w, b),
+            "ours": lambda x, w, b: gf.instance_norm(x, weight=w, bias=b),
             "torch": lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
         }
     elif op == "bn":

@@ -68,6 +68,11 @@ def float32_params(x, weight, bias):
 def _native_forward(src, weight, bias, given_mean, given_var, num_groups, pool_batch, eps):
     n, c = src.shape[0], src.shape[1]
     weight, bias = float32_params(src, weight, bias)
+    if weight is None and bias is not None:
+        # asked for dbias without a weight, torch's native_group_norm_backward fails ("tensor
+        # does not have a device"), and so does batch norm's double backward; a weight of ones
+        # (no gradient) is exact and avoids both
+        weight = torch.ones(c, dtype=bias.dtype, device=bias.device)
     if pool_batch:
         training = given_mean is None
         y, mean, rstd = torch.ops.aten.native_batch_norm(

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from . import aten, cpu_ext
+from . import aten, cpu_ext, portable
 
 #: activation codes of the C++ extension
 ACT_CODES = {"": 0, "silu": 1, "gelu": 2, "relu": 3}
+_ACT_NAMES = {code: name for name, code in ACT_CODES.items()}
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
 
@@ -157,3 +158,16 @@ def backward(
     return aten.backward(
         dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
     )
+
+
+def differentiable_backward(
+    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, act, eps, *needs
+):
+    """The backward of the extension's autograd nodes under ``create_graph=True`` (called from
+    C++ with the activation's code): :func:`portable.differentiable_backward`, torch
+    operations whose graph gives second and higher derivatives. Without ``create_graph`` the
+    nodes run the fused kernels and never call this."""
+    return portable.differentiable_backward(
+        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, _ACT_NAMES[act],
+        eps, needs,
+    )  # fmt: skip

@@ -159,6 +159,28 @@ def backward(
     return dx, dw, db
 
 
+def differentiable_backward(
+    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, eps, needs
+):
+    """:func:`backward` as a differentiable function of ``dy``, ``x``, ``weight`` and ``bias``:
+    the backward every backend takes when its gradients must carry a graph themselves
+    (``create_graph=True``, a gradient penalty, Hessian-vector products).
+
+    The saved statistics are constants of the first backward only: here they are computed
+    again from ``x`` with ``eps`` (unless they were given, as batch norm's running statistics
+    at inference, which are constants), so that their dependence on ``x`` is part of the
+    graph. The values equal :func:`backward`'s; the cost is one more pass over ``x``.
+    """
+    if not stats_given:
+        with torch.enable_grad():
+            mean, rstd = compute_stats(x, None, None, num_groups, pool_batch, eps)
+    with torch.enable_grad():
+        return backward(
+            dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation,
+            needs,
+        )  # fmt: skip
+
+
 def eager(
     x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
 ):

@@ -160,13 +160,36 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
   TORCH_CHECK(rc == 0, "groupnorm_cpu::fused_norm: the forward kernel returned ", rc);
 }
 
-// The gradients of x, weight and bias need the same refusal of create_graph=True: the kernels'
-// gradients are not themselves differentiable, so a second-order graph would silently lack
-// their terms.
-void refuse_double_backward(const char* fallback) {
-  TORCH_CHECK(!at::GradMode::is_enabled(),
-              "groupnorm: the fused CPU kernels have no double backward (create_graph=True "
-              "was passed); for higher-order gradients use ", fallback);
+// With create_graph=True the engine runs the backward under grad mode, and the gradients must
+// carry a graph themselves; the kernels' do not. Such a backward is computed by torch operations
+// instead (groupnorm.kernels.cpu.differentiable_backward: the portable core's formula with the
+// statistics recomputed from x), whose history autograd records. The ordinary backward, without
+// grad mode, never comes here.
+variable_list differentiable_grads(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& b, const at::Tensor& mean,
+                                   const at::Tensor& rstd, int64_t G, bool pool, bool given,
+                                   int64_t act, double eps, bool need_dx, bool need_dw,
+                                   bool need_db) {
+  pybind11::gil_scoped_acquire gil;
+  auto opt = [](const at::Tensor& t) {
+    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+  };
+  std::string error;
+  variable_list out(3);
+  try {
+    pybind11::tuple grads =
+        pybind11::module_::import("groupnorm.kernels.cpu")
+            .attr("differentiable_backward")(dy, x, opt(w), opt(b), mean, rstd, G, pool, given,
+                                             act, eps, need_dx, need_dw, need_db);
+    for (size_t i = 0; i < 3; ++i) {
+      auto t = grads[i].cast<std::optional<at::Tensor>>();
+      if (t.has_value()) out[i] = *t;
+    }
+  } catch (pybind11::error_already_set& e) {
+    error = e.what();
+  }
+  TORCH_CHECK(error.empty(), error);
+  return out;
 }
 
 // The autograd node of a fused group/layer/instance norm: a plain Node rather than a
@@ -176,7 +199,9 @@ void refuse_double_backward(const char* fallback) {
 // one is an invalid edge); returns the params' gradients in their own dtype.
 struct GroupNormBackward : public Node {
   SavedVariable x_, w32_, b32_, mean_, rstd_;
+  SavedVariable w_, b_;  // the params themselves where w32/b32 are converted copies
   int64_t G = 0, act = 0, layout = 0;
+  double eps = 0.0;
   at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
 
   std::string name() const override { return "groupnorm::GroupNormBackward"; }
@@ -187,14 +212,21 @@ struct GroupNormBackward : public Node {
     b32_.reset_data();
     mean_.reset_data();
     rstd_.reset_data();
+    w_.reset_data();
+    b_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
-    refuse_double_backward("torch.nn.functional.group_norm");
     const at::Tensor x = x_.unpack(), w32 = w32_.unpack(), b32 = b32_.unpack();
     const at::Tensor mean = mean_.unpack(), rstd = rstd_.unpack();
     at::Tensor dy = grads[0];
     if (!dy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor w = w_.unpack(), b = b_.unpack();
+      return differentiable_grads(dy, x, w.defined() ? w : w32, b.defined() ? b : b32, mean,
+                                  rstd, G, false, false, act, eps, task_should_compute_output(0),
+                                  task_should_compute_output(1), task_should_compute_output(2));
+    }
     if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
       dy = at::empty_like(x).copy_(dy);  // the kernel reads dy with x's layout
     const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
@@ -237,9 +269,12 @@ at::Tensor fused_norm_with_grad(const at::Tensor& x, const at::Tensor& w, const 
   node->b32_ = SavedVariable(b32, false);
   node->mean_ = SavedVariable(mean, false);
   node->rstd_ = SavedVariable(rstd, false);
+  if (w.defined() && !w32.is_same(w)) node->w_ = SavedVariable(w, false);
+  if (b.defined() && !b32.is_same(b)) node->b_ = SavedVariable(b, false);
   node->G = G;
   node->act = act;
   node->layout = layout;
+  node->eps = eps;
   node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
   node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
   set_history(y, node);
@@ -361,6 +396,7 @@ at::Tensor activation(const at::Tensor& z_in, int64_t act, bool grad) {
 // params, mean and rstd (and the given variance).
 struct BatchNormBackward : public Node {
   SavedVariable x_, w32_, b32_, mean_, rstd_, var_;
+  SavedVariable w_, b_;  // the params themselves where w32/b32 are converted copies
   int64_t act = 0;
   bool given = false;
   double eps = 0.0;
@@ -375,10 +411,11 @@ struct BatchNormBackward : public Node {
     mean_.reset_data();
     rstd_.reset_data();
     var_.reset_data();
+    w_.reset_data();
+    b_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
-    refuse_double_backward("torch.nn.functional.batch_norm");
     const at::Tensor x = x_.unpack(), w32 = w32_.unpack(), b32 = b32_.unpack();
     const at::Tensor mean = mean_.unpack(), rstd = rstd_.unpack();
     const bool need_dx = task_should_compute_output(0);
@@ -386,6 +423,12 @@ struct BatchNormBackward : public Node {
     const bool need_db = b32.defined() && task_should_compute_output(2);
     at::Tensor dy = grads[0];
     if (!dy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor w = w_.unpack(), b = b_.unpack();
+      return differentiable_grads(dy, x, w.defined() ? w : w32, b.defined() ? b : b32, mean,
+                                  rstd, x.size(1), true, given, act, eps, need_dx, need_dw,
+                                  need_db);
+    }
     if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
       dy = at::empty_like(x).copy_(dy);  // torch's backward reads dy with x's layout
     at::Tensor dx, dw, db;
@@ -452,12 +495,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_with_grad(
   node->b32_ = SavedVariable(b32, false);
   node->mean_ = SavedVariable(mean, false);
   node->rstd_ = SavedVariable(rstd, false);
+  if (w.defined() && !w32.is_same(w)) node->w_ = SavedVariable(w, false);
+  if (b.defined() && !b32.is_same(b)) node->b_ = SavedVariable(b, false);
   node->act = act;
   node->given = given_mean.defined();
+  node->eps = eps;
   if (node->given && act == 0) {  // (saved as torch's batch norm saves it: changing it in place
                                    // before the backward is an error there too)
     node->var_ = SavedVariable(as_f32(given_var), false);
-    node->eps = eps;
   }
   node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
   node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;

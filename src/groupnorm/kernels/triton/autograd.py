@@ -8,25 +8,36 @@ the first launch is the same as without gradients.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import input_grads
+from ..portable import differentiable_backward
 from .launch import norm_backward, norm_forward
 
 
 class TritonNorm(torch.autograd.Function):
     """Records a forward already computed by :func:`.launch.norm_forward` (passed in as
     ``outputs``), with :func:`.launch.norm_backward` as its backward; saves only x (or
-    x + residual), weight, bias, mean and rstd."""
+    x + residual), weight, bias, mean and rstd. Under ``create_graph=True`` the backward is
+    the portable core's differentiable one (torch operations) instead of the kernels."""
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, residual, num_groups, pool_batch, stats_given, activation, outputs
+        ctx,
+        x,
+        weight,
+        bias,
+        residual,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        eps,
+        outputs,
     ):
         y, total, mean, rstd = outputs
         has_res = residual is not None
         ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
-        ctx.meta = (num_groups, pool_batch, stats_given, activation, has_res)
+        ctx.meta = (num_groups, pool_batch, stats_given, activation, has_res, eps)
         ctx.set_materialize_grads(False)
         if has_res:
             ctx.mark_non_differentiable(mean, rstd)
@@ -35,19 +46,26 @@ class TritonNorm(torch.autograd.Function):
         return y, total, mean, rstd
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
         saved_x, weight, bias, mean, rstd = ctx.saved_tensors
-        num_groups, pool_batch, stats_given, activation, has_res = ctx.meta
+        num_groups, pool_batch, stats_given, activation, has_res, eps = ctx.meta
+        # (grad mode is on here only under create_graph=True: then the gradients must carry a
+        # graph, which the kernels' do not)
+        differentiable = torch.is_grad_enabled()
 
         def run(need_dx, need_dw, need_db):
+            if differentiable:
+                return differentiable_backward(
+                    grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
+                    stats_given, activation, eps, (need_dx, need_dw, need_db),
+                )  # fmt: skip
             return norm_backward(
                 grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given,
                 activation, (need_dx, need_dw, need_db),
             )  # fmt: skip
 
         grads = input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # Function.apply without its functorch preamble, which only unwraps functorch's dead wrappers
@@ -83,5 +101,5 @@ def eager(
         torch._C._set_grad_enabled(True)
     return _record(
         x, weight, bias, residual, num_groups, pool_batch, given_mean is not None, activation,
-        outputs,
+        eps, outputs,
     )  # fmt: skip

@@ -39,6 +39,7 @@ def register() -> bool:
         _registered = False
         return False
     from .. import input_grads
+    from ..portable import differentiable_backward
     from .launch import traced_backward_launch, traced_forward_launch
 
     @triton_op("groupnorm::triton_forward", mutates_args=())
@@ -95,18 +96,23 @@ def register() -> bool:
         return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, residual, given_mean, _gv, num_groups, pool_batch, _eps, act = inputs
+        x, weight, bias, residual, given_mean, _gv, num_groups, pool_batch, eps, act = inputs
         _y, total, mean, rstd = output
         has_res = residual is not None
         ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
-        ctx.meta = (num_groups, pool_batch, given_mean is not None, act, has_res)
+        ctx.meta = (num_groups, pool_batch, given_mean is not None, act, has_res, float(eps))
         ctx.mark_non_differentiable(mean, rstd)
 
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
         saved_x, weight, bias, mean, rstd = ctx.saved_tensors
-        num_groups, pool_batch, stats_given, activation, has_res = ctx.meta
+        num_groups, pool_batch, stats_given, activation, has_res, eps = ctx.meta
 
         def run(need_dx, need_dw, need_db):
+            if torch.is_grad_enabled():  # create_graph=True: gradients that carry a graph
+                return differentiable_backward(
+                    grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
+                    stats_given, activation, eps, (need_dx, need_dw, need_db),
+                )  # fmt: skip
             return torch.ops.groupnorm.triton_backward(
                 grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
                 stats_given, activation, need_dx, need_dw, need_db,
