@@ -390,7 +390,8 @@ def test_build_reuses_a_finished_build_of_the_same_sources(tmp_path):
 
 def test_object_names_follow_the_command_and_every_source(monkeypatch, tmp_path):
     """A kept object is reused only for the same command and the same sources: its name is a
-    hash of both, so a changed header or flag compiles the unit again."""
+    hash of the command, the unit and the headers, so a changed header or flag compiles the
+    unit again, and a change to another unit does not."""
     src = tmp_path / "src"
     src.mkdir()
     for f in build.source_files():
@@ -400,6 +401,8 @@ def test_object_names_follow_the_command_and_every_source(monkeypatch, tmp_path)
     first = build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
     assert first == build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
     assert first != build._object([*cmd, "-mavx2"], tmp_path / "gn_nchw.o", tmp_path / "objs")
+    (src / "gn_ops.cpp").write_text("// another unit changed\n")
+    assert first == build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
     (src / "gn_common.h").write_text("// changed\n")
     assert first != build._object(list(cmd), tmp_path / "gn_nchw.o", tmp_path / "objs")
     assert build._object(list(cmd), tmp_path / "x.o", None) == str(tmp_path / "x.o")

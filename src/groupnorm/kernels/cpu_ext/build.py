@@ -144,14 +144,15 @@ class BuildError(RuntimeError):
 
 def _object(cmd: list[str], fallback: Path, cache: Path | None) -> str:
     """Append ``-o OBJECT`` to a compile command: a file in ``cache`` named by a hash of the
-    command and of every source file (the unit and all headers), else ``fallback``."""
+    command, of the unit's source and of the headers, else ``fallback``."""
     if cache is None:
         obj = str(fallback)
     else:
         import hashlib
 
         digest = hashlib.sha256("\0".join(cmd).encode())
-        for src in source_files():
+        unit = Path(cmd[cmd.index("-c") + 1])
+        for src in (unit, *(HERE / h for h in KERNEL_HEADERS)):
             digest.update(src.read_bytes())
         obj = str(cache / f"{fallback.stem}-{digest.hexdigest()[:20]}.o")
     cmd += ["-o", obj]
