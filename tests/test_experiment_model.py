@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import groupnorm
+from groupnorm import SyncBatchNorm
 from groupnorm.experiments.model import (
     NORMS,
     GhostBatchNorm,
     SmallResNet,
-    SyncBatchNorm,
     make_norm,
     set_virtual_workers,
 )
