@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..functional import normalize
+from .. import kernels
+from ..kernels.running import update_running_stats
 from ..modules import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from ..sync_batchnorm import SyncBatchNorm
 
@@ -72,35 +73,73 @@ class GhostBatchNorm(BatchNorm):
                 f"batch that is a multiple of the number of workers"
             )
         per = n // chunks
-        # (W*B, C, *) -> (W, C, B * prod(*)): each chunk becomes one instance-norm sample.
-        grouped = input.reshape(chunks, per, c, -1).transpose(1, 2).reshape(chunks, c, -1)
-        if self.track_running_stats:
-            count = grouped.shape[-1]
-            if count < 2:
-                raise ValueError(
-                    f"batch norm in training needs more than 1 value per channel and worker, "
-                    f"got {per} sample(s) of shape {tuple(input.shape[1:])}"
-                )
-            with torch.no_grad():
-                var, mean = torch.var_mean(grouped.detach(), dim=-1, correction=0)
-                self.num_batches_tracked.add_(1)
-                momentum = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
-                unbiased = var * (count / (count - 1))
-                self.running_mean.mul_(1 - momentum).add_(mean.mean(0), alpha=momentum)
-                self.running_var.mul_(1 - momentum).add_(unbiased.mean(0), alpha=momentum)
-        out = normalize(
-            grouped,
-            "instance",
-            weight=self.weight,
-            bias=self.bias,
-            eps=self.eps,
-            activation=self._activation,
+        count = input.numel() // (chunks * c)
+        if count < 2:
+            raise ValueError(
+                f"batch norm in training needs more than 1 value per channel and worker, "
+                f"got {per} sample(s) of shape {tuple(input.shape[1:])}"
+            )
+        # (W*B, C, *) -> (W, C, B * prod(*)): each chunk becomes one instance-norm sample. For
+        # channels-last input this is a view (C has stride 1 and a chunk's positions follow one
+        # another), so the whole layer is one kernel call on the input's own memory.
+        last = input.movedim(1, -1)
+        if last.is_contiguous():
+            grouped = last.reshape(chunks, -1, c).transpose(1, 2)
+        else:
+            grouped = input.reshape(chunks, per, c, -1).transpose(1, 2).reshape(chunks, c, -1)
+        out, mean, rstd = _GhostNorm.apply(
+            grouped, self.weight, self.bias, self.eps, self._activation
         )
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+            # The average over chunks of each chunk's mean and biased variance, the variance
+            # handed over as the rstd it would have (the update recovers 1/rstd^2 - eps and
+            # makes it unbiased with count / (count - 1)).
+            with torch.no_grad():
+                avg_rstd = rstd.pow(-2).mean(0).rsqrt_()
+                update_running_stats(
+                    self.running_mean,
+                    self.running_var,
+                    mean.mean(0),
+                    avg_rstd,
+                    self.eps,
+                    momentum,
+                    count,
+                    native=input.is_cpu,
+                )
+        if last.is_contiguous():
+            return out.transpose(1, 2).reshape(last.shape).movedim(-1, 1)
         return out.reshape(chunks, c, per, -1).transpose(1, 2).reshape(input.shape)
+
+
+class _GhostNorm(torch.autograd.Function):
+    """Instance norm of (W, C, S) through the backend's kernels, returning its statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, activation):  # noqa: D102
+        backend = kernels.select("auto", x, x.shape[1], False)
+        y, _, mean, rstd = backend.forward(
+            x, weight, bias, None, None, None, x.shape[1], False, eps, activation
+        )
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.setup = (activation, backend)
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):  # noqa: D102
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        activation, backend = ctx.setup
+        if dy.stride() != x.stride():  # the kernels take dy in x's layout
+            dy = torch.empty_like(x).copy_(dy)
+        dx, dw, db = backend.backward(
+            dy, x, weight, bias, mean, rstd, x.shape[1], False, False, activation,
+            tuple(ctx.needs_input_grad[:3]),
+        )  # fmt: skip
+        return dx, dw, db, None, None
 
 
 def make_norm(
