@@ -337,9 +337,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         b = bias.to(acc) if bias is not None else torch.zeros(c, dtype=acc, device=x.device)
         if x.numel() > 0:
             dy = dy.contiguous(memory_format=_memory_format(x))
-            dx_given, dw, db = backend.backward(
-                dy, x, w, b, mean, rstd, c, True, True, activation, (need_dx, True, True)
-            )
+            if not activation and x.dtype == acc and x.device.type == "cpu":
+                # Given statistics and no activation: torch's batch norm backward in eval form
+                # is one kernel for g*rstd*dy, sum(dy * x_hat) and sum(dy).
+                var = rstd.to(torch.float64).pow(-2).sub_(eps).to(acc)
+                dx_given, dw, db = torch.ops.aten.native_batch_norm_backward(
+                    dy, x, w, mean, var, None, None, False, eps, [need_dx, True, True]
+                )
+            else:
+                dx_given, dw, db = backend.backward(
+                    dy, x, w, b, mean, rstd, c, True, True, activation, (need_dx, True, True)
+                )
             sums = torch.stack([db.to(torch.float64), dw.to(torch.float64)])
         else:
             dx_given = torch.zeros_like(x) if need_dx else None
@@ -356,8 +364,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 shift = (-g_r * sums[0] / total).to(acc)
                 slope = (-g_r * rstd.to(torch.float64) * sums[1] / total).to(acc)
                 shape = [1, c] + [1] * (x.dim() - 2)
-                dx = (x.to(acc) - mean.view(shape)).mul_(slope.view(shape))
-                dx = dx.add_(shift.view(shape)).add_(dx_given).to(x.dtype)
+                if dx_given.dtype == acc:  # in place: two passes, no temporary
+                    offset = (shift.double() - slope.double() * mean.double()).to(acc)
+                    dx = dx_given.addcmul_(x, slope.view(shape)).add_(offset.view(shape))
+                else:
+                    dx = (x.to(acc) - mean.view(shape)).mul_(slope.view(shape))
+                    dx = dx.add_(shift.view(shape)).add_(dx_given).to(x.dtype)
         dweight = dbias = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = local[1].to(weight.dtype)
