@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from groupnorm import SyncBatchNorm
 from groupnorm.experiments.data import Dataset
-from groupnorm.experiments.model import SyncBatchNorm
 from groupnorm.experiments.train import Protocol, RunSpec, _free_port, train_run, train_run_ddp
 
 WORLD = 2

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import groupnorm
+from groupnorm import SyncBatchNorm
 from groupnorm.experiments.model import (
     NORMS,
     GhostBatchNorm,
     SmallResNet,
-    SyncBatchNorm,
     make_norm,
     set_virtual_workers,
 )
@@ -25,9 +25,10 @@ def _chunked_reference(x, weight, bias, chunks, eps=1e-5):
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunks", [1, 2, 4])
-def test_ghost_bn_is_per_chunk_bn(dtype, chunks):
+def test_ghost_bn_is_per_chunk_bn(dtype, chunks, channels_last):
     torch.manual_seed(chunks)
     n, c = 8, 6
     bn = GhostBatchNorm(c, dtype=dtype)
@@ -35,9 +36,14 @@ def test_ghost_bn_is_per_chunk_bn(dtype, chunks):
     with torch.no_grad():
         bn.weight.copy_(torch.randn(c))
         bn.bias.copy_(torch.randn(c))
-    x = (torch.randn(n, c, 5, 3, dtype=dtype) * 2 + 1).requires_grad_()
+    x = torch.randn(n, c, 5, 3, dtype=dtype) * 2 + 1
     dy = torch.randn(n, c, 5, 3, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     y = bn(x)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(dy)
 
     x64 = x.detach().double().requires_grad_()

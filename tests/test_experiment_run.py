@@ -250,3 +250,22 @@ def test_presets_fit_their_promises():
             p.protocol.workers * max(p.batch_sizes)
         )
         assert torch.tensor(p.batch_sizes).min() >= 1
+
+
+def test_gn_flatness_check_names_the_steps_per_batch_size():
+    def rec(norm, b, seed, err, steps):
+        return {
+            "norm": norm,
+            "images_per_worker": b,
+            "seed": seed,
+            "groups": None,
+            "test_error": err,
+            "steps": steps,
+        }
+
+    records = [rec("gn", 32, s, 17.0 + s, 234) for s in (0, 1)]
+    records += [rec("gn", 1, s, 14.0 + s / 10, 7500) for s in (0, 1)]
+    checks = {claim: (ok, detail) for claim, ok, detail in science_checks(records)}
+    ok, detail = checks["GN's mean error varies by at most 1 point across batch sizes"]
+    assert ok is False
+    assert "= 3.45" in detail and "32: 234, 1: 7500" in detail

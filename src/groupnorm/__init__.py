@@ -11,6 +11,7 @@ from .factory import create_norm_layer, get_norm_layer
 from .functional import batch_norm, group_norm, instance_norm, layer_norm, normalize
 from .modules import BatchNorm, GroupNorm, GroupNormAct, InstanceNorm, LayerNorm
 from .reference import reference_norm
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from .weight_standardization import WSConv1d, WSConv2d, WSConv3d, standardize_weight
 
 __version__ = "0.1.0"
@@ -24,11 +25,14 @@ __all__ = [
     "GroupNorm",
     "GroupNormAct",
     "BatchNorm",
+    "SyncBatchNorm",
     "LayerNorm",
     "InstanceNorm",
     "reference_norm",
     "convert_batchnorm",
     "replace_group_norm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
     "create_norm_layer",
     "get_norm_layer",
     "WSConv1d",

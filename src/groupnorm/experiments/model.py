@@ -1,13 +1,13 @@
-"""A small ResNet whose normalization layer is picked by name, plus the two data-parallel BNs.
+"""A small ResNet whose normalization layer is picked by name, plus per-worker (ghost) BN.
 
 Normalization names (see :data:`NORMS`):
 
 * ``bn``: :class:`GhostBatchNorm`, this library's batch norm; with ``virtual_workers = W`` it
   splits a training batch of W*B images into W chunks of B and normalizes each chunk with its
   own statistics, which is what W data-parallel workers with per-worker BN compute.
-* ``bn-sync``: :class:`SyncBatchNorm`, batch statistics over all workers (all-reduced with
-  ``torch.distributed``, any backend including gloo on CPU); with virtual workers the whole
-  W*B batch is one BN batch, which is the same thing.
+* ``bn-sync``: :class:`groupnorm.SyncBatchNorm`, batch statistics over all workers (exchanged
+  with ``torch.distributed``, any backend including gloo on CPU); with virtual workers the
+  whole W*B batch is one BN batch, which is the same thing.
 * ``gn``: :class:`groupnorm.GroupNorm` with ``groups`` groups (or ``group_size`` channels each).
 * ``ln``: :class:`groupnorm.LayerNorm` (one group); ``in``: :class:`groupnorm.InstanceNorm`
   (one channel per group); ``none``: no normalization (the convolutions get a bias).
@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..functional import normalize
+from .. import kernels
 from ..kernels.running import update_running_stats
 from ..modules import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from ..sync_batchnorm import SyncBatchNorm
 
 __all__ = [
     "NORMS",
     "GhostBatchNorm",
-    "SyncBatchNorm",
     "make_norm",
     "SmallResNet",
     "set_virtual_workers",
@@ -73,137 +73,73 @@ class GhostBatchNorm(BatchNorm):
                 f"batch that is a multiple of the number of workers"
             )
         per = n // chunks
-        # (W*B, C, *) -> (W, C, B * prod(*)): each chunk becomes one instance-norm sample.
-        grouped = input.reshape(chunks, per, c, -1).transpose(1, 2).reshape(chunks, c, -1)
-        if self.track_running_stats:
-            count = grouped.shape[-1]
-            if count < 2:
-                raise ValueError(
-                    f"batch norm in training needs more than 1 value per channel and worker, "
-                    f"got {per} sample(s) of shape {tuple(input.shape[1:])}"
-                )
-            with torch.no_grad():
-                var, mean = torch.var_mean(grouped.detach(), dim=-1, correction=0)
-                self.num_batches_tracked.add_(1)
-                momentum = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
-                unbiased = var * (count / (count - 1))
-                self.running_mean.mul_(1 - momentum).add_(mean.mean(0), alpha=momentum)
-                self.running_var.mul_(1 - momentum).add_(unbiased.mean(0), alpha=momentum)
-        out = normalize(
-            grouped,
-            "instance",
-            weight=self.weight,
-            bias=self.bias,
-            eps=self.eps,
-            activation=self._activation,
-        )
-        return out.reshape(chunks, c, per, -1).transpose(1, 2).reshape(input.shape)
-
-
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm over the union of every worker's batch; statistics all-reduced in float64."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, group, world_size):  # noqa: D102
-        c = x.shape[1]
-        dims = [d for d in range(x.dim()) if d != 1]
-        count = x.numel() // c
-        # Local centred statistics, then Chan et al.'s pairwise merge in float64 over workers.
-        var_l, mean_l = torch.var_mean(x, dim=dims, correction=0)
-        local = torch.stack(
-            [
-                torch.full((c,), float(count), dtype=torch.float64, device=x.device),
-                mean_l.double(),
-                var_l.double() * count,
-            ]
-        )
-        gathered = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(gathered, local, group=group)
-        stats = torch.stack(gathered)  # (W, 3, C)
-        counts, means, m2s = stats[:, 0], stats[:, 1], stats[:, 2]
-        total = counts.sum(0)
-        mean = (counts * means).sum(0) / total
-        m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
-        var = m2 / total
-        rstd = torch.rsqrt(var + eps)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        xhat = (x - mean.to(x.dtype).view(shape)) * rstd.to(x.dtype).view(shape)
-        y = xhat
-        if weight is not None:
-            y = y * weight.view(shape)
-        if bias is not None:
-            y = y + bias.view(shape)
-        ctx.save_for_backward(x, weight, mean.to(x.dtype), rstd.to(x.dtype))
-        ctx.total = total[0].item()
-        ctx.group = group
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable()
-        return y, mean, var, total
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dtotal):  # noqa: D102
-        x, weight, mean, rstd = ctx.saved_tensors
-        c = x.shape[1]
-        dims = [d for d in range(x.dim()) if d != 1]
-        shape = [1, c] + [1] * (x.dim() - 2)
-        xhat = (x - mean.view(shape)) * rstd.view(shape)
-        sum_dy = dy.sum(dims)
-        sum_dy_xhat = (dy * xhat).sum(dims)
-        # The gradient w.r.t. this worker's x needs the sums over every worker's dy.
-        both = torch.stack([sum_dy, sum_dy_xhat]).double()
-        dist.all_reduce(both, group=ctx.group)
-        g_dy = (both[0] / ctx.total).to(x.dtype).view(shape)
-        g_dy_xhat = (both[1] / ctx.total).to(x.dtype).view(shape)
-        scale = rstd.view(shape)
-        if weight is not None:
-            scale = scale * weight.view(shape)
-        dx = scale * (dy - g_dy - xhat * g_dy_xhat)
-        dweight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
-        dbias = sum_dy.to(dx.dtype) if ctx.has_bias else None
-        return dx, dweight, dbias, None, None, None
-
-
-class SyncBatchNorm(BatchNorm):
-    """Batch norm whose training statistics span all workers of a ``torch.distributed`` group.
-
-    Works with any backend (gloo on CPU included), unlike ``torch.nn.SyncBatchNorm``, which
-    needs CUDA. Forward: each worker computes its per-channel count, mean and centred sum of
-    squares; the workers exchange them (float64) and merge them exactly. Backward: the
-    per-channel sums of ``dy`` and ``dy * x_hat`` are all-reduced, since every worker's output
-    depends on every worker's input through the shared statistics. ``weight``/``bias`` get
-    this worker's share of their gradient (DistributedDataParallel averages the shares).
-    Without an initialized process group (or with one worker) it is ordinary batch norm.
-    """
-
-    process_group: Any = None
-
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        distributed = dist.is_available() and dist.is_initialized()
-        world = dist.get_world_size(self.process_group) if distributed else 1
-        if not self.training or world == 1:
-            return super().forward(input, residual)
-        self._check_input_dim(input)
-        x = input + residual if residual is not None else input
-        y, mean, var, total = _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, self.eps, self.process_group, world
+        count = input.numel() // (chunks * c)
+        if count < 2:
+            raise ValueError(
+                f"batch norm in training needs more than 1 value per channel and worker, "
+                f"got {per} sample(s) of shape {tuple(input.shape[1:])}"
+            )
+        # (W*B, C, *) -> (W, C, B * prod(*)): each chunk becomes one instance-norm sample. For
+        # channels-last input this is a view (C has stride 1 and a chunk's positions follow one
+        # another), so the whole layer is one kernel call on the input's own memory.
+        last = input.movedim(1, -1)
+        if last.is_contiguous():
+            grouped = last.reshape(chunks, -1, c).transpose(1, 2)
+        else:
+            grouped = input.reshape(chunks, per, c, -1).transpose(1, 2).reshape(chunks, c, -1)
+        out, mean, rstd = _GhostNorm.apply(
+            grouped, self.weight, self.bias, self.eps, self._activation
         )
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
-            momentum = (
-                1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            )
-            count = int(total[0].item())
-            rstd = torch.rsqrt(var + self.eps)
-            update_running_stats(
-                self.running_mean, self.running_var, mean, rstd, self.eps, momentum, count
-            )
-        if self._activation:
-            y = getattr(torch.nn.functional, self._activation)(y)
-        return y
+            momentum = self.momentum
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+            # The average over chunks of each chunk's mean and biased variance, the variance
+            # handed over as the rstd it would have (the update recovers 1/rstd^2 - eps and
+            # makes it unbiased with count / (count - 1)).
+            with torch.no_grad():
+                avg_rstd = rstd.pow(-2).mean(0).rsqrt_()
+                update_running_stats(
+                    self.running_mean,
+                    self.running_var,
+                    mean.mean(0),
+                    avg_rstd,
+                    self.eps,
+                    momentum,
+                    count,
+                    native=input.is_cpu,
+                )
+        if last.is_contiguous():
+            return out.transpose(1, 2).reshape(last.shape).movedim(-1, 1)
+        return out.reshape(chunks, c, per, -1).transpose(1, 2).reshape(input.shape)
+
+
+class _GhostNorm(torch.autograd.Function):
+    """Instance norm of (W, C, S) through the backend's kernels, returning its statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, activation):  # noqa: D102
+        backend = kernels.select("auto", x, x.shape[1], False)
+        y, _, mean, rstd = backend.forward(
+            x, weight, bias, None, None, None, x.shape[1], False, eps, activation
+        )
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.setup = (activation, backend)
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):  # noqa: D102
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        activation, backend = ctx.setup
+        if dy.stride() != x.stride():  # the kernels take dy in x's layout
+            dy = torch.empty_like(x).copy_(dy)
+        dx, dw, db = backend.backward(
+            dy, x, weight, bias, mean, rstd, x.shape[1], False, False, activation,
+            tuple(ctx.needs_input_grad[:3]),
+        )  # fmt: skip
+        return dx, dw, db, None, None
 
 
 def make_norm(

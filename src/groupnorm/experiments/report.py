@@ -159,11 +159,19 @@ def science_checks(records: list[dict[str, Any]]) -> list[tuple[str, bool | None
     if len(gn) > 1:
         means = {b: _stats(v)[0] for b, v in gn.items()}
         spread = max(means.values()) - min(means.values())
+        # Every batch size sees the same images, so larger batches take fewer steps; the
+        # step counts say whether the largest batch had the steps to converge.
+        steps: dict[int, int] = {}
+        for r in records:
+            if _row_name(r) == "gn" and "steps" in r:
+                steps.setdefault(int(r["images_per_worker"]), int(r["steps"]))
+        counts = ", ".join(f"{b}: {steps[b]}" for b in sorted(steps, reverse=True))
         out.append(
             (
                 "GN's mean error varies by at most 1 point across batch sizes",
                 spread <= 1,
-                f"max - min over batch sizes = {spread:.2f}",
+                f"max - min over batch sizes = {spread:.2f}"
+                + (f" (training steps by images/worker: {counts})" if counts else ""),
             )
         )
     if bn and gn and small in gn:
