@@ -210,7 +210,15 @@ def run_grid(
                 initializer=_init_worker,
                 initargs=(loader, threads),
             ) as pool:
-                futures = [pool.submit(_run_in_worker, protocol, run) for run in todo]
+                # Longest first (the most steps: the smallest batches), so that the pool does
+                # not end on one long run while the other workers are idle. Results do not
+                # depend on the order.
+                from .train import _total_steps
+
+                longest_first = sorted(
+                    todo, key=lambda r: _total_steps(protocol, r, None), reverse=True
+                )
+                futures = [pool.submit(_run_in_worker, protocol, run) for run in longest_first]
                 for future in as_completed(futures):
                     finish(future.result(), grid_bar)
     finally:
