@@ -180,6 +180,36 @@ def _warn_single_element_sets(module: nn.Module, input: Tensor) -> None:
         )
 
 
+def _resolve_act_drop(
+    activation: str | None, act_layer: Any, act_kwargs: Any, drop_layer: Any, device, dtype
+) -> tuple[str, nn.Module | None, nn.Module | None]:
+    """(fused activation name, activation module, dropout module) from the constructor's
+    arguments, as :class:`GroupNormAct` and :class:`groupnorm.SyncBatchNorm` take them."""
+    if act_layer is not None or act_kwargs:
+        if activation is not None:
+            raise ValueError(
+                f"pass activation= or act_layer=, not both (got activation={activation!r}, "
+                f"act_layer={act_layer!r})"
+            )
+        name, module = _act.resolve_act(act_layer, act_kwargs)
+    else:
+        name, module = v.check_activation(activation), None
+    drop = drop_layer
+    if drop is not None and not isinstance(drop, nn.Module):
+        if not callable(drop):
+            raise TypeError(
+                f"drop_layer must be an nn.Module class or instance, got {type(drop).__name__}"
+            )
+        drop = drop()
+    if isinstance(drop, nn.Identity):
+        drop = None
+    if drop is not None and name:  # the dropout sits between norm and activation: no fusion
+        name, module = "", _act.module_for(name)
+    if module is not None and (device is not None or dtype is not None):
+        module = module.to(device=device, dtype=dtype)  # e.g. nn.PReLU's weight
+    return name, module, drop
+
+
 class GroupNormAct(GroupNorm):
     """Group norm followed by an activation; silu, gelu (erf) and relu are computed in one op.
 
@@ -242,28 +272,13 @@ class GroupNormAct(GroupNorm):
         super().__init__(
             num_groups, num_channels, eps, affine, device, dtype, group_size=group_size, bias=bias
         )
-        if act_layer is not None or act_kwargs:
-            if activation is not None and not isinstance(activation, GroupNormAct._Default):
-                raise ValueError(
-                    f"pass activation= or act_layer=, not both (got activation={activation!r}, "
-                    f"act_layer={act_layer!r})"
-                )
-            name, module = _act.resolve_act(act_layer, act_kwargs)
-        else:
-            name, module = v.check_activation(activation), None
-        drop = drop_layer
-        if drop is not None and not isinstance(drop, nn.Module):
-            if not callable(drop):
-                raise TypeError(
-                    f"drop_layer must be an nn.Module class or instance, got {type(drop).__name__}"
-                )
-            drop = drop()
-        if isinstance(drop, nn.Identity):
-            drop = None
-        if drop is not None and name:  # the dropout sits between norm and activation: no fusion
-            name, module = "", _act.module_for(name)
-        if module is not None and (device is not None or dtype is not None):
-            module = module.to(device=device, dtype=dtype)  # e.g. nn.PReLU's weight
+        # (the default activation gives way to an act_layer; an explicit one clashes with it)
+        explicit = activation
+        if (act_layer is not None or act_kwargs) and isinstance(activation, GroupNormAct._Default):
+            explicit = None
+        name, module, drop = _resolve_act_drop(
+            explicit, act_layer, act_kwargs, drop_layer, device, dtype
+        )
         self._activation = name
         self.drop = drop
         self.act = module

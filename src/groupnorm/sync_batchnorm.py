@@ -35,43 +35,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _act, kernels
 from . import _validation as v
+from . import kernels
 from .convert import _check_model, _classify_bn, _describe, _walk
 from .kernels.running import update_running_stats
-from .modules import BatchNorm
+from .modules import BatchNorm, _resolve_act_drop
 
 __all__ = ["SyncBatchNorm", "BatchNormAct", "convert_sync_batchnorm", "revert_sync_batchnorm"]
-
-
-def _resolve_act_drop(
-    activation: str | None, act_layer: Any, act_kwargs: Any, drop_layer: Any, device, dtype
-) -> tuple[str, nn.Module | None, nn.Module | None]:
-    """(fused activation name, activation module, dropout module) from the constructor's
-    arguments, with :class:`groupnorm.GroupNormAct`'s rules."""
-    if act_layer is not None or act_kwargs:
-        if activation is not None:
-            raise ValueError(
-                f"pass activation= or act_layer=, not both (got activation={activation!r}, "
-                f"act_layer={act_layer!r})"
-            )
-        name, module = _act.resolve_act(act_layer, act_kwargs)
-    else:
-        name, module = v.check_activation(activation), None
-    drop = drop_layer
-    if drop is not None and not isinstance(drop, nn.Module):
-        if not callable(drop):
-            raise TypeError(
-                f"drop_layer must be an nn.Module class or instance, got {type(drop).__name__}"
-            )
-        drop = drop()
-    if isinstance(drop, nn.Identity):
-        drop = None
-    if drop is not None and name:  # the dropout sits between norm and activation: no fusion
-        name, module = "", _act.module_for(name)
-    if module is not None and (device is not None or dtype is not None):
-        module = module.to(device=device, dtype=dtype)
-    return name, module, drop
 
 
 class BatchNormAct(BatchNorm):
