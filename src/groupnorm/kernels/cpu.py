@@ -4,9 +4,10 @@ What runs where (``benchmarks/README.md`` has the measurements behind each choic
 
 * group/layer/instance norm and batch norm in float32, bfloat16 or float16, contiguous or
   channels-last, forward and backward, with or without a fused activation -> the C++ extension
-  (built on first use, cached on disk). In plain eager mode :func:`fast` hands the whole call to
-  it: one pybind11 call that checks the tensors, runs the kernel, keeps a C++ autograd node when
-  gradients are needed and updates batch norm's running statistics. Batch norm's backward is
+  (compiled at install for each instruction-set level; the CPU's best is loaded). In plain
+  eager mode :func:`fast` hands the whole call to it: one pybind11 call that checks the
+  tensors, runs the kernel, keeps a C++ autograd node when gradients are needed and updates
+  batch norm's running statistics. Batch norm's backward is
   torch's ``native_batch_norm_backward`` (batch statistics) or one line of arithmetic (given
   statistics), after the activation's derivative;
 * the extension unavailable (no compiler, failed build, ``GROUPNORM_CPU_EXT=0``) or the case

@@ -11,7 +11,8 @@
 //
 // Why a pybind11 module: one call costs about 0.8 us, where a torch.ops operator's boxed call
 // cost about 3 us for six arguments, and the backward runs in the autograd engine without
-// Python. It is built by kernels/cpu_ext/__init__.py with torch.utils.cpp_extension.
+// Python. It is compiled once by cpu_ext/build.py and calls the kernel library of the level
+// that cpu_ext/__init__.py chose through a table of function pointers (load_kernels).
 
 #include "gn_kernels.h"
 
