@@ -63,6 +63,10 @@ def _first_calls(**env) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: torch's name for the same instruction-set level
+_TORCH_CAPABILITY = {"x86-64-v2": "default", "x86-64-v3": "avx2", "x86-64-v4": "avx512"}
+
+
 @pytest.mark.parametrize("cap", [None, "x86-64-v3", "x86-64-v2"])
 def test_first_calls_load_the_installed_kernels(cap):
     from groupnorm.kernels import cpu_ext
@@ -70,11 +74,15 @@ def test_first_calls_load_the_installed_kernels(cap):
     levels = cpu_ext.cpu_levels()
     if cap is not None and cap not in levels:
         pytest.skip(f"this CPU does not run {cap}")
-    got = _first_calls(**({"GROUPNORM_CPU_ISA": cap} if cap else {}))
+    # torch's own kernels capped to the same level (ATEN_CPU_CAPABILITY), so that the speed is
+    # compared as on a CPU of that level: our v2 code against torch's AVX2 code would measure
+    # the cap, not the kernels
+    env = {"GROUPNORM_CPU_ISA": cap, "ATEN_CPU_CAPABILITY": _TORCH_CAPABILITY[cap]} if cap else {}
+    got = _first_calls(**env)
     assert "site-packages" in got["file"] and got["folder"].startswith(os.path.dirname(got["file"]))
     assert got["compiler"] is None  # (the check runs where no compiler is on PATH)
     assert got["level"] == (cap or levels[-1])
     assert got["first_call_s"] < 1.0
     assert got["err"] < 1e-5
-    # GN + SiLU as one kernel: faster than torch's group norm and SiLU, with a margin for noise
+    # GN + SiLU as one kernel: faster than torch's group norm then SiLU at the same level
     assert got["speedup_vs_torch"] > 1.0, got
