@@ -29,7 +29,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import groupnorm
+from groupnorm.bench.suite import git_commit
 
 VARIANTS = ("bn", "torch-bn", "sync")
 
@@ -52,23 +52,6 @@ def _machine() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except OSError:
-        return ""
 
 
 def make_model(variant: str, width: int) -> nn.Module:
@@ -204,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ranks < 1:
         parser.error("--ranks must be at least 1")
     args.load = os.getloadavg()[0]
-    args.commit = _commit()
+    args.commit = git_commit()
     mp.spawn(_worker, args=(args.ranks, _free_port(), args), nprocs=args.ranks, join=True)
     return 0
 

@@ -210,7 +210,33 @@ def _resolve_act_drop(
     return name, module, drop
 
 
-class GroupNormAct(GroupNorm):
+class _ActTail:
+    """What a norm-act module applies after the norm: a fused activation named in
+    ``_activation`` (run by the kernels), else an ``act`` module, after an optional ``drop``."""
+
+    def _init_act_drop(self, activation, act_layer, act_kwargs, drop_layer, device, dtype):
+        name, module, drop = _resolve_act_drop(
+            activation, act_layer, act_kwargs, drop_layer, device, dtype
+        )
+        self._activation = name
+        self.drop = drop
+        self.act = module
+
+    @property
+    def activation(self) -> str | nn.Module | None:
+        """The fused activation's name, the module applied after the norm, or None."""
+        return self._activation or self.act
+
+    def _act_label(self) -> str | None:
+        return self._activation or (type(self.act).__name__ if self.act is not None else None)
+
+    def _drop_act(self, y: Tensor) -> Tensor:
+        if self.drop is not None:
+            y = self.drop(y)
+        return y if self.act is None else self.act(y)
+
+
+class GroupNormAct(_ActTail, GroupNorm):
     """Group norm followed by an activation; silu, gelu (erf) and relu are computed in one op.
 
     The activation is given either as ``activation=`` (``"silu"``, ``"gelu"``, ``"relu"`` or
@@ -276,27 +302,13 @@ class GroupNormAct(GroupNorm):
         explicit = activation
         if (act_layer is not None or act_kwargs) and isinstance(activation, GroupNormAct._Default):
             explicit = None
-        name, module, drop = _resolve_act_drop(
-            explicit, act_layer, act_kwargs, drop_layer, device, dtype
-        )
-        self._activation = name
-        self.drop = drop
-        self.act = module
-
-    @property
-    def activation(self) -> str | nn.Module | None:
-        """The fused activation's name, the module applied after the norm, or None."""
-        return self._activation or self.act
+        self._init_act_drop(explicit, act_layer, act_kwargs, drop_layer, device, dtype)
 
     def extra_repr(self) -> str:
-        act = self._activation or (type(self.act).__name__ if self.act is not None else None)
-        return f"{super().extra_repr()}, activation={act}"
+        return f"{super().extra_repr()}, activation={self._act_label()}"
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        y = super().forward(input, residual)
-        if self.drop is not None:
-            y = self.drop(y)
-        return y if self.act is None else self.act(y)
+        return self._drop_act(super().forward(input, residual))
 
 
 class LayerNorm(GroupNorm):

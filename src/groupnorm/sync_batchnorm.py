@@ -39,12 +39,12 @@ from . import _validation as v
 from . import kernels
 from .convert import _check_model, _classify_bn, _describe, _walk
 from .kernels.running import update_running_stats
-from .modules import BatchNorm, _resolve_act_drop
+from .modules import BatchNorm, _ActTail
 
 __all__ = ["SyncBatchNorm", "BatchNormAct", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 
-class BatchNormAct(BatchNorm):
+class BatchNormAct(_ActTail, BatchNorm):
     """:class:`groupnorm.BatchNorm` followed by dropout and an activation module.
 
     What :func:`revert_sync_batchnorm` makes of a :class:`SyncBatchNorm` that carries an
@@ -76,28 +76,14 @@ class BatchNormAct(BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        name, module, drop = _resolve_act_drop(
-            activation, act_layer, act_kwargs, drop_layer, device, dtype
-        )
-        self._activation = name
-        self.drop = drop
-        self.act = module
-
-    @property
-    def activation(self) -> str | nn.Module | None:
-        """The fused activation's name, the module applied after the norm, or None."""
-        return self._activation or self.act
+        self._init_act_drop(activation, act_layer, act_kwargs, drop_layer, device, dtype)
 
     def extra_repr(self) -> str:
-        text = _BatchNorm.extra_repr(self)
-        act = self._activation or (type(self.act).__name__ if self.act is not None else None)
+        text, act = _BatchNorm.extra_repr(self), self._act_label()
         return f"{text}, activation={act}" if act else text
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        y = super().forward(input, residual)
-        if self.drop is not None:
-            y = self.drop(y)
-        return y if self.act is None else self.act(y)
+        return self._drop_act(super().forward(input, residual))
 
 
 class SyncBatchNorm(BatchNormAct):
@@ -183,10 +169,7 @@ class SyncBatchNorm(BatchNormAct):
         world = self._world_size()
         if world == 1:
             return super().forward(input, residual)
-        y = self._sync_forward(input, residual, world)
-        if self.drop is not None:
-            y = self.drop(y)
-        return y if self.act is None else self.act(y)
+        return self._drop_act(self._sync_forward(input, residual, world))
 
     def _sync_forward(self, input: Tensor, residual: Tensor | None, world: int) -> Tensor:
         self._check_input_dim(input)
