@@ -134,8 +134,8 @@ def target_level(available: list[str] | None = None) -> str | None:
 def _cache_key() -> str:
     import torch
 
-    parts = [src.read_bytes() for src in _build.source_files()]
-    parts += [
+    parts = [
+        _build.sources_digest().encode(),
         torch.__version__.encode(),
         sys.version.encode(),
         str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(),
@@ -216,7 +216,7 @@ def build_into_cache(cxx: str, levels: list[str] | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock_path = folder.parent / (folder.name + ".lock")
     with open(lock_path, "a+") as lock:
-        _acquire(lock, fcntl, lock_path)
+        _acquire(lock, lock_path)
         try:
             lock.seek(0)
             lock.truncate()
@@ -243,8 +243,10 @@ def build_into_cache(cxx: str, levels: list[str] | None = None) -> Path:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _acquire(lock, fcntl, lock_path: Path) -> None:
+def _acquire(lock, lock_path: Path) -> None:
     """Take the build lock, waiting at most ``$GROUPNORM_BUILD_WAIT`` seconds."""
+    import fcntl
+
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
