@@ -1037,26 +1037,4 @@ def _column_sum_kernel(
         tl.store(DB + c, acc_b.to(DB.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _offset_probe_kernel(
-    OUT,  # (BLOCK,) int64 out: offsets computed by the kernels' helpers
-    N_IDX,  # (BLOCK,) int32 sample indices
-    C_IDX,  # (BLOCK,) int32 channel indices
-    S_IDX,  # (BLOCK,) int32 spatial indices
-    stride_n,
-    stride_c,
-    stride_s,
-    BLOCK: tl.constexpr,
-):
-    """Runs the offset helpers on given indices, so tests can check them past 2**31."""
-    i = tl.arange(0, BLOCK)
-    n = tl.load(N_IDX + i)
-    c = tl.load(C_IDX + i)
-    s = tl.load(S_IDX + i)
-    rows = _row_offsets(n, c, stride_n, stride_c)
-    offs = _tile_offsets(rows, s, stride_s)  # (BLOCK, BLOCK); the diagonal pairs row i with s[i]
-    diag = tl.sum(tl.where(i[:, None] == i[None, :], offs, 0), axis=1)
-    tl.store(OUT + i, diag)
-
-
 __all__ = ["ACTIVATION_CODES", "triton"]
