@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _act
 from . import _validation as v
+from .kernels.activations import BY_NAME
 from .modules import BatchNorm, GroupNorm, GroupNormAct
 from .weight_standardization import DEFAULT_EPS, WSConv1d, WSConv2d, WSConv3d
 
@@ -59,11 +60,6 @@ _CARRIED = frozenset(("act", "drop"))
 _BN_PARAMS = frozenset(("weight", "bias"))
 _BN_BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
 _TORCH_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNorm.forward)
-_ACT_FNS = {
-    "silu": torch.nn.functional.silu,
-    "relu": torch.relu,
-    "gelu": torch.nn.functional.gelu,
-}
 _CONVS = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
 _BLOCK_WORDS = ("block", "bottleneck")
 _SHORTCUT_NAMES = frozenset(
@@ -209,7 +205,7 @@ def _probe(m: nn.Module, kind: str, act: nn.Module | None, drop: nn.Module | Non
                 ref = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, rm is None, 0.0, eps)
             own = getattr(m, "_activation", "")
             if own:
-                ref = _ACT_FNS[own](ref)
+                ref = BY_NAME[own].function(ref)
             if drop is not None:
                 ref = drop(ref)
             if act is not None:

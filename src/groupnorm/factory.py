@@ -4,9 +4,9 @@
 name                        layer
 ==========================  =====================================================
 ``gn`` (``group``)          :class:`GroupNorm`, ``num_groups=32`` unless given
-``gn_silu/gelu/relu``       :class:`GroupNormAct` with that activation
+``gn_silu/gelu/relu``       :class:`GroupNormAct` with that activation (one name per fused one)
 ``bn`` (``batch``)          :class:`BatchNorm`
-``bn_silu/gelu/relu``       :class:`BatchNorm` with that fused activation
+``bn_silu/gelu/relu``       :class:`BatchNorm` with that fused activation (likewise)
 ``ln`` (``layer``)          :class:`LayerNorm` (the paper's: over C and positions)
 ``in`` (``instance``)       :class:`InstanceNorm`
 ==========================  =====================================================
@@ -35,6 +35,7 @@ from typing import Any
 
 from torch import nn
 
+from .kernels.activations import FUSED
 from .modules import BatchNorm, GroupNorm, GroupNormAct, InstanceNorm, LayerNorm
 
 __all__ = ["create_norm_layer", "get_norm_layer", "NORM_LAYERS"]
@@ -47,13 +48,9 @@ _BN_KWARGS = _COMMON | {"momentum", "track_running_stats", "bias"}
 #: name -> (class, fused activation or None, keyword arguments it accepts)
 NORM_LAYERS: dict[str, tuple[type[nn.Module], str | None, frozenset[str]]] = {
     "gn": (GroupNorm, None, _GN_KWARGS),
-    "gn_silu": (GroupNormAct, "silu", _GN_KWARGS),
-    "gn_gelu": (GroupNormAct, "gelu", _GN_KWARGS),
-    "gn_relu": (GroupNormAct, "relu", _GN_KWARGS),
+    **{f"gn_{a.name}": (GroupNormAct, a.name, _GN_KWARGS) for a in FUSED},
     "bn": (BatchNorm, None, _BN_KWARGS),
-    "bn_silu": (BatchNorm, "silu", _BN_KWARGS),
-    "bn_gelu": (BatchNorm, "gelu", _BN_KWARGS),
-    "bn_relu": (BatchNorm, "relu", _BN_KWARGS),
+    **{f"bn_{a.name}": (BatchNorm, a.name, _BN_KWARGS) for a in FUSED},
     "ln": (LayerNorm, None, _COMMON),
     "in": (InstanceNorm, None, _COMMON),
 }
