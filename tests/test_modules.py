@@ -109,6 +109,27 @@ def test_module_residual_argument():
     assert torch.allclose(m(x, r), F.group_norm(x + r, 2, m.weight, m.bias), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: groupnorm.GroupNorm(2, 4),
+        lambda: groupnorm.GroupNormAct(2, 4),
+        lambda: groupnorm.BatchNorm(4),
+        lambda: groupnorm.BatchNorm(4).eval(),
+        lambda: groupnorm.SyncBatchNorm(4, act_layer="hard_swish"),
+    ],
+)
+def test_modules_reject_a_bad_backend_variable(monkeypatch, make):
+    # The dispatcher reads GROUPNORM_BACKEND first, before the module's own checks: plain
+    # calls, calls with a residual and calls with the wrong channel count all say so.
+    m, message = make(), "^unknown backend 'nonsense'; choose one of auto, cpu"
+    monkeypatch.setenv("GROUPNORM_BACKEND", "nonsense")
+    x, r = make_input((2, 4, 3), torch.float32), make_input((2, 4, 3), torch.float32, seed=3)
+    for args in ((x,), (x, r), (make_input((2, 6, 3), torch.float32),)):
+        with pytest.raises(ValueError, match=message):
+            m(*args)
+
+
 def _model():
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),

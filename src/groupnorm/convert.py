@@ -25,8 +25,8 @@ What counts as what (see ``docs/moving-from-bn-to-gn.md`` for the list of known 
 * activation: a layer's own ``act`` is carried over, fused into :class:`groupnorm.GroupNormAct`
   when it is an exact ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU`` with ``approximate="none"`` and no
   dropout sits between, else kept as the same module after the norm; ``drop`` is kept too. With
-  ``activation_fusion``/``fuse_activation``, the next child of the same ``nn.Sequential`` is fused
-  when it is one of those three;
+  ``activation_fusion=True``, the next child of the same ``nn.Sequential`` is fused when it is
+  one of those three;
 * residual block (for ``zero_init_last``): see :func:`find_last_norms`.
 """
 
@@ -513,7 +513,11 @@ def convert_batchnorm(
 
 
 def replace_group_norm(
-    model: nn.Module, *, fuse_activation: bool = False, convert_unknown: bool = False
+    model: nn.Module,
+    *,
+    activation_fusion: bool = False,
+    convert_unknown: bool = False,
+    fuse_activation: bool | None = None,
 ) -> nn.Module:
     """Swap every ``torch.nn.GroupNorm`` in ``model`` for :class:`groupnorm.GroupNorm`.
 
@@ -527,19 +531,30 @@ def replace_group_norm(
     alone with one warning naming them; ``convert_unknown=True`` swaps them as plain group norms
     (their own ``forward`` and other submodules are dropped; a warning names them).
 
-    With ``fuse_activation=True``, a group norm (torch's or our plain one) directly followed by
-    ``nn.SiLU``/``nn.GELU``/``nn.ReLU`` in an ``nn.Sequential`` becomes one
-    :class:`groupnorm.GroupNormAct` and the activation an ``nn.Identity``. The model is changed in
+    With ``activation_fusion=True`` (as in :func:`convert_batchnorm`), a group norm (torch's or
+    our plain one) directly followed by ``nn.SiLU``/``nn.GELU``/``nn.ReLU`` in an
+    ``nn.Sequential`` becomes one :class:`groupnorm.GroupNormAct` and the activation an
+    ``nn.Identity``. ``fuse_activation=`` is a deprecated spelling of it. The model is changed in
     place and returned.
 
     >>> net = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU())
-    >>> replace_group_norm(net, fuse_activation=True)
+    >>> replace_group_norm(net, activation_fusion=True)
     Sequential(
       (0): GroupNormAct(4, 8, eps=1e-05, affine=True, bias=True, activation=silu)
       (1): Identity()
     )
     """
     model = _check_model(model)
+    if fuse_activation is not None:
+        warnings.warn(
+            "replace_group_norm(fuse_activation=) is deprecated; pass activation_fusion= (the "
+            "name convert_batchnorm uses)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if activation_fusion:
+            raise TypeError("pass activation_fusion= or fuse_activation=, not both")
+        activation_fusion = bool(fuse_activation)
     unknown: list[str] = []
 
     def replace(name: str, m: nn.Module, activation: str) -> tuple[nn.Module | None, bool]:
@@ -573,7 +588,7 @@ def replace_group_norm(
     if new_root is not None:
         model = new_root
     else:
-        _walk(model, "", replace, fuse_activation)
+        _walk(model, "", replace, activation_fusion)
     if unknown:
         if convert_unknown:
             msg = (

@@ -1,4 +1,10 @@
-"""Drop-in modules built on :func:`groupnorm.functional.normalize`.
+"""Drop-in modules over the one dispatcher, :func:`groupnorm.dispatch.run`.
+
+Each module resolves its call's fixed scalars (groups, eps, fused activation) into a
+:class:`~groupnorm.dispatch.NormSpec`, kept until one of them is set again, and hands every
+call to ``run`` with its tensors and a validator that raises the module's own messages; ``run``
+decides the route (the C++ extension, a backend's kernels, the exporter's decomposed form, the
+portable core or the registered op; see ``dispatch.py``).
 
 ``GroupNorm`` subclasses ``torch.nn.GroupNorm`` and ``BatchNorm`` subclasses torch's
 ``_BatchNorm``, so code that checks ``isinstance`` (weight-decay rules, freezing helpers) and
@@ -16,7 +22,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _act
 from . import _validation as v
 from .dispatch import NormSpec, run
-from .kernels import check_backend
 
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
@@ -143,7 +148,6 @@ class GroupNorm(nn.GroupNorm):
         v.check_param(weight, "weight", self.num_channels, input)
         v.check_param(bias, "bias", self.num_channels, input)
         v.check_residual(residual, input)
-        check_backend(None)
         return None, None, None
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -212,7 +216,8 @@ def _resolve_act_drop(
 
 class _ActTail:
     """What a norm-act module applies after the norm: a fused activation named in
-    ``_activation`` (run by the kernels), else an ``act`` module, after an optional ``drop``."""
+    ``_activation`` (run by the kernels), else an ``act`` module, after an optional ``drop``.
+    Its ``forward`` is the norm's (the next class in the MRO), then ``drop`` and ``act``."""
 
     def _init_act_drop(self, activation, act_layer, act_kwargs, drop_layer, device, dtype):
         name, module, drop = _resolve_act_drop(
@@ -235,9 +240,12 @@ class _ActTail:
             y = self.drop(y)
         return y if self.act is None else self.act(y)
 
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._drop_act(super().forward(input, residual))
+
 
 class GroupNormAct(_ActTail, GroupNorm):
-    """Group norm followed by an activation; silu, gelu (erf) and relu are computed in one op.
+    """Group norm followed by an activation; silu, gelu (erf) and relu are fused into the norm.
 
     The activation is given either as ``activation=`` (``"silu"``, ``"gelu"``, ``"relu"`` or
     ``None``) or the way timm gives it: ``act_layer=`` a name (``"silu"``, ``"hard_swish"``,
@@ -306,9 +314,6 @@ class GroupNormAct(_ActTail, GroupNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._act_label()}"
-
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self._drop_act(super().forward(input, residual))
 
 
 class LayerNorm(GroupNorm):
@@ -427,10 +432,6 @@ class BatchNorm(_BatchNorm):
         base = super().extra_repr()
         return f"{base}, activation={self._activation}" if self._activation else base
 
-    def batch_statistics(self, input: Tensor) -> bool:
-        """Whether this call normalizes with the batch's own statistics."""
-        return self.training or not self.track_running_stats
-
     _SPEC_FIELDS = frozenset({"eps", "_activation"})
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -483,7 +484,6 @@ class BatchNorm(_BatchNorm):
             v.check_param(weight, "weight", c, input)
             v.check_param(bias, "bias", c, input)
             v.check_residual(residual, input)
-            check_backend(None)
             if running is not None:
                 v.check_stat(self.running_mean, "running_mean", c, input)
                 v.check_stat(self.running_var, "running_var", c, input)

@@ -82,9 +82,6 @@ class BatchNormAct(_ActTail, BatchNorm):
         text, act = _BatchNorm.extra_repr(self), self._act_label()
         return f"{text}, activation={act}" if act else text
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self._drop_act(super().forward(input, residual))
-
 
 class SyncBatchNorm(BatchNormAct):
     r"""Batch norm over the union of every worker's batch: ``torch.nn.SyncBatchNorm`` for any
