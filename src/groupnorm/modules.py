@@ -26,22 +26,43 @@ from .dispatch import NormSpec, run
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
 
-def _channel_count_hint(
-    module: nn.Module, state_dict: dict, prefix: str, count: int, arg: str, error_msgs: list
-) -> None:
-    """After torch's own "size mismatch" message, say which layer would load the checkpoint."""
-    for key in ("weight", "bias", "running_mean", "running_var"):
-        t = state_dict.get(prefix + key)
-        if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] != count:
-            error_msgs.append(
-                f"{prefix}{key} in the checkpoint has {t.shape[0]} channels but this "
-                f"{type(module).__name__} has {arg}={count}; build it with {arg}={t.shape[0]} "
-                f"to load this checkpoint"
-            )
-            return
+def _check_channels(count: object, arg: str) -> int:
+    count = v._check_int(count, arg)
+    if count <= 0:
+        raise ValueError(f"{arg} must be positive (the size of the input's dim 1), got {count}")
+    return count
 
 
-class GroupNorm(nn.GroupNorm):
+class _Norm:
+    """What the norm modules share: the call's :class:`NormSpec`, kept in ``__dict__["_spec"]``
+    until one of the attributes it is made from (``_SPEC_FIELDS``) is set (``m.eps = 1e-3``),
+    after which the next call resolves it again; and a hint after torch's "size mismatch" when a
+    checkpoint has another channel count than ``_CHANNELS`` (the constructor argument)."""
+
+    _SPEC_FIELDS: frozenset[str] = frozenset()
+    _CHANNELS = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self._SPEC_FIELDS:
+            self.__dict__.pop("_spec", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        arg, error_msgs = self._CHANNELS, args[-1]
+        count = getattr(self, arg)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            t = state_dict.get(prefix + key)
+            if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] != count:
+                error_msgs.append(
+                    f"{prefix}{key} in the checkpoint has {t.shape[0]} channels but this "
+                    f"{type(self).__name__} has {arg}={count}; build it with {arg}={t.shape[0]} "
+                    f"to load this checkpoint"
+                )
+                return
+
+
+class GroupNorm(_Norm, nn.GroupNorm):
     r"""Group Normalization (Wu & He, ECCV 2018): a drop-in for ``torch.nn.GroupNorm``.
 
     The C channels are split into ``num_groups`` groups; each sample's group is normalized with
@@ -97,11 +118,7 @@ class GroupNorm(nn.GroupNorm):
         group_size: int | None = None,
         bias: bool = True,
     ) -> None:
-        num_channels = v._check_int(num_channels, "num_channels")
-        if num_channels <= 0:
-            raise ValueError(
-                f"num_channels must be positive (the size of the input's dim 1), got {num_channels}"
-            )
+        num_channels = _check_channels(num_channels, "num_channels")
         groups = v.resolve_num_groups(num_channels, num_groups, group_size)
         super().__init__(groups, num_channels, v.check_eps(eps), affine, device=device, dtype=dtype)
         if not bias:  # torch >= 2.5 has this flag; set it the same way on older releases
@@ -113,18 +130,8 @@ class GroupNorm(nn.GroupNorm):
             f"bias={self.bias is not None}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        _channel_count_hint(self, state_dict, prefix, self.num_channels, "num_channels", args[-1])
-
-    # Attributes the spec is made from: setting one (``m.eps = 1e-3``, ``m.num_groups = 4``)
-    # drops the spec, and the next call resolves it again.
     _SPEC_FIELDS = frozenset({"num_groups", "num_channels", "eps", "_activation"})
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in self._SPEC_FIELDS:
-            self.__dict__.pop("_spec", None)
+    _CHANNELS = "num_channels"
 
     def _resolve_spec(self) -> NormSpec:
         """The call's fixed scalars, checked once: (groups, eps, activation)."""
@@ -362,7 +369,7 @@ class InstanceNorm(GroupNorm):
         super().__init__(num_channels, num_channels, eps, affine, device, dtype)
 
 
-class BatchNorm(_BatchNorm):
+class BatchNorm(_Norm, _BatchNorm):
     r"""Batch norm for inputs of any rank (N, C, \*) through the same core as group norm.
 
     Statistics per channel over every sample and position. In training the batch statistics are
@@ -397,11 +404,7 @@ class BatchNorm(_BatchNorm):
         activation: str | None = None,
         bias: bool = True,
     ) -> None:
-        num_features = v._check_int(num_features, "num_features")
-        if num_features <= 0:
-            raise ValueError(
-                f"num_features must be positive (the size of the input's dim 1), got {num_features}"
-            )
+        num_features = _check_channels(num_features, "num_features")
         super().__init__(
             num_features,
             v.check_eps(eps),
@@ -424,20 +427,12 @@ class BatchNorm(_BatchNorm):
                 f"fix the layer that feeds it"
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        _channel_count_hint(self, state_dict, prefix, self.num_features, "num_features", args[-1])
-
     def extra_repr(self) -> str:
         base = super().extra_repr()
         return f"{base}, activation={self._activation}" if self._activation else base
 
     _SPEC_FIELDS = frozenset({"eps", "_activation"})
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in self._SPEC_FIELDS:
-            self.__dict__.pop("_spec", None)
+    _CHANNELS = "num_features"
 
     def _resolve_spec(self) -> NormSpec:
         spec = NormSpec(None, True, v.check_eps(self.eps), v.check_activation(self._activation))
