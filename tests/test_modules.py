@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_input
+from helpers import FUSED_NAMES, make_input
 
 import groupnorm
 
@@ -51,7 +51,7 @@ def test_factory_kwargs():
     assert torch.equal(m.weight, torch.ones(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu", None])
+@pytest.mark.parametrize("activation", [*FUSED_NAMES, None])
 def test_group_norm_act_equals_norm_then_activation(activation):
     m = groupnorm.GroupNormAct(3, 12, activation=activation)
     torch.nn.init.normal_(m.weight)
