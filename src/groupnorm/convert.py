@@ -338,6 +338,20 @@ def _walk(
         skip_next = fused
 
 
+def _replace_all(
+    model: nn.Module,
+    replace: Callable[[str, nn.Module, str], tuple[nn.Module | None, bool]],
+    fuse: bool,
+) -> nn.Module:
+    """The model with ``replace`` applied: the new root when it replaces the root itself, else
+    the same model, each of whose descendants ``replace`` was offered (see :func:`_walk`)."""
+    new_root, _ = replace("", model, "")
+    if new_root is not None:
+        return new_root
+    _walk(model, "", replace, fuse)
+    return model
+
+
 def convert_batchnorm(
     model: nn.Module,
     num_groups: int | None = _DEFAULT_GROUPS,
@@ -471,11 +485,7 @@ def convert_batchnorm(
         )
         return gn, fused
 
-    new_root, _ = replace("", model, "")
-    if new_root is not None:
-        model = new_root
-    else:
-        _walk(model, "", replace, activation_fusion)
+    model = _replace_all(model, replace, activation_fusion)
     if adjusted:
         warnings.warn(
             "convert_batchnorm: channel count not divisible by the requested groups, used the "
@@ -584,11 +594,7 @@ def replace_group_norm(
         )
         return gn, fused
 
-    new_root, _ = replace("", model, "")
-    if new_root is not None:
-        model = new_root
-    else:
-        _walk(model, "", replace, activation_fusion)
+    model = _replace_all(model, replace, activation_fusion)
     if unknown:
         if convert_unknown:
             msg = (
