@@ -269,7 +269,7 @@ def _new_group_norm(
     """A GroupNorm(Act) taking over ``weight``/``bias`` (Parameters are shared, buffers cloned).
 
     ``activation`` is a fused name; ``act``/``drop`` are modules carried over (the same objects;
-    an ``act`` that is an exact SiLU/ReLU/erf GELU with no ``drop`` is fused instead).
+    an ``act`` that is exactly a fused activation, with no ``drop``, is fused instead).
     """
     affine = weight is not None or bias is not None
     device = like.device if like is not None else None

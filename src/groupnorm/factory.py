@@ -4,9 +4,9 @@
 name                        layer
 ==========================  =====================================================
 ``gn`` (``group``)          :class:`GroupNorm`, ``num_groups=32`` unless given
-``gn_silu/gelu/relu``       :class:`GroupNormAct` with that activation (one name per fused one)
+``gn_silu/gelu/relu``       :class:`GroupNormAct` with that activation
 ``bn`` (``batch``)          :class:`BatchNorm`
-``bn_silu/gelu/relu``       :class:`BatchNorm` with that fused activation (likewise)
+``bn_silu/gelu/relu``       :class:`BatchNorm` with that fused activation
 ``ln`` (``layer``)          :class:`LayerNorm` (the paper's: over C and positions)
 ``in`` (``instance``)       :class:`InstanceNorm`
 ==========================  =====================================================
@@ -45,7 +45,8 @@ _ACT_KWARGS = frozenset(("act_layer", "act_kwargs", "apply_act", "inplace", "dro
 _GN_KWARGS = _COMMON | {"num_groups", "group_size", "bias"} | _ACT_KWARGS
 _BN_KWARGS = _COMMON | {"momentum", "track_running_stats", "bias"}
 
-#: name -> (class, fused activation or None, keyword arguments it accepts)
+#: name -> (class, fused activation or None, keyword arguments it accepts); a ``gn_`` and a
+#: ``bn_`` name for each activation the kernels fuse
 NORM_LAYERS: dict[str, tuple[type[nn.Module], str | None, frozenset[str]]] = {
     "gn": (GroupNorm, None, _GN_KWARGS),
     **{f"gn_{a.name}": (GroupNormAct, a.name, _GN_KWARGS) for a in FUSED},
