@@ -122,7 +122,7 @@ class _GhostNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, activation):  # noqa: D102
         backend = kernels.select("auto", x, x.shape[1], False)
         y, _, mean, rstd = backend.forward(
-            x, weight, bias, None, None, None, x.shape[1], False, eps, activation
+            kernels.Call(x, weight, bias, None, None, None, x.shape[1], False, eps, activation)
         )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.setup = (activation, backend)
