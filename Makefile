@@ -49,7 +49,10 @@ format: setup
 # The whole suite on the best instruction-set level this CPU runs, then the CPU-kernel tests
 # again on each lower level it runs (GROUPNORM_CPU_ISA caps the level): an AVX-512 machine tests
 # x86-64-v4, v3 and v2, an AVX2 machine v3 and v2.
-CPU_KERNEL_TESTS ?= tests/test_cpu_fast.py tests/test_numerics.py tests/test_determinism.py tests/test_cpu_build.py
+CPU_KERNEL_TESTS ?= tests/test_cpu_kernels.py tests/test_numerics.py tests/test_determinism.py \
+	tests/test_cpu_build.py tests/test_dispatch.py \
+	tests/test_gradients_grid.py::test_fast_path_gradients_for_each_set_of_inputs_that_need_them \
+	tests/test_gradients_grid.py::test_fast_path_double_backward_is_differentiable
 test: setup lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --doctest-modules tests src/groupnorm
 	@levels="$$($(PY) -m groupnorm build --levels)"; best="$$(echo "$$levels" | tail -n 1)"; \

@@ -7,9 +7,13 @@ slack per dtype. Without a torch counterpart a fixed per-dtype bound is used.
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import groupnorm
+from groupnorm import functional as gf
+from groupnorm.kernels import cpu_ext
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Absolute slack per dtype, roughly a few units in the last place of O(1) values.
@@ -123,3 +127,115 @@ def torch_counterpart(x, mode, weight=None, bias=None, eps=1e-5, num_groups=None
     except (RuntimeError, ValueError):
         return None
     return None
+
+
+# ---- the CPU backend's fast paths against the float64 reference -------------------------------
+# Tolerance: at most twice torch's own error against float64 on the same data (torch's unfused
+# group_norm then activation, in the same dtype), plus a small absolute slack per dtype.
+
+KERNEL_ATOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+TORCH_ACT = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return t.contiguous()
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t.transpose(1, 2).contiguous().transpose(1, 2)  # (N, L, C) in memory
+
+
+def kernel_data(shape, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = to_layout(
+        (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.7).to(dtype), layout
+    )
+    res = to_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    dy = to_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype), layout)
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    return x, res, dy, w, b
+
+
+def value_and_grads(fn, dy, *tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy)
+    return out.detach(), grads
+
+
+def abs_err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+def check_against_reference(shape, groups, dtype, layout, activation, residual, seed=0):
+    x, res, dy, w, b = kernel_data(shape, dtype, layout, seed)
+    args = (x, w, b, res) if residual else (x, w, b)
+
+    def ours(x_, w_, b_, r_=None):
+        return gf.group_norm(x_, groups, w_, b_, activation=activation, residual=r_)
+
+    def ref(x_, w_, b_, r_=None):
+        return groupnorm.reference_norm(
+            x_,
+            "group",
+            num_groups=groups,
+            weight=w_,
+            bias=b_,
+            activation=activation,
+            residual=r_,
+        ).output
+
+    def torch_fn(x_, w_, b_, r_=None):
+        src = x_ + r_ if r_ is not None else x_
+        return TORCH_ACT[activation](F.group_norm(src, groups, w_, b_))
+
+    out, grads = value_and_grads(ours, dy, *args)
+    ref_out, ref_grads = value_and_grads(ref, dy.double(), *(t.double() for t in args))
+    try:
+        t_out, t_grads = value_and_grads(torch_fn, dy, *args)
+    except RuntimeError:  # torch lacks this dtype on CPU
+        t_out, t_grads = None, None
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.stride() == x.stride(), "output must keep the input's memory layout"
+    names = ["y", "dx", "dweight", "dbias", "dresidual"][: 1 + len(args)]
+    for i, (name, got, want) in enumerate(
+        zip(names, (out, *grads), (ref_out, *ref_grads), strict=True)
+    ):
+        torch_err = 0.0
+        if t_out is not None:
+            torch_err = abs_err((t_out, *t_grads)[i], want)
+        scale = want.abs().max().item()
+        tol = 2 * torch_err + KERNEL_ATOL[dtype] * max(1.0, scale)
+        assert torch.isfinite(got).all(), name
+        assert abs_err(got, want) <= tol, (
+            f"{name}: error {abs_err(got, want):.3g} > tolerance {tol:.3g}"
+            f" (torch's {torch_err:.3g})"
+        )
+
+
+def ext_or_skip():
+    """The extension module of the fused kernels, or a skip naming why it is unavailable."""
+    ext = cpu_ext.extension()
+    if ext is None:
+        pytest.skip(f"C++ kernels unavailable: {cpu_ext.fused_op_unavailable_reason()}")
+    return ext
+
+
+def full_path_calls(monkeypatch):
+    """A list that grows by one for each functional call that misses the fast road (the
+    dispatcher then runs the full checks before it routes the call)."""
+    calls = []
+    real = gf._check_call
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gf, "_check_call", counting)
+    return calls

@@ -109,7 +109,7 @@ def test_bad_arguments_say_what_to_do(argv, match, tmp_path):
         cli.main(["bench", *argv, "--out", str(tmp_path / "x.csv")])
 
 
-def test_default_plan_covers_the_issue_matrix():
+def test_default_plan_covers_every_op_and_rank():
     plan = suite.default_plan()
     seen = {(c.op, c.dtype, c.layout) for c, _ in plan.cases()}
     for op in cases.OPS:

@@ -4,12 +4,15 @@ outputs and gradients as eager."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import groupnorm
+from groupnorm import functional as gf
 
 
 class BasicBlock(nn.Module):
@@ -134,3 +137,25 @@ def test_inductor_once():
     """The default backend once: it builds C++ on CPU (about 25 s cold here), so the model is
     one conv and a fused GN+SiLU with a residual input, forward and backward."""
     check_compiled(randomize(PreNormResidual(8)), torch.randn(2, 8, 4, 4), backend="inductor")
+
+
+# ---- torch.compile and the JIT tracer on a bare functional call -------------------------------
+
+
+def test_compile_still_traces_the_op():
+    f = torch.compile(
+        lambda t: gf.group_norm(t, 2, activation="silu"), fullgraph=True, backend="eager"
+    )
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(f(x), gf.group_norm(x, 2, activation="silu"))
+
+
+def test_jit_trace_records_the_op_not_a_constant():
+    """Tracing must not run the kernels behind the tracer's back (it would record the output
+    as a constant): a traced function gives the right answer on a new input."""
+    x = torch.randn(2, 4, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda a: groupnorm.group_norm(a, 2), (x,), check_trace=False)
+    fresh = torch.randn(2, 4, 3, 3) * 3 + 1
+    torch.testing.assert_close(traced(fresh), F.group_norm(fresh, 2), rtol=1e-5, atol=1e-5)

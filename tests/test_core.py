@@ -98,7 +98,7 @@ def test_statistics_dtype_and_shape(dtype, backend):
 @pytest.mark.parametrize(
     "shape,groups",
     [
-        ((2, 30, 7, 9), 5),  # odd sizes from the issue
+        ((2, 30, 7, 9), 5),  # odd sizes
         ((2, 30, 7, 9), 30),  # C/G = 1
         ((3, 7, 11), 1),  # G = 1, prime sizes
         ((1, 16, 4, 4), 8),  # N = 1

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_against_reference, ext_or_skip
 
 from groupnorm import cli
-from groupnorm.kernels import cpu_ext
+from groupnorm.kernels import cpu, cpu_ext
 from groupnorm.kernels.cpu_ext import build
 
 INTEL_AVX512 = (
@@ -444,3 +445,64 @@ def test_each_level_library_holds_only_its_instructions_and_no_constructors():
         assert "_GLOBAL__sub_I" not in symbols  # (no static initializer of ours)
     ops = _disassembly(folder / build.ops_filename())
     assert "%ymm" not in ops and "%zmm" not in ops
+
+
+# ---- a missing compiler, a failed run-time build, the off switch ----------------------------
+
+
+def _break_build(monkeypatch, tmp_path) -> None:
+    """No build to load, an empty cache, and sources that do not compile, so that the next
+    call of cpu_ext.extension() builds and fails."""
+    from groupnorm.kernels.cpu_ext import build
+
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setattr(cpu_ext, "find_build", lambda: (None, None))
+    monkeypatch.setenv("GROUPNORM_CACHE_DIR", str(tmp_path / "cache"))
+    broken = tmp_path / "src"
+    broken.mkdir()
+    for f in build.source_files():
+        (broken / f.name).write_text("// empty\n")
+    (broken / build.OPS_SOURCE).write_text("this is not C++\n")
+    monkeypatch.setattr(build, "HERE", broken)
+    monkeypatch.setattr(build, "KERNEL_SOURCES", ())  # (fail fast: nothing else to compile)
+
+
+def test_fallback_without_compiler(monkeypatch):
+    """No build to load and no compiler: one warning, then the torch-only path, still correct."""
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setattr(cpu_ext, "find_build", lambda: (None, None))
+    monkeypatch.setattr(cpu_ext, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
+        assert cpu_ext.extension() is None
+    assert "compiler" in cpu_ext.fused_op_unavailable_reason()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once only
+        assert cpu_ext.extension() is None
+        check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", True)
+
+
+def test_env_switch_uses_torch_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})  # (the variable is read at the first call)
+    monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
+    assert cpu_ext.extension() is None
+    assert cpu.fast(torch.randn(2, 4, 3), None, None, 2, False, 1e-5, "", None, True) is None
+    check_against_reference((2, 6, 4, 4), 3, torch.bfloat16, "contiguous", "gelu", False)
+
+
+def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
+    """A broken run-time build warns once and leaves torch's kernels, still correct;
+    GROUPNORM_CPU_EXT=0 turns the extension off without a warning."""
+    ext_or_skip()
+    if cpu_ext._compiler() is None:
+        pytest.skip("no C++ compiler")
+    _break_build(monkeypatch, tmp_path)
+    with pytest.warns(RuntimeWarning, match="fused CPU kernels are unavailable"):
+        assert cpu_ext.extension() is None
+    assert "build failed" in cpu_ext.fused_op_unavailable_reason()
+    check_against_reference((2, 6, 4, 4), 3, torch.float32, "channels_last", "silu", False)
+    monkeypatch.setattr(cpu_ext, "_ops_state", {})
+    monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: no warning
+        assert cpu_ext.extension() is None
+    assert "GROUPNORM_CPU_EXT=0" in cpu_ext.fused_op_unavailable_reason()

@@ -10,8 +10,19 @@ import warnings
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from helpers import (
+    KERNEL_ATOL,
+    abs_err,
+    ext_or_skip,
+    full_path_calls,
+    kernel_data,
+    to_layout,
+    value_and_grads,
+)
 
 import groupnorm
+from groupnorm import functional as gf
 from groupnorm import ops
 from groupnorm.kernels import cpu, cpu_ext, portable
 from groupnorm.kernels.running import update_running_stats
@@ -324,3 +335,235 @@ def test_layers_import_downwards_only():
     assert not {d for d in graph["groupnorm.modules"] if d.startswith("groupnorm.kernels.")}, (
         "modules.py reaches into kernels/"
     )
+
+
+# ---- the eager fast road (dispatch.run -> kernels/cpu.fast -> the C++ extension) -------------
+
+
+def test_eager_path_matches_custom_op():
+    """The dispatcher-free eager path and the registered op give the same values and grads."""
+    from groupnorm.ops import norm_forward
+
+    x, res, dy, w, b = kernel_data((2, 6, 4, 4), torch.float64, "contiguous", 7)
+    args = (None, None, 3, False, 1e-5, "silu", "auto")
+    out1, g1 = value_and_grads(
+        lambda a, ww, bb, r: gf.group_norm(a, 3, ww, bb, activation="silu", residual=r),
+        dy,
+        x,
+        w,
+        b,
+        res,
+    )
+    out2, g2 = value_and_grads(
+        lambda a, ww, bb, r: norm_forward(a, ww, bb, r, *args)[0], dy, x, w, b, res
+    )
+    assert torch.equal(out1, out2)
+    for a, c in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, c)
+    # float64 takes torch's kernels, whose derivatives are differentiable again
+    xs = x.clone().requires_grad_()
+    y = gf.group_norm(xs, 3, activation="silu")
+    (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.square().sum(), xs)
+    xt = x.clone().requires_grad_()
+    yt = F.silu(F.group_norm(xt, 3))
+    (gt,) = torch.autograd.grad(yt.square().sum(), xt, create_graph=True)
+    ggt = torch.autograd.grad(gt.square().sum(), xt)[0]
+    torch.testing.assert_close(ggx, ggt)
+    # float32 takes the C++ kernels, whose node computes a create_graph backward in torch ops
+    xs = x.float().requires_grad_()
+    y = gf.group_norm(xs, 3, activation="silu")
+    (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.square().sum(), xs)
+    torch.testing.assert_close(ggx.double(), ggt, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypatch):
+    """No-grad and autograd fast paths against the registered custom op (the full path), with
+    weight and bias in x's dtype (as in a model moved to float16): the gradients come back in
+    that dtype too."""
+    from groupnorm.ops import norm_forward
+
+    missed = full_path_calls(monkeypatch)
+    x, _, dy, w, b = kernel_data((2, 12, 5, 7), dtype, "channels_last", 21)
+    for act in ("", "silu"):
+        op_args = (None, None, None, 4, False, 1e-5, act, "auto")
+
+        def fast(a, ww, bb, act=act):
+            return gf.group_norm(a, 4, ww, bb, activation=act)
+
+        def op(a, ww, bb, op_args=op_args):
+            return norm_forward(a, ww, bb, *op_args)[0]
+
+        with torch.no_grad():
+            assert torch.equal(fast(x, w, b), op(x, w, b))
+        out1, g1 = value_and_grads(fast, dy, x, w, b)
+        out2, g2 = value_and_grads(op, dy, x, w, b)
+        assert torch.equal(out1, out2)
+        for a, c in zip(g1, g2, strict=True):
+            assert a.dtype == dtype
+            assert torch.equal(a, c)
+    assert missed == []  # every call above took the fast path
+
+
+def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):
+    calls = []
+    real = cpu.fast
+
+    def counting(*args):
+        y = real(*args)
+        calls.extend([] if y is None else [1])
+        return y
+
+    monkeypatch.setattr(cpu, "fast", counting)
+    x, w = torch.randn(2, 6, 4, 4), torch.rand(6)
+    m = groupnorm.GroupNorm(3, 6)
+    with torch.no_grad():
+        gf.group_norm(x, 3, w)
+        gf.layer_norm(x)
+        gf.instance_norm(x, activation="silu")
+        groupnorm.normalize(x, "gn", num_groups=3)
+        m(x)
+        gf.group_norm(x.half(), 3, w.half(), w.half())  # params in x's dtype
+        assert len(calls) == 6
+        with pytest.raises(TypeError, match="must be torch.float16 or torch.float32"):
+            gf.group_norm(x.half(), 3, w.bfloat16())  # a third dtype: the full path explains
+        gf.group_norm(x, 3, w, backend="portable")
+        gf.group_norm(x.double(), 3)
+        gf.group_norm(x, 3, w.double().float()[::1], residual=x)
+        gf.group_norm(x[:, :, ::2], 3)  # strided: the full path copies first
+        monkeypatch.setenv("GROUPNORM_BACKEND", "portable")
+        gf.group_norm(x, 3)
+        monkeypatch.setenv("GROUPNORM_BACKEND", "cpu")
+        gf.group_norm(x, 3)
+        assert len(calls) == 7
+    with pytest.raises(ValueError, match="divisible"):
+        gf.group_norm(x, 4)  # bad input still gets the full path's message
+    with pytest.raises(TypeError, match="eps"):
+        gf.group_norm(x, 3, eps="1e-5")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_fast_path_with_low_precision_module(dtype, layout, monkeypatch, fast_path):
+    """A BatchNorm moved to bfloat16/float16 (params and running statistics in that dtype)
+    takes the fast path, in training with and without grad and in eval; it agrees with the
+    full path bit for bit (outputs and running statistics; a zero residual sends a call there)
+    and with torch's BatchNorm2d in the same dtype (gradients too, in the params' dtype)."""
+    ext_or_skip()
+    ours, theirs = groupnorm.BatchNorm(6), torch.nn.BatchNorm2d(6)
+    gen = torch.Generator().manual_seed(17)  # (fixed data: the same cases on every run)
+    w, b = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    rm, rv = ours.running_mean.clone(), ours.running_var.clone()  # the full path's statistics
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
+    missed = full_path_calls(monkeypatch)
+    for step in range(2):
+        x = to_layout(torch.randn(4, 6, 5, 7, generator=gen) * (step + 1) + 3.0, layout).to(dtype)
+        with torch.no_grad():
+            y = ours(x)
+            torch.testing.assert_close(y, theirs(x), **tol)
+            full = groupnorm.normalize(
+                x, "batch", weight=ours.weight, bias=ours.bias, running_mean=rm,
+                running_var=rv, training=True, residual=torch.zeros_like(x),
+            )  # fmt: skip
+        assert torch.equal(y, full)
+        assert torch.equal(ours.running_mean, rm) and torch.equal(ours.running_var, rv)
+        xg, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, t = ours(xg), theirs(xt)
+        dy = to_layout(torch.randn(y.shape, generator=gen), layout).to(dtype)
+        got = torch.autograd.grad(y, [xg, ours.weight, ours.bias], dy)
+        theirs_g = torch.autograd.grad(t, [xt, theirs.weight, theirs.bias], dy)
+        leaves = [p.detach().double().requires_grad_() for p in (x, ours.weight, ours.bias)]
+        ref = groupnorm.reference_norm(
+            leaves[0], "batch", weight=leaves[1], bias=leaves[2]
+        ).output  # (torch's low-precision BN rounds its statistics: float64 is the judge)
+        want = torch.autograd.grad(ref, leaves, dy.double())
+        for g, th, wt in zip(got, theirs_g, want, strict=True):
+            assert g.dtype == dtype
+            assert abs_err(g, wt) <= 2 * abs_err(th, wt) + KERNEL_ATOL[dtype] * max(
+                1.0, wt.abs().max().item()
+            )
+        for a, r in (
+            (ours.running_mean, theirs.running_mean),
+            (ours.running_var, theirs.running_var),
+        ):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, r, **tol)
+        with torch.no_grad():  # (the full path's statistics follow the same updates)
+            groupnorm.normalize(
+                x, "batch", weight=ours.weight, bias=ours.bias, running_mean=rm,
+                running_var=rv, training=True, residual=torch.zeros_like(x),
+            )  # fmt: skip
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        y = ours(x)
+        torch.testing.assert_close(y, theirs(x), **tol)
+        full = groupnorm.normalize(
+            x, "batch", weight=ours.weight, bias=ours.bias, running_mean=rm, running_var=rv,
+            training=False, residual=torch.zeros_like(x),
+        )  # fmt: skip
+    assert torch.equal(y, full)
+    assert len(missed) == 5  # the normalize(..., residual=0) calls only (the full path)
+
+
+@pytest.mark.parametrize(
+    "stat_dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+)
+def test_batch_norm_mixed_dtype_running_statistics_match_the_full_path(stat_dtypes, fast_path):
+    """Running statistics of two dtypes (one bfloat16, one float32) in training: the fast path
+    leaves them to the full path's update, and both give the same bits."""
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(4, 6, 5, 7, generator=gen).bfloat16()
+    w, b = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen)
+    rm = torch.randn(6, generator=gen).to(stat_dtypes[0])
+    rv = (torch.rand(6, generator=gen) + 0.5).to(stat_dtypes[1])
+    rm2, rv2, rm0 = rm.clone(), rv.clone(), rm.clone()
+    with torch.no_grad():
+        y = gf.batch_norm(x, rm, rv, w, b, training=True)
+        full = groupnorm.normalize(
+            x, "batch", weight=w, bias=b, running_mean=rm2, running_var=rv2, training=True,
+            residual=torch.zeros_like(x),
+        )  # fmt: skip
+    assert torch.equal(y, full) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
+    assert not torch.equal(rm, rm0)  # (the statistics were updated)
+
+
+@pytest.mark.parametrize(
+    "training, momentum, error",
+    [
+        (False, 2.0, None),
+        (False, float("nan"), None),
+        (False, "abc", TypeError),
+        (True, 2.0, ValueError),
+        (True, -0.5, ValueError),
+        (True, "abc", TypeError),
+    ],
+)
+def test_batch_norm_fast_path_checks_momentum_like_the_full_path(
+    training, momentum, error, fast_path
+):
+    """The range is checked where an update uses momentum (training with running statistics),
+    as torch ignores it elsewhere; its type always. The fast path and the full checks agree."""
+    x = torch.randn(4, 3, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    if error is None:  # unused: accepted, torch's answer, the statistics left alone
+        y = groupnorm.batch_norm(x, rm, rv, training=training, momentum=momentum)
+        torch.testing.assert_close(y, F.batch_norm(x, rm, rv, training=training))
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+        return
+    with pytest.raises(error, match="momentum"):
+        groupnorm.batch_norm(x, rm, rv, training=training, momentum=momentum)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    if training and error is ValueError:  # no running statistics: nothing uses it
+        y = groupnorm.batch_norm(x, None, None, training=True, momentum=momentum)
+        torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+    elif training:
+        with pytest.raises(error, match="momentum"):
+            groupnorm.batch_norm(x, None, None, training=True, momentum=momentum)

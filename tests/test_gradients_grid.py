@@ -20,9 +20,10 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, make_input
+from helpers import ATOL, abs_err, full_path_calls, kernel_data, make_input
 
 import groupnorm
+from groupnorm import functional as gf
 
 FUNCTIONALS = ["group", "layer", "instance", "batch", "batch_eval"]
 AFFINES = ["weight_bias", "weight", "bias", "none"]
@@ -352,3 +353,107 @@ def test_ordinary_backward_keeps_the_fused_node():
     (g2,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     assert g2.requires_grad
     torch.testing.assert_close(g, g2.detach(), atol=1e-5, rtol=1e-5)
+
+
+# ---- the C++ node's gradients and forward-mode AD ----------------------------------------------
+
+
+@pytest.mark.parametrize("params", ["weight", "bias", "both", "none"])
+@pytest.mark.parametrize("needs", [(1, 1, 1), (0, 1, 1), (1, 0, 1), (0, 0, 1), (1, 1, 0)])
+def test_fast_path_gradients_for_each_set_of_inputs_that_need_them(
+    params, needs, fast_path, monkeypatch
+):
+    """Every mix of present params and inputs that require grad (an absent weight moves the
+    bias to the C++ node's second input edge), with SiLU, against float64."""
+    x, _, dy, w, b = kernel_data((2, 6, 4, 4), torch.float32, "contiguous", 12)
+    w = w if params in ("weight", "both") else None
+    b = b if params in ("bias", "both") else None
+
+    def leaves(dtype):
+        return [
+            t.to(dtype).clone().requires_grad_(bool(need)) if t is not None else None
+            for t, need in zip((x, w, b), needs, strict=True)
+        ]
+
+    got_in, ref_in = leaves(torch.float32), leaves(torch.float64)
+    wanted = [i for i, t in enumerate(got_in) if t is not None and t.requires_grad]
+    if not wanted:
+        pytest.skip("nothing requires grad")
+    missed = full_path_calls(monkeypatch)
+    y = gf.group_norm(*got_in[:1], 3, *got_in[1:], activation="silu")
+    assert missed == []
+    want = groupnorm.reference_norm(
+        ref_in[0], "group", num_groups=3, weight=ref_in[1], bias=ref_in[2], activation="silu"
+    ).output
+    got = torch.autograd.grad(y, [got_in[i] for i in wanted], dy)
+    ref = torch.autograd.grad(want, [ref_in[i] for i in wanted], dy.double())
+    assert abs_err(y, want) < 1e-5
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.float32
+        assert abs_err(g, r) < 1e-4 * max(1.0, r.abs().max().item())
+
+
+def test_fast_path_double_backward_is_differentiable(fast_path):
+    """Second-order gradients through the extension's node are not silently wrong: under
+    create_graph=True its backward carries a graph, and the second derivative matches torch's
+    float64 one (a gradient without a graph would make the second backward fail)."""
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(2, 6, 4, 4, generator=gen, dtype=torch.float64)
+    got = []
+    for dtype in (torch.float32, torch.float64):
+        x = x0.to(dtype).requires_grad_()
+        if dtype == torch.float32:
+            y = gf.group_norm(x, 3, activation="silu")
+            assert "groupnorm" in type(y.grad_fn).__name__ or "groupnorm" in y.grad_fn.name()
+        else:
+            y = F.silu(F.group_norm(x, 3))
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        assert gx.requires_grad
+        got.append(torch.autograd.grad(gx.square().sum(), x)[0])
+    torch.testing.assert_close(got[0].double(), got[1], atol=1e-4, rtol=1e-4)
+
+
+def _jvp_reference(fn, x, t):
+    """The tangent of ``fn`` at x along t, in float64 through torch's own ops."""
+    return torch.func.jvp(fn, (x.double(),), (t.double(),))[1]
+
+
+@pytest.mark.parametrize("case", ["group", "instance", "layer", "module", "batch_eval"])
+def test_forward_mode_ad_carries_the_tangent(case):
+    """Under forward-mode AD the call takes the portable core's torch ops, so the tangent is
+    right; the C++ kernels (and the custom op) would drop it silently."""
+    import torch.autograd.forward_ad as fa
+
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 6, 4, 5, generator=gen) * 1.3 + 0.2
+    t = torch.randn(2, 6, 4, 5, generator=gen)
+    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    rm, rv = torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5
+    ours, ref = {
+        "group": (
+            lambda a: groupnorm.group_norm(a, 3, w, b, activation="silu"),
+            lambda a: F.silu(F.group_norm(a, 3, w.double(), b.double())),
+        ),
+        "instance": (
+            lambda a: groupnorm.instance_norm(a, weight=w, bias=b),
+            lambda a: F.group_norm(a, 6, w.double(), b.double()),
+        ),
+        "layer": (
+            lambda a: groupnorm.layer_norm(a, weight=w, bias=b),
+            lambda a: F.group_norm(a, 1, w.double(), b.double()),
+        ),
+        "module": (
+            groupnorm.GroupNorm(3, 6, affine=False),
+            lambda a: F.group_norm(a, 3),
+        ),
+        "batch_eval": (
+            lambda a: groupnorm.batch_norm(a, rm, rv, w, b, training=False),
+            lambda a: F.batch_norm(a, rm.double(), rv.double(), w.double(), b.double()),
+        ),
+    }[case]
+    want = _jvp_reference(ref, x, t)
+    with fa.dual_level():
+        y = ours(fa.make_dual(x, t))
+        tangent = fa.unpack_dual(y).tangent
+    assert tangent is not None, "the tangent was dropped"
+    torch.testing.assert_close(tangent.double(), want, rtol=1e-4, atol=1e-5)

@@ -256,7 +256,7 @@ def test_check_leaves_modes_and_buffers_unchanged():
     before = {k: t.clone() for k, t in bn.state_dict().items()}
     gn = groupnorm.convert_batchnorm(nn.Sequential(bn), num_groups=2)[0]
     assert isinstance(gn, GroupNormAct) and gn.training
-    assert bn.training and bn.act.training  # the old layer, checked in eval mode, is restored
+    assert bn.training and bn.act.training  # the original layer, checked in eval mode, is restored
     for k, t in bn.state_dict().items():
         assert torch.equal(t, before[k]), k
 

@@ -307,9 +307,9 @@ def test_group_norm_module_is_a_drop_in_for_torch(rank, groups, per_group, dtype
 @pytest.mark.parametrize("mode", ["group", "batch"])
 @pytest.mark.parametrize("backend", ["cpu", "portable"])
 def test_channels_last_input_with_contiguous_gradient(backend, mode):
-    """Regression (found by make fuzz): the cpu backend passed a contiguous dy with a
-    channels-last x to native_group_norm_backward, which read it with x's strides: dx off by 5
-    (native batch norm handles the mix; it is covered anyway)."""
+    """A contiguous dy with a channels-last x: dx against float64 on both backends
+    (native_group_norm_backward reads dy with x's strides, so the cpu backend must hand it dy in
+    x's layout; native batch norm handles the mix, and is covered too)."""
     gen = torch.Generator().manual_seed(40)
     x = torch.randn(2, 4, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
     dy = torch.randn(2, 4, 6, 6, generator=gen)

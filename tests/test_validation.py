@@ -1,4 +1,4 @@
-"""The bad inputs named by the foundation issue: each gets a clear error that says what to fix."""
+"""Bad inputs: each gets a clear error that says what to fix."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def test_timm_bn_act_models_convert_with_their_activations(name, kinds):
         ours.train(train)
         y, y_ref = ours(x), ref(x)
         torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-    # what the issue saw: a plain GroupNorm in place of each BatchNormAct2d differs a lot
+    # a plain GroupNorm (no activation) in place of each BatchNormAct2d differs a lot
     plain = groupnorm.convert_batchnorm(copy.deepcopy(model), num_groups=8, convert_unknown=True)
     for m in plain.modules():
         if isinstance(m, GroupNormAct):
