@@ -337,12 +337,12 @@ def test_layers_import_downwards_only():
     )
 
 
-# ---- the eager fast road (dispatch.run -> kernels/cpu.fast -> the C++ extension) -------------
+# ---- the eager fast road (dispatch.run -> kernels/cpu.whole_call -> the C++ extension) -------
 
 
 def test_eager_path_matches_custom_op():
     """The dispatcher-free eager path and the registered op give the same values and grads."""
-    from groupnorm.ops import norm_forward
+    from groupnorm.ops import forward_op
 
     x, res, dy, w, b = kernel_data((2, 6, 4, 4), torch.float64, "contiguous", 7)
     args = (None, None, 3, False, 1e-5, "silu", "auto")
@@ -355,7 +355,7 @@ def test_eager_path_matches_custom_op():
         res,
     )
     out2, g2 = value_and_grads(
-        lambda a, ww, bb, r: norm_forward(a, ww, bb, r, *args)[0], dy, x, w, b, res
+        lambda a, ww, bb, r: forward_op(a, ww, bb, r, *args)[0], dy, x, w, b, res
     )
     assert torch.equal(out1, out2)
     for a, c in zip(g1, g2, strict=True):
@@ -383,7 +383,7 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypat
     """No-grad and autograd fast paths against the registered custom op (the full path), with
     weight and bias in x's dtype (as in a model moved to float16): the gradients come back in
     that dtype too."""
-    from groupnorm.ops import norm_forward
+    from groupnorm.ops import forward_op
 
     missed = full_path_calls(monkeypatch)
     x, _, dy, w, b = kernel_data((2, 12, 5, 7), dtype, "channels_last", 21)
@@ -394,7 +394,7 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypat
             return gf.group_norm(a, 4, ww, bb, activation=act)
 
         def op(a, ww, bb, op_args=op_args):
-            return norm_forward(a, ww, bb, *op_args)[0]
+            return forward_op(a, ww, bb, *op_args)[0]
 
         with torch.no_grad():
             assert torch.equal(fast(x, w, b), op(x, w, b))
@@ -409,14 +409,14 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypat
 
 def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):
     calls = []
-    real = cpu.fast
+    real = cpu.whole_call
 
     def counting(*args):
         y = real(*args)
         calls.extend([] if y is None else [1])
         return y
 
-    monkeypatch.setattr(cpu, "fast", counting)
+    monkeypatch.setattr(cpu, "whole_call", counting)
     x, w = torch.randn(2, 6, 4, 4), torch.rand(6)
     m = groupnorm.GroupNorm(3, 6)
     with torch.no_grad():
