@@ -1,7 +1,8 @@
 """Functional API: one entry point, :func:`normalize`, and the four modes as special cases.
 
-All functions validate their arguments here (clear ``TypeError``/``ValueError`` messages), then
-call the ``groupnorm::forward`` custom op, which picks a backend by device.
+All functions hand their call to the dispatcher (:func:`groupnorm.dispatch.run`) with the
+argument checks here (clear ``TypeError``/``ValueError`` messages) as its validator; the common
+spellings of the scalars resolve to a cached spec without them (:func:`_quick_spec`).
 """
 
 from __future__ import annotations

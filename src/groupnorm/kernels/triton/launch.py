@@ -539,6 +539,26 @@ class _BackwardPlan:
         return dx, dw, db
 
 
+def _backward_key(
+    dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs
+) -> tuple:
+    return (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        dy.stride(),
+        dy.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        needs,
+    )
+
+
 def launch_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -564,21 +584,7 @@ def launch_backward(
         bool(need_dw and weight is not None),
         bool(need_db and bias is not None),
     )
-    key = (
-        x.shape,
-        x.stride(),
-        x.dtype,
-        x.device,
-        dy.stride(),
-        dy.dtype,
-        None if weight is None else weight.dtype,
-        None if bias is None else bias.dtype,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        needs,
-    )
+    key = _backward_key(dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs)
     config, _, plans = _caches(config)
     plan = plans.get(key)
     if plan is None:
@@ -638,20 +644,8 @@ def wrapped_backward(
     """:func:`launch_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
     xc, dyc = _concrete(x), _concrete(dy)
     config, plans = settings().config, _wrapped_plans[1]
-    key = (
-        xc.shape,
-        xc.stride(),
-        x.dtype,
-        x.device,
-        dyc.stride(),
-        dy.dtype,
-        None if weight is None else weight.dtype,
-        None if bias is None else bias.dtype,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        needs,
+    key = _backward_key(
+        dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs
     )
     plan = plans.get(key)
     if plan is None:
