@@ -57,16 +57,12 @@ def _quick_spec(
     return spec
 
 
-def _check_tensors(
-    groups, input, mode, num_groups, group_size, weight, bias, eps, activation, residual, *rest
-) -> None:
+def _check_tensors(input, weight, bias, residual, num_groups: int | None, args: tuple) -> None:
     """The validator of a group, layer or instance norm call whose spec came from the cache
-    (so its scalars are good, ``groups`` its group count): the tensors only, where they
-    certainly pass; else the full checks of :func:`_check_call`, which raise the messages."""
-    if not v.tensors_ok(input, weight, bias, residual, groups):
-        _check_call(
-            input, mode, num_groups, group_size, weight, bias, eps, activation, residual, *rest
-        )
+    (so its scalars are good): the tensors only, where they certainly pass; else the full
+    checks of ``_check_call(*args)``, which raise the messages."""
+    if not v.tensors_ok(input, weight, bias, residual, num_groups):
+        _check_call(*args)
 
 
 def _checked() -> None:
@@ -119,7 +115,10 @@ def _run(
     running = None
     if spec is not None and not spec.pool_batch:  # group, layer or instance norm (most calls)
         if running_mean is None and running_var is None and training is True:
-            validate = lambda a=args, g=spec.num_groups: _check_tensors(g, *a)  # noqa: E731
+
+            def validate(x=input, w=weight, b=bias, r=residual, g=spec.num_groups, a=args):
+                _check_tensors(x, w, b, r, g, a)
+
             return run(spec, input, weight, bias, residual, validate)[0]
         spec = None  # (the checks explain)
     elif spec is not None:  # batch norm
