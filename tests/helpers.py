@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import groupnorm
 from groupnorm import functional as gf
 from groupnorm.kernels import cpu_ext
+from groupnorm.kernels.activations import FUSED
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Absolute slack per dtype, roughly a few units in the last place of O(1) values.
@@ -136,6 +137,9 @@ def torch_counterpart(x, mode, weight=None, bias=None, eps=1e-5, num_groups=None
 KERNEL_ATOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
+#: every activation the kernels fuse, from the package's table; TORCH_ACT is the tests' own
+#: torch spelling of each, so a new entry there needs one here too
+FUSED_NAMES = [a.name for a in FUSED]
 TORCH_ACT = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 

@@ -236,14 +236,23 @@ def test_replace_group_norm_gives_identical_outputs_and_shares_parameters():
     want = net(x)
     w = net[1].weight
     for fuse in (False, True):
-        new = groupnorm.replace_group_norm(copy.deepcopy(net), fuse_activation=fuse)
+        new = groupnorm.replace_group_norm(copy.deepcopy(net), activation_fusion=fuse)
         assert all(type(m) is not nn.GroupNorm for m in new.modules())
         torch.testing.assert_close(new(x), want, atol=1e-6, rtol=1e-6)
     assert groupnorm.replace_group_norm(net)[1].weight is w
-    fused = groupnorm.replace_group_norm(net, fuse_activation=True)  # ours, now fused
+    fused = groupnorm.replace_group_norm(net, activation_fusion=True)  # ours, now fused
     assert isinstance(fused[1], GroupNormAct) and fused[1].eps == 1e-4
     assert isinstance(fused[2], nn.Identity) and isinstance(fused[3][1], nn.Identity)
     torch.testing.assert_close(fused(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_replace_group_norm_fuse_activation_is_a_deprecated_spelling():
+    net = nn.Sequential(nn.GroupNorm(2, 4), nn.SiLU())
+    with pytest.warns(DeprecationWarning, match=r"fuse_activation=\) is deprecated"):
+        new = groupnorm.replace_group_norm(net, fuse_activation=True)
+    assert isinstance(new[0], GroupNormAct) and isinstance(new[1], nn.Identity)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="not both"):
+        groupnorm.replace_group_norm(net, activation_fusion=True, fuse_activation=True)
 
 
 def test_replace_group_norm_root_and_foreign_subclass():

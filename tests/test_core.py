@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     DTYPES,
+    FUSED_NAMES,
     assert_close,
     dx_magnitude,
     make_input,
@@ -215,7 +216,7 @@ def test_batch_independence(mode, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("activation", FUSED_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_activation_and_residual_match_reference(activation, dtype, backend):
     shape = (2, 8, 4, 3)
@@ -249,7 +250,7 @@ def test_activation_and_residual_match_reference(activation, dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("activation", [None, "silu", "gelu", "relu"])
+@pytest.mark.parametrize("activation", [None, *FUSED_NAMES])
 def test_gradcheck(mode, activation, backend):
     shape = (3, 6, 4, 3)
     x = make_input(shape, torch.float64).requires_grad_(True)

@@ -506,3 +506,17 @@ def test_extension_fallback_on_failed_build_and_switch(monkeypatch, tmp_path):
         warnings.simplefilter("error")  # switched off on purpose: no warning
         assert cpu_ext.extension() is None
     assert "GROUPNORM_CPU_EXT=0" in cpu_ext.fused_op_unavailable_reason()
+
+
+def test_the_cpp_activation_list_has_the_python_tables_codes():
+    """The C++ list (GN_ACTIVATIONS in gn_common.h) and the Python table give every fused
+    activation the same code, and neither has one the other lacks."""
+    import re
+
+    from groupnorm.kernels.activations import CODES
+
+    header = (Path(cpu_ext.__file__).parent / "gn_common.h").read_text()
+    block = header[header.index("#define GN_ACTIVATIONS(X)") :].split("\n\n", 1)[0]
+    cpp = {name.lower(): int(code) for name, code in re.findall(r"X\(ACT_(\w+),\s*(\d+),", block)}
+    assert cpp.pop("none") == 0
+    assert cpp == {name: code for name, code in CODES.items() if name}

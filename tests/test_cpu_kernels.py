@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    FUSED_NAMES,
     KERNEL_ATOL,
     TORCH_ACT,
     abs_err,
@@ -34,7 +35,7 @@ from groupnorm.kernels.running import update_running_stats
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-ACTIVATIONS = [None, "silu", "gelu", "relu"]
+ACTIVATIONS = [None, *FUSED_NAMES]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

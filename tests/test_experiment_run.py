@@ -53,6 +53,36 @@ def test_smoke_run_every_norm(fake_data, norm):
     assert again["train_loss"] == record["train_loss"]
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_small_steps_run_channels_last_and_repeat(fake_data, norm, monkeypatch):
+    """At most SMALL_STEP images a step, training runs in channels-last; a run repeats bit for
+    bit and its test pass sees the default layout again."""
+    from groupnorm.experiments import train
+
+    data = load_fashion_mnist(fake_data, check_counts=False)
+    layouts = []
+    evaluate = train.evaluate
+
+    def spy(model, *args, **kwargs):
+        layouts.append(model.stem.weight.is_contiguous())
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def spy_conv(x, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1)
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy_conv)
+    run = RunSpec(norm, 2, seed=0)  # 4 workers x 2 images = 8 images a step
+    record = train_run(TINY, run, data)
+    again = train_run(TINY, run, data)
+    assert any(seen) and layouts == [True, True]
+    assert (again["test_error"], again["train_loss"]) == (record["test_error"], record["train_loss"])
+
+
 def test_results_file_torn_line(tmp_path):
     path = tmp_path / "results.jsonl"
     append_result(path, {"key": "a", "test_error": 1.0})

@@ -20,7 +20,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, abs_err, full_path_calls, kernel_data, make_input
+from helpers import ATOL, FUSED_NAMES, abs_err, full_path_calls, kernel_data, make_input
 
 import groupnorm
 from groupnorm import functional as gf
@@ -207,7 +207,7 @@ def test_double_backward(name, affine, dtype, layout, route):
 
 
 # (activation, residual) but the plain (None, False), which test_double_backward covers
-FUSED = [(a, r) for a in ("silu", "gelu", "relu", None) for r in (False, True) if a or r]
+FUSED = [(a, r) for a in (*FUSED_NAMES, None) for r in (False, True) if a or r]
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_input
+from helpers import FUSED_NAMES, make_input
 
 import groupnorm
 
@@ -51,7 +51,7 @@ def test_factory_kwargs():
     assert torch.equal(m.weight, torch.ones(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu", None])
+@pytest.mark.parametrize("activation", [*FUSED_NAMES, None])
 def test_group_norm_act_equals_norm_then_activation(activation):
     m = groupnorm.GroupNormAct(3, 12, activation=activation)
     torch.nn.init.normal_(m.weight)
@@ -107,6 +107,27 @@ def test_module_residual_argument():
     m = groupnorm.GroupNorm(2, 4)
     x, r = make_input((2, 4, 3), torch.float32), make_input((2, 4, 3), torch.float32, seed=3)
     assert torch.allclose(m(x, r), F.group_norm(x + r, 2, m.weight, m.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: groupnorm.GroupNorm(2, 4),
+        lambda: groupnorm.GroupNormAct(2, 4),
+        lambda: groupnorm.BatchNorm(4),
+        lambda: groupnorm.BatchNorm(4).eval(),
+        lambda: groupnorm.SyncBatchNorm(4, act_layer="hard_swish"),
+    ],
+)
+def test_modules_reject_a_bad_backend_variable(monkeypatch, make):
+    # The dispatcher reads GROUPNORM_BACKEND first, before the module's own checks: plain
+    # calls, calls with a residual and calls with the wrong channel count all say so.
+    m, message = make(), "^unknown backend 'nonsense'; choose one of auto, cpu"
+    monkeypatch.setenv("GROUPNORM_BACKEND", "nonsense")
+    x, r = make_input((2, 4, 3), torch.float32), make_input((2, 4, 3), torch.float32, seed=3)
+    for args in ((x,), (x, r), (make_input((2, 6, 3), torch.float32),)):
+        with pytest.raises(ValueError, match=message):
+            m(*args)
 
 
 def _model():

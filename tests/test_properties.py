@@ -23,6 +23,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FUSED_NAMES, TORCH_ACT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,7 +98,7 @@ def cases(draw):
         "mode": mode,
         "layout": draw(st.sampled_from(layouts)),
         "dtype": dtype,
-        "activation": draw(st.sampled_from([None, "silu", "gelu", "relu"])),
+        "activation": draw(st.sampled_from([None, *FUSED_NAMES])),
         "residual": draw(st.booleans()),
         "weight": draw(st.booleans()),
         "bias": draw(st.booleans()),
@@ -142,9 +143,6 @@ def _assert_close(got, want, dtype, what, scale=1.0, torch_err=0.0):
     assert err <= bound, f"{what}: max error {err:.3g} at scale {scale:.3g} (torch {torch_err:.3g})"
 
 
-_TORCH_ACT = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
-
-
 def torch_equivalent(case, x, weight, bias, residual, stats):
     """The same computation from torch's own ops, in the input dtype (the error yardstick)."""
     src = x + residual if residual is not None else x
@@ -156,7 +154,7 @@ def torch_equivalent(case, x, weight, bias, residual, stats):
         groups = {"group": case["groups"], "layer": 1, "instance": c}[case["mode"]]
         # aten::group_norm: F.group_norm would refuse one sample with one value per group
         y = torch.group_norm(src, groups, weight, bias, 1e-5, False)
-    return _TORCH_ACT[case["activation"]](y)
+    return TORCH_ACT[case["activation"]](y)
 
 
 def torch_errors(case, leaves, names, stats, dy, ref, ref_grads):

@@ -28,11 +28,13 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import groupnorm  # noqa: E402
 from groupnorm import reference_norm  # noqa: E402
 from groupnorm.kernels import portable  # noqa: E402
 from groupnorm.kernels.triton import kernels as tk  # noqa: E402
+from groupnorm.kernels.triton.kernels import _row_offsets, _tile_offsets  # noqa: E402
 from groupnorm.kernels.triton.launch import launch_backward, nc_s_strides, plan_for  # noqa: E402
 from groupnorm.kernels.triton.plan import (  # noqa: E402
     TritonConfig,
@@ -154,6 +156,28 @@ def test_strides_of_layouts():
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _offset_probe_kernel(
+    OUT,  # (BLOCK,) int64 out: offsets computed by the kernels' helpers
+    N_IDX,  # (BLOCK,) int32 sample indices
+    C_IDX,  # (BLOCK,) int32 channel indices
+    S_IDX,  # (BLOCK,) int32 spatial indices
+    stride_n,
+    stride_c,
+    stride_s,
+    BLOCK: tl.constexpr,
+):
+    """Runs the kernels' offset helpers on given indices."""
+    i = tl.arange(0, BLOCK)
+    n = tl.load(N_IDX + i)
+    c = tl.load(C_IDX + i)
+    s = tl.load(S_IDX + i)
+    rows = _row_offsets(n, c, stride_n, stride_c)
+    offs = _tile_offsets(rows, s, stride_s)  # (BLOCK, BLOCK); the diagonal pairs row i with s[i]
+    diag = tl.sum(tl.where(i[:, None] == i[None, :], offs, 0), axis=1)
+    tl.store(OUT + i, diag)
+
+
 def test_offset_helpers_are_64_bit():
     """The kernels' offset helpers, run on indices whose offsets pass 2**31 (and 2**32)."""
     n = torch.tensor([3, 0, 1, 2], dtype=torch.int32, device=DEVICE)
@@ -162,7 +186,7 @@ def test_offset_helpers_are_64_bit():
     strides = (2**30, 40_000, 3, 1)
     out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     for stride_n, stride_c, stride_s in [(2**30, 40_000, 3), (2**31 + 5, 1, 2)]:
-        tk._offset_probe_kernel[(1,)](out, n, c, s, stride_n, stride_c, stride_s, BLOCK=4)
+        _offset_probe_kernel[(1,)](out, n, c, s, stride_n, stride_c, stride_s, BLOCK=4)
         want = [
             element_offset(int(a), int(b), int(d), stride_n, stride_c, stride_s)
             for a, b, d in zip(n, c, s, strict=True)

@@ -1,11 +1,13 @@
 """Activations given the way timm gives them: a name, an ``nn.Module`` type or a factory.
 
 :func:`resolve_act` turns such an ``act_layer`` (with ``act_kwargs``) into either the name of an
-activation the fused kernels compute (``"silu"``, ``"gelu"``, ``"relu"``) or an ``nn.Module``
-to apply after the norm. :func:`fused_name` says whether a module instance is one of the three,
-exactly: an ``nn.SiLU``, an ``nn.ReLU`` or an ``nn.GELU`` with ``approximate="none"`` (subclasses
-and the tanh GELU are kept as modules, since their function may differ). ``inplace`` does not
-change what an activation computes, only where it writes, so it does not stop fusion.
+activation the kernels fuse or an ``nn.Module`` to apply after the norm. Which activations fuse,
+and what each one is, comes from the table in :mod:`groupnorm.kernels.activations`.
+:func:`fused_name` says whether a module instance is exactly one of them: its type is the
+record's module class (a subclass may compute something else) and it passes the record's
+``exact`` test (``nn.GELU`` only with ``approximate="none"``; the tanh GELU is kept as a module).
+``inplace`` does not change what an activation computes, only where it writes, so it does not
+stop fusion.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
+
+from .kernels.activations import BY_NAME, FUSED
 
 #: activation names (timm's spellings included) -> module factory; None means no activation
 ACT_NAMES: dict[str, Callable[..., nn.Module] | None] = {
@@ -43,29 +46,20 @@ ACT_NAMES: dict[str, Callable[..., nn.Module] | None] = {
 }
 
 # Tensor functions that are one of the fused activations (act_layer=torch.nn.functional.silu).
-_FUNCTIONS = {
-    torch.nn.functional.silu: "silu",
-    torch.nn.functional.relu: "relu",
-    torch.relu: "relu",
-    torch.nn.functional.gelu: "gelu",
-}
+_FUNCTIONS = {fn: a.name for a in FUSED for fn in a.functions}
 
 
 def fused_name(module: object) -> str:
-    """``"silu"``, ``"relu"`` or ``"gelu"`` when ``module`` computes exactly that, else ``""``."""
-    kind = type(module)
-    if kind is nn.SiLU:
-        return "silu"
-    if kind is nn.ReLU:
-        return "relu"
-    if kind is nn.GELU and module.approximate == "none":
-        return "gelu"
+    """The fused activation's name when ``module`` computes exactly that, else ``""``."""
+    for a in FUSED:
+        if type(module) is a.module and a.exact(module):
+            return a.name
     return ""
 
 
 def module_for(name: str) -> nn.Module:
     """The ``nn.Module`` computing the fused activation ``name``."""
-    return {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}[name]()
+    return BY_NAME[name].module()
 
 
 def resolve_act(act_layer: Any, act_kwargs: dict[str, Any] | None = None) -> tuple[str, Any]:
@@ -73,7 +67,7 @@ def resolve_act(act_layer: Any, act_kwargs: dict[str, Any] | None = None) -> tup
 
     ``act_layer`` is a name from :data:`ACT_NAMES`, an ``nn.Module`` subclass or another callable
     returning an ``nn.Module`` (both called with ``act_kwargs``), an ``nn.Module`` instance (used
-    as it is), or one of ``torch.nn.functional.silu/relu/gelu``.
+    as it is), or a tensor function of a fused activation (``torch.nn.functional.silu``...).
     """
     if act_kwargs is not None and not isinstance(act_kwargs, dict):
         raise TypeError(f"act_kwargs must be a dict or None, got {type(act_kwargs).__name__}")
@@ -97,8 +91,7 @@ def resolve_act(act_layer: Any, act_kwargs: dict[str, Any] | None = None) -> tup
             )
         module = act_layer
     elif _is_hashable(act_layer) and act_layer in _FUNCTIONS:
-        extra = set(kwargs) - {"inplace"}
-        if extra or (act_layer is torch.nn.functional.gelu and "approximate" in kwargs):
+        if set(kwargs) - {"inplace"}:
             raise TypeError(
                 f"act_kwargs {sorted(kwargs)} are not taken by {act_layer.__name__} as "
                 f"act_layer; pass the module class (e.g. torch.nn.GELU) instead"

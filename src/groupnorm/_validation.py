@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-#: Modes of the one core, with the short names people also use for them.
-MODES = ("batch", "layer", "instance", "group")
-#: every spelling of each mode (lowercase; :func:`check_mode` also takes other cases)
+from .kernels.activations import ACTIVATION_NAMES, FUSED
+
+#: Modes of the one core, with the short names people also use for them (lowercase:
+#: :func:`check_mode` also takes other cases).
 MODE_ALIASES = {
     "batch": "batch",
     "bn": "batch",
@@ -28,18 +29,9 @@ MODE_ALIASES = {
     "gn": "group",
 }
 
-#: Activations that can be fused after the affine step ("" means none).
-ACTIVATIONS = ("silu", "gelu", "relu")
-_ACTIVATION_ALIASES = {
-    None: "",
-    "": "",
-    "none": "",
-    "identity": "",
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "relu": "relu",
-}
+#: Spellings of the activations that can be fused after the affine step ("" means none).
+_ACTIVATION_ALIASES = ACTIVATION_NAMES
+_ACTIVATION_CHOICES = ", ".join(["None", *(repr(a.name) for a in FUSED)])
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -69,9 +61,7 @@ def check_activation(activation: object) -> str:
     """Return the canonical activation name ('' for none) or raise a ValueError."""
     key = activation.lower() if isinstance(activation, str) else activation
     if key not in _ACTIVATION_ALIASES:
-        raise ValueError(
-            f"unknown activation {activation!r}; choose one of None, 'silu', 'gelu', 'relu'"
-        )
+        raise ValueError(f"unknown activation {activation!r}; choose one of {_ACTIVATION_CHOICES}")
     return _ACTIVATION_ALIASES[key]
 
 

@@ -25,8 +25,8 @@ What counts as what (see ``docs/moving-from-bn-to-gn.md`` for the list of known 
 * activation: a layer's own ``act`` is carried over, fused into :class:`groupnorm.GroupNormAct`
   when it is an exact ``nn.ReLU``, ``nn.SiLU`` or ``nn.GELU`` with ``approximate="none"`` and no
   dropout sits between, else kept as the same module after the norm; ``drop`` is kept too. With
-  ``activation_fusion``/``fuse_activation``, the next child of the same ``nn.Sequential`` is fused
-  when it is one of those three;
+  ``activation_fusion=True``, the next child of the same ``nn.Sequential`` is fused when it is
+  one of those three;
 * residual block (for ``zero_init_last``): see :func:`find_last_norms`.
 """
 
@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _act
 from . import _validation as v
+from .kernels.activations import BY_NAME
 from .modules import BatchNorm, GroupNorm, GroupNormAct
 from .weight_standardization import DEFAULT_EPS, WSConv1d, WSConv2d, WSConv3d
 
@@ -59,11 +60,6 @@ _CARRIED = frozenset(("act", "drop"))
 _BN_PARAMS = frozenset(("weight", "bias"))
 _BN_BUFFERS = frozenset(("running_mean", "running_var", "num_batches_tracked"))
 _TORCH_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, BatchNorm.forward)
-_ACT_FNS = {
-    "silu": torch.nn.functional.silu,
-    "relu": torch.relu,
-    "gelu": torch.nn.functional.gelu,
-}
 _CONVS = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
 _BLOCK_WORDS = ("block", "bottleneck")
 _SHORTCUT_NAMES = frozenset(
@@ -209,7 +205,7 @@ def _probe(m: nn.Module, kind: str, act: nn.Module | None, drop: nn.Module | Non
                 ref = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, rm is None, 0.0, eps)
             own = getattr(m, "_activation", "")
             if own:
-                ref = _ACT_FNS[own](ref)
+                ref = BY_NAME[own].function(ref)
             if drop is not None:
                 ref = drop(ref)
             if act is not None:
@@ -273,7 +269,7 @@ def _new_group_norm(
     """A GroupNorm(Act) taking over ``weight``/``bias`` (Parameters are shared, buffers cloned).
 
     ``activation`` is a fused name; ``act``/``drop`` are modules carried over (the same objects;
-    an ``act`` that is an exact SiLU/ReLU/erf GELU with no ``drop`` is fused instead).
+    an ``act`` that is exactly a fused activation, with no ``drop``, is fused instead).
     """
     affine = weight is not None or bias is not None
     device = like.device if like is not None else None
@@ -340,6 +336,20 @@ def _walk(
             continue
         setattr(module, name, new)
         skip_next = fused
+
+
+def _replace_all(
+    model: nn.Module,
+    replace: Callable[[str, nn.Module, str], tuple[nn.Module | None, bool]],
+    fuse: bool,
+) -> nn.Module:
+    """The model with ``replace`` applied: the new root when it replaces the root itself, else
+    the same model, each of whose descendants ``replace`` was offered (see :func:`_walk`)."""
+    new_root, _ = replace("", model, "")
+    if new_root is not None:
+        return new_root
+    _walk(model, "", replace, fuse)
+    return model
 
 
 def convert_batchnorm(
@@ -475,11 +485,7 @@ def convert_batchnorm(
         )
         return gn, fused
 
-    new_root, _ = replace("", model, "")
-    if new_root is not None:
-        model = new_root
-    else:
-        _walk(model, "", replace, activation_fusion)
+    model = _replace_all(model, replace, activation_fusion)
     if adjusted:
         warnings.warn(
             "convert_batchnorm: channel count not divisible by the requested groups, used the "
@@ -517,7 +523,11 @@ def convert_batchnorm(
 
 
 def replace_group_norm(
-    model: nn.Module, *, fuse_activation: bool = False, convert_unknown: bool = False
+    model: nn.Module,
+    *,
+    activation_fusion: bool = False,
+    convert_unknown: bool = False,
+    fuse_activation: bool | None = None,
 ) -> nn.Module:
     """Swap every ``torch.nn.GroupNorm`` in ``model`` for :class:`groupnorm.GroupNorm`.
 
@@ -531,19 +541,30 @@ def replace_group_norm(
     alone with one warning naming them; ``convert_unknown=True`` swaps them as plain group norms
     (their own ``forward`` and other submodules are dropped; a warning names them).
 
-    With ``fuse_activation=True``, a group norm (torch's or our plain one) directly followed by
-    ``nn.SiLU``/``nn.GELU``/``nn.ReLU`` in an ``nn.Sequential`` becomes one
-    :class:`groupnorm.GroupNormAct` and the activation an ``nn.Identity``. The model is changed in
+    With ``activation_fusion=True`` (as in :func:`convert_batchnorm`), a group norm (torch's or
+    our plain one) directly followed by ``nn.SiLU``/``nn.GELU``/``nn.ReLU`` in an
+    ``nn.Sequential`` becomes one :class:`groupnorm.GroupNormAct` and the activation an
+    ``nn.Identity``. ``fuse_activation=`` is a deprecated spelling of it. The model is changed in
     place and returned.
 
     >>> net = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU())
-    >>> replace_group_norm(net, fuse_activation=True)
+    >>> replace_group_norm(net, activation_fusion=True)
     Sequential(
       (0): GroupNormAct(4, 8, eps=1e-05, affine=True, bias=True, activation=silu)
       (1): Identity()
     )
     """
     model = _check_model(model)
+    if fuse_activation is not None:
+        warnings.warn(
+            "replace_group_norm(fuse_activation=) is deprecated; pass activation_fusion= (the "
+            "name convert_batchnorm uses)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if activation_fusion:
+            raise TypeError("pass activation_fusion= or fuse_activation=, not both")
+        activation_fusion = bool(fuse_activation)
     unknown: list[str] = []
 
     def replace(name: str, m: nn.Module, activation: str) -> tuple[nn.Module | None, bool]:
@@ -573,11 +594,7 @@ def replace_group_norm(
         )
         return gn, fused
 
-    new_root, _ = replace("", model, "")
-    if new_root is not None:
-        model = new_root
-    else:
-        _walk(model, "", replace, fuse_activation)
+    model = _replace_all(model, replace, activation_fusion)
     if unknown:
         if convert_unknown:
             msg = (

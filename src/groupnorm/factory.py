@@ -35,6 +35,7 @@ from typing import Any
 
 from torch import nn
 
+from .kernels.activations import FUSED
 from .modules import BatchNorm, GroupNorm, GroupNormAct, InstanceNorm, LayerNorm
 
 __all__ = ["create_norm_layer", "get_norm_layer", "NORM_LAYERS"]
@@ -44,16 +45,13 @@ _ACT_KWARGS = frozenset(("act_layer", "act_kwargs", "apply_act", "inplace", "dro
 _GN_KWARGS = _COMMON | {"num_groups", "group_size", "bias"} | _ACT_KWARGS
 _BN_KWARGS = _COMMON | {"momentum", "track_running_stats", "bias"}
 
-#: name -> (class, fused activation or None, keyword arguments it accepts)
+#: name -> (class, fused activation or None, keyword arguments it accepts); a ``gn_`` and a
+#: ``bn_`` name for each activation the kernels fuse
 NORM_LAYERS: dict[str, tuple[type[nn.Module], str | None, frozenset[str]]] = {
     "gn": (GroupNorm, None, _GN_KWARGS),
-    "gn_silu": (GroupNormAct, "silu", _GN_KWARGS),
-    "gn_gelu": (GroupNormAct, "gelu", _GN_KWARGS),
-    "gn_relu": (GroupNormAct, "relu", _GN_KWARGS),
+    **{f"gn_{a.name}": (GroupNormAct, a.name, _GN_KWARGS) for a in FUSED},
     "bn": (BatchNorm, None, _BN_KWARGS),
-    "bn_silu": (BatchNorm, "silu", _BN_KWARGS),
-    "bn_gelu": (BatchNorm, "gelu", _BN_KWARGS),
-    "bn_relu": (BatchNorm, "relu", _BN_KWARGS),
+    **{f"bn_{a.name}": (BatchNorm, a.name, _BN_KWARGS) for a in FUSED},
     "ln": (LayerNorm, None, _COMMON),
     "in": (InstanceNorm, None, _COMMON),
 }

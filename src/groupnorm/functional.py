@@ -15,11 +15,12 @@ from torch import Tensor
 from . import _validation as v
 from .dispatch import NormSpec, run
 from .kernels import BACKENDS, check_backend
+from .kernels.activations import FUSED
 
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
 
 # The common spellings of the scalar arguments, which the road takes without the full checks.
-_QUICK_ACTIVATIONS = {None: "", "": "", "silu": "silu", "gelu": "gelu", "relu": "relu"}
+_QUICK_ACTIVATIONS = {None: "", "": "", **{a.name: a.name for a in FUSED}}
 _QUICK_BACKENDS = (None, *BACKENDS)
 _SPECS: dict[tuple, NormSpec] = {}
 

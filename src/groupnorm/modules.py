@@ -1,4 +1,10 @@
-"""Drop-in modules built on :func:`groupnorm.functional.normalize`.
+"""Drop-in modules over the one dispatcher, :func:`groupnorm.dispatch.run`.
+
+Each module resolves its call's fixed scalars (groups, eps, fused activation) into a
+:class:`~groupnorm.dispatch.NormSpec`, kept until one of them is set again, and hands every
+call to ``run`` with its tensors and a validator that raises the module's own messages; ``run``
+decides the route (the C++ extension, a backend's kernels, the exporter's decomposed form, the
+portable core or the registered op; see ``dispatch.py``).
 
 ``GroupNorm`` subclasses ``torch.nn.GroupNorm`` and ``BatchNorm`` subclasses torch's
 ``_BatchNorm``, so code that checks ``isinstance`` (weight-decay rules, freezing helpers) and
@@ -16,27 +22,47 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _act
 from . import _validation as v
 from .dispatch import NormSpec, run
-from .kernels import check_backend
 
 __all__ = ["GroupNorm", "GroupNormAct", "BatchNorm", "LayerNorm", "InstanceNorm"]
 
 
-def _channel_count_hint(
-    module: nn.Module, state_dict: dict, prefix: str, count: int, arg: str, error_msgs: list
-) -> None:
-    """After torch's own "size mismatch" message, say which layer would load the checkpoint."""
-    for key in ("weight", "bias", "running_mean", "running_var"):
-        t = state_dict.get(prefix + key)
-        if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] != count:
-            error_msgs.append(
-                f"{prefix}{key} in the checkpoint has {t.shape[0]} channels but this "
-                f"{type(module).__name__} has {arg}={count}; build it with {arg}={t.shape[0]} "
-                f"to load this checkpoint"
-            )
-            return
+def _check_channels(count: object, arg: str) -> int:
+    count = v._check_int(count, arg)
+    if count <= 0:
+        raise ValueError(f"{arg} must be positive (the size of the input's dim 1), got {count}")
+    return count
 
 
-class GroupNorm(nn.GroupNorm):
+class _Norm:
+    """What the norm modules share: the call's :class:`NormSpec`, kept in ``__dict__["_spec"]``
+    until one of the attributes it is made from (``_SPEC_FIELDS``) is set (``m.eps = 1e-3``),
+    after which the next call resolves it again; and a hint after torch's "size mismatch" when a
+    checkpoint has another channel count than ``_CHANNELS`` (the constructor argument)."""
+
+    _SPEC_FIELDS: frozenset[str] = frozenset()
+    _CHANNELS = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self._SPEC_FIELDS:
+            self.__dict__.pop("_spec", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        arg, error_msgs = self._CHANNELS, args[-1]
+        count = getattr(self, arg)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            t = state_dict.get(prefix + key)
+            if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] != count:
+                error_msgs.append(
+                    f"{prefix}{key} in the checkpoint has {t.shape[0]} channels but this "
+                    f"{type(self).__name__} has {arg}={count}; build it with {arg}={t.shape[0]} "
+                    f"to load this checkpoint"
+                )
+                return
+
+
+class GroupNorm(_Norm, nn.GroupNorm):
     r"""Group Normalization (Wu & He, ECCV 2018): a drop-in for ``torch.nn.GroupNorm``.
 
     The C channels are split into ``num_groups`` groups; each sample's group is normalized with
@@ -92,11 +118,7 @@ class GroupNorm(nn.GroupNorm):
         group_size: int | None = None,
         bias: bool = True,
     ) -> None:
-        num_channels = v._check_int(num_channels, "num_channels")
-        if num_channels <= 0:
-            raise ValueError(
-                f"num_channels must be positive (the size of the input's dim 1), got {num_channels}"
-            )
+        num_channels = _check_channels(num_channels, "num_channels")
         groups = v.resolve_num_groups(num_channels, num_groups, group_size)
         super().__init__(groups, num_channels, v.check_eps(eps), affine, device=device, dtype=dtype)
         if not bias:  # torch >= 2.5 has this flag; set it the same way on older releases
@@ -108,18 +130,8 @@ class GroupNorm(nn.GroupNorm):
             f"bias={self.bias is not None}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        _channel_count_hint(self, state_dict, prefix, self.num_channels, "num_channels", args[-1])
-
-    # Attributes the spec is made from: setting one (``m.eps = 1e-3``, ``m.num_groups = 4``)
-    # drops the spec, and the next call resolves it again.
     _SPEC_FIELDS = frozenset({"num_groups", "num_channels", "eps", "_activation"})
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in self._SPEC_FIELDS:
-            self.__dict__.pop("_spec", None)
+    _CHANNELS = "num_channels"
 
     def _resolve_spec(self) -> NormSpec:
         """The call's fixed scalars, checked once: (groups, eps, activation)."""
@@ -143,7 +155,6 @@ class GroupNorm(nn.GroupNorm):
         v.check_param(weight, "weight", self.num_channels, input)
         v.check_param(bias, "bias", self.num_channels, input)
         v.check_residual(residual, input)
-        check_backend(None)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         spec = self.__dict__.get("_spec") or self._resolve_spec()
@@ -211,7 +222,8 @@ def _resolve_act_drop(
 
 class _ActTail:
     """What a norm-act module applies after the norm: a fused activation named in
-    ``_activation`` (run by the kernels), else an ``act`` module, after an optional ``drop``."""
+    ``_activation`` (run by the kernels), else an ``act`` module, after an optional ``drop``.
+    Its ``forward`` is the norm's (the next class in the MRO), then ``drop`` and ``act``."""
 
     def _init_act_drop(self, activation, act_layer, act_kwargs, drop_layer, device, dtype):
         name, module, drop = _resolve_act_drop(
@@ -234,9 +246,12 @@ class _ActTail:
             y = self.drop(y)
         return y if self.act is None else self.act(y)
 
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._drop_act(super().forward(input, residual))
+
 
 class GroupNormAct(_ActTail, GroupNorm):
-    """Group norm followed by an activation; silu, gelu (erf) and relu are computed in one op.
+    """Group norm followed by an activation; silu, gelu (erf) and relu are fused into the norm.
 
     The activation is given either as ``activation=`` (``"silu"``, ``"gelu"``, ``"relu"`` or
     ``None``) or the way timm gives it: ``act_layer=`` a name (``"silu"``, ``"hard_swish"``,
@@ -306,9 +321,6 @@ class GroupNormAct(_ActTail, GroupNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self._act_label()}"
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self._drop_act(super().forward(input, residual))
-
 
 class LayerNorm(GroupNorm):
     r"""The paper's layer norm: per-sample statistics over (C, \*), per-channel affine.
@@ -356,7 +368,7 @@ class InstanceNorm(GroupNorm):
         super().__init__(num_channels, num_channels, eps, affine, device, dtype)
 
 
-class BatchNorm(_BatchNorm):
+class BatchNorm(_Norm, _BatchNorm):
     r"""Batch norm for inputs of any rank (N, C, \*) through the same core as group norm.
 
     Statistics per channel over every sample and position. In training the batch statistics are
@@ -391,11 +403,7 @@ class BatchNorm(_BatchNorm):
         activation: str | None = None,
         bias: bool = True,
     ) -> None:
-        num_features = v._check_int(num_features, "num_features")
-        if num_features <= 0:
-            raise ValueError(
-                f"num_features must be positive (the size of the input's dim 1), got {num_features}"
-            )
+        num_features = _check_channels(num_features, "num_features")
         super().__init__(
             num_features,
             v.check_eps(eps),
@@ -418,24 +426,12 @@ class BatchNorm(_BatchNorm):
                 f"fix the layer that feeds it"
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        _channel_count_hint(self, state_dict, prefix, self.num_features, "num_features", args[-1])
-
     def extra_repr(self) -> str:
         base = super().extra_repr()
         return f"{base}, activation={self._activation}" if self._activation else base
 
-    def batch_statistics(self, input: Tensor) -> bool:
-        """Whether this call normalizes with the batch's own statistics."""
-        return self.training or not self.track_running_stats
-
     _SPEC_FIELDS = frozenset({"eps", "_activation"})
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in self._SPEC_FIELDS:
-            self.__dict__.pop("_spec", None)
+    _CHANNELS = "num_features"
 
     def _resolve_spec(self) -> NormSpec:
         spec = NormSpec(None, True, v.check_eps(self.eps), v.check_activation(self._activation))
@@ -482,7 +478,6 @@ class BatchNorm(_BatchNorm):
             v.check_param(weight, "weight", c, input)
             v.check_param(bias, "bias", c, input)
             v.check_residual(residual, input)
-            check_backend(None)
             if running is not None:
                 v.check_stat(self.running_mean, "running_mean", c, input)
                 v.check_stat(self.running_var, "running_var", c, input)

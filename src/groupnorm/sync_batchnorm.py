@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
 from . import kernels
-from .convert import _check_model, _classify_bn, _describe, _walk
+from .convert import _check_model, _classify_bn, _describe, _replace_all, _walk
 from .kernels.running import update_running_stats
 from .modules import BatchNorm, _ActTail
 
@@ -81,9 +81,6 @@ class BatchNormAct(_ActTail, BatchNorm):
     def extra_repr(self) -> str:
         text, act = _BatchNorm.extra_repr(self), self._act_label()
         return f"{text}, activation={act}" if act else text
-
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self._drop_act(super().forward(input, residual))
 
 
 class SyncBatchNorm(BatchNormAct):
@@ -461,8 +458,4 @@ def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
         _take_tensors(new, m)
         return new, False
 
-    new_root, _ = replace("", model, "")
-    if new_root is not None:
-        return new_root
-    _walk(model, "", replace, False)
-    return model
+    return _replace_all(model, replace, False)

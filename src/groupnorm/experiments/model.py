@@ -79,16 +79,8 @@ class GhostBatchNorm(BatchNorm):
                 f"batch norm in training needs more than 1 value per channel and worker, "
                 f"got {per} sample(s) of shape {tuple(input.shape[1:])}"
             )
-        # (W*B, C, *) -> (W, C, B * prod(*)): each chunk becomes one instance-norm sample. For
-        # channels-last input this is a view (C has stride 1 and a chunk's positions follow one
-        # another), so the whole layer is one kernel call on the input's own memory.
-        last = input.movedim(1, -1)
-        if last.is_contiguous():
-            grouped = last.reshape(chunks, -1, c).transpose(1, 2)
-        else:
-            grouped = input.reshape(chunks, per, c, -1).transpose(1, 2).reshape(chunks, c, -1)
         out, mean, rstd = _GhostNorm.apply(
-            grouped, self.weight, self.bias, self.eps, self._activation
+            input, self.weight, self.bias, self.eps, self._activation, chunks
         )
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -110,36 +102,63 @@ class GhostBatchNorm(BatchNorm):
                     count,
                     native=input.is_cpu,
                 )
-        if last.is_contiguous():
-            return out.transpose(1, 2).reshape(last.shape).movedim(-1, 1)
-        return out.reshape(chunks, c, per, -1).transpose(1, 2).reshape(input.shape)
+        return out
+
+
+def _chunked(x: Tensor, chunks: int) -> Tensor:
+    """(W*B, C, *) -> (W, C, B * prod(*)): each chunk of B samples becomes one instance-norm
+    sample. For channels-last input this is a view (C has stride 1 and a chunk's positions
+    follow one another), so the layer is one kernel call on the input's own memory; otherwise
+    a copy."""
+    c = x.shape[1]
+    last = x.movedim(1, -1)
+    if last.is_contiguous():
+        return last.reshape(chunks, -1, c).transpose(1, 2)
+    return x.reshape(chunks, x.shape[0] // chunks, c, -1).transpose(1, 2).reshape(chunks, c, -1)
+
+
+def _unchunked(y: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """The inverse of :func:`_chunked` for a result laid out like its output."""
+    chunks, c = y.shape[0], y.shape[1]
+    if channels_last:
+        return y.transpose(1, 2).reshape(shape[:1] + shape[2:] + shape[1:2]).movedim(-1, 1)
+    return y.reshape(chunks, c, shape[0] // chunks, -1).transpose(1, 2).reshape(shape)
 
 
 class _GhostNorm(torch.autograd.Function):
-    """Instance norm of (W, C, S) through the backend's kernels, returning its statistics."""
+    """Per-chunk batch norm of (W*B, C, *) as instance norm of (W, C, B * prod(*)) through the
+    backend's kernels, returning the chunks' statistics. The reshapes happen inside, so that
+    autograd sees one node per layer."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, activation):  # noqa: D102
-        backend = kernels.select("auto", x, x.shape[1], False)
+    def forward(ctx, x, weight, bias, eps, activation, chunks):  # noqa: D102
+        channels_last = x.movedim(1, -1).is_contiguous()
+        grouped = _chunked(x, chunks)
+        backend = kernels.select("auto", grouped, grouped.shape[1], False)
         y, _, mean, rstd = backend.forward(
-            kernels.Call(x, weight, bias, None, None, None, x.shape[1], False, eps, activation)
+            kernels.Call(
+                grouped, weight, bias, None, None, None, grouped.shape[1], False, eps, activation
+            )
         )
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.setup = (activation, backend)
+        ctx.save_for_backward(grouped, weight, bias, mean, rstd)
+        ctx.setup = (activation, backend, x.shape, channels_last, chunks)
         ctx.mark_non_differentiable(mean, rstd)
-        return y, mean, rstd
+        return _unchunked(y, x.shape, channels_last), mean, rstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):  # noqa: D102
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        activation, backend = ctx.setup
+        activation, backend, shape, channels_last, chunks = ctx.setup
+        dy = _chunked(dy, chunks)
         if dy.stride() != x.stride():  # the kernels take dy in x's layout
             dy = torch.empty_like(x).copy_(dy)
         dx, dw, db = backend.backward(
             dy, x, weight, bias, mean, rstd, x.shape[1], False, False, activation,
             tuple(ctx.needs_input_grad[:3]),
         )  # fmt: skip
-        return dx, dw, db, None, None
+        if dx is not None:
+            dx = _unchunked(dx, shape, channels_last)
+        return dx, dw, db, None, None, None
 
 
 def make_norm(

@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from . import aten, cpu_ext, portable
+from .activations import CODES
 
-#: activation codes of the C++ extension
-ACT_CODES = {"": 0, "silu": 1, "gelu": 2, "relu": 3}
+#: activation codes of the C++ extension (from the activation table)
+ACT_CODES = CODES
 _ACT_NAMES = {code: name for name, code in ACT_CODES.items()}
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32

@@ -25,8 +25,7 @@ import math
 
 import torch
 
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from .activations import BY_NAME as _ACTIVATIONS
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,25 +64,18 @@ def channel_view(p: torch.Tensor, num_groups: int, dtype: torch.dtype) -> torch.
 def apply_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "":
         return z
-    if activation == "silu":
-        return torch.nn.functional.silu(z)
-    if activation == "gelu":
-        return torch.nn.functional.gelu(z)
-    if activation == "relu":
-        return torch.relu(z)
-    raise ValueError(f"unknown activation {activation!r}")
+    act = _ACTIVATIONS.get(activation)
+    if act is None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return act.function(z)
 
 
 def activation_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
     """f'(z), recomputed from z so that the forward saves nothing extra."""
-    if activation == "silu":
-        sig = torch.sigmoid(z)
-        return sig * (1.0 + z * (1.0 - sig))
-    if activation == "gelu":
-        return 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    raise ValueError(f"unknown activation {activation!r}")
+    act = _ACTIVATIONS.get(activation)
+    if act is None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return act.grad(z)
 
 
 def _normalized(x, mean, rstd, num_groups, pool_batch, acc):

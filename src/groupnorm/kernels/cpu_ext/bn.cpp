@@ -444,40 +444,6 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
   }
 }
 
-template <typename T>
-int planes_act(const void* x, void* y, const float* w, const float* b, const float* gm,
-               const float* gv, float* mean, float* rstd, i64 N, i64 C, i64 S, float eps,
-               const Running& run, int act, int nthreads) {
-  const T* px = static_cast<const T*>(x);
-  T* py = static_cast<T*>(y);
-#define BN_FWD(A) bn_forward_nchw<T, A>(px, py, w, b, gm, gv, mean, rstd, N, C, S, eps, run, nthreads)
-  switch (act) {
-    case ACT_NONE: BN_FWD(ACT_NONE); return 0;
-    case ACT_SILU: BN_FWD(ACT_SILU); return 0;
-    case ACT_GELU: BN_FWD(ACT_GELU); return 0;
-    case ACT_RELU: BN_FWD(ACT_RELU); return 0;
-    default: return 1;
-  }
-#undef BN_FWD
-}
-
-template <typename T>
-int rows_act(const void* x, void* y, const float* w, const float* b, const float* gm,
-             const float* gv, float* mean, float* rstd, i64 R, i64 C, float eps,
-             const Running& run, int act, int nthreads) {
-  const T* px = static_cast<const T*>(x);
-  T* py = static_cast<T*>(y);
-#define BN_FWD(A) bn_forward_nhwc<T, A>(px, py, w, b, gm, gv, mean, rstd, R, C, eps, run, nthreads)
-  switch (act) {
-    case ACT_NONE: BN_FWD(ACT_NONE); return 0;
-    case ACT_SILU: BN_FWD(ACT_SILU); return 0;
-    case ACT_GELU: BN_FWD(ACT_GELU); return 0;
-    case ACT_RELU: BN_FWD(ACT_RELU); return 0;
-    default: return 1;
-  }
-#undef BN_FWD
-}
-
 }  // namespace
 
 namespace gn_kernels {
@@ -486,35 +452,23 @@ int bn_forward_planes(int dtype, const void* x, void* y, const float* w, const f
                       const float* given_mean, const float* given_var, float* mean, float* rstd,
                       int64_t N, int64_t C, int64_t S, float eps, const Running& run, int act,
                       int nthreads) {
-  switch (dtype) {
-    case 0:
-      return planes_act<float>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, eps, run,
-                               act, nthreads);
-    case 1:
-      return planes_act<BF16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, eps, run,
-                              act, nthreads);
-    case 2:
-      return planes_act<F16>(x, y, w, b, given_mean, given_var, mean, rstd, N, C, S, eps, run,
-                             act, nthreads);
-    default: return 2;
-  }
+  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    bn_forward_nchw<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b,
+                                           given_mean, given_var, mean, rstd, N, C, S, eps, run,
+                                           nthreads);
+  });
 }
 
 int bn_forward_rows(int dtype, const void* x, void* y, const float* w, const float* b,
                     const float* given_mean, const float* given_var, float* mean, float* rstd,
                     int64_t R, int64_t C, float eps, const Running& run, int act, int nthreads) {
-  switch (dtype) {
-    case 0:
-      return rows_act<float>(x, y, w, b, given_mean, given_var, mean, rstd, R, C, eps, run, act,
-                             nthreads);
-    case 1:
-      return rows_act<BF16>(x, y, w, b, given_mean, given_var, mean, rstd, R, C, eps, run, act,
-                            nthreads);
-    case 2:
-      return rows_act<F16>(x, y, w, b, given_mean, given_var, mean, rstd, R, C, eps, run, act,
-                           nthreads);
-    default: return 2;
-  }
+  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    bn_forward_nhwc<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b,
+                                           given_mean, given_var, mean, rstd, R, C, eps, run,
+                                           nthreads);
+  });
 }
 
 }  // namespace gn_kernels

@@ -201,7 +201,76 @@ inline void via_f32(T* p, i64 n, float* buf, F&& body) {
 
 // ---- activations ---------------------------------------------------------------------------
 
-enum { ACT_NONE = 0, ACT_SILU = 1, ACT_GELU = 2, ACT_RELU = 3 };
+// The activations, one line each: X(name, code, costly). The code is the integer the Python
+// side passes (groupnorm's activation codes; they must not change). costly: f or f' takes an
+// exp or a division per value, so that the nchw kernels run it in one flat loop over a short
+// set (their kLines and kShortRows/kShortSet strategies) rather than channel by channel.
+// Everything that maps a code to a kernel comes from this list (the enum, valid_activation,
+// dispatch_act); an activation's formulas are its branches in act_fwd and act_grad below.
+#define GN_ACTIVATIONS(X) \
+  X(ACT_NONE, 0, false)   \
+  X(ACT_SILU, 1, true)    \
+  X(ACT_GELU, 2, true)    \
+  X(ACT_RELU, 3, false)
+
+#define GN_ACT_ENUM(name, code, costly) name = code,
+enum { GN_ACTIVATIONS(GN_ACT_ENUM) };
+#undef GN_ACT_ENUM
+
+// whether act is the code of an activation (the callers' check before any kernel runs)
+constexpr bool valid_activation(i64 act) {
+#define GN_ACT_IS(name, code, costly) || act == name
+  return false GN_ACTIVATIONS(GN_ACT_IS);
+#undef GN_ACT_IS
+}
+
+// whether activation ACT is costly (see the list)
+#define GN_ACT_COSTLY(name, code, costly) || (ACT == name && costly)
+template <int ACT>
+constexpr bool kCostlyAct = false GN_ACTIVATIONS(GN_ACT_COSTLY);
+#undef GN_ACT_COSTLY
+
+// ---- from run-time codes to a kernel's template arguments ----------------------------------
+
+// An element type and an activation as values, for the generic lambdas of the dispatch below:
+// typename decltype(t)::type and decltype(a)::value are compile-time constants there.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <int ACT>
+using ActTag = std::integral_constant<int, ACT>;
+
+// f(ActTag<ACT>{}) for the activation whose code is act. Returns 0, or 1 (f not called) for an
+// unknown code. Each activation gets its own instantiation of f, so inside f the activation
+// is a template argument and the kernels' loops are compiled for it alone.
+template <typename F>
+inline int dispatch_act(int act, F&& f) {
+  switch (act) {
+#define GN_ACT_CASE(name, code, costly) \
+  case name:                            \
+    f(ActTag<name>{});                  \
+    return 0;
+    GN_ACTIVATIONS(GN_ACT_CASE)
+#undef GN_ACT_CASE
+    default:
+      return 1;
+  }
+}
+
+// f(TypeTag<T>{}, ActTag<ACT>{}) for the element type of dtype (0 float32, 1 bfloat16,
+// 2 float16) and the activation of code act: the kernels' entry points. Returns 0, 1 for an
+// unknown activation, 2 for an unknown dtype (f not called in either case).
+template <typename F>
+inline int dispatch_kernel(int dtype, int act, F&& f) {
+  const auto with = [&](auto t) { return dispatch_act(act, [&](auto a) { f(t, a); }); };
+  switch (dtype) {
+    case 0: return with(TypeTag<float>{});
+    case 1: return with(TypeTag<BF16>{});
+    case 2: return with(TypeTag<F16>{});
+    default: return 2;
+  }
+}
 
 // e^x for x <= 0 (every exp here has a non-positive argument: SiLU's sigmoid is written with
 // e^-|z|, erf and GELU's density with -z^2). Range reduction x = n ln2 + r, |r| <= ln2/2, and a

@@ -59,22 +59,16 @@ int gn_backward(int dtype, const void* dy, const void* x, const float* w, const 
 // The activation alone, elementwise on float32 (grad=1: its derivative), with the same inlined
 // code as the fused kernels; for the accuracy tests of exp_nonpos and the activations.
 int gn_activation(int act, int grad, const float* z, float* out, i64 n) {
-#define GN_ACT(A)                                                      \
-  do {                                                                 \
-    if (grad) {                                                        \
-      _Pragma("omp simd") for (i64 i = 0; i < n; ++i) out[i] = act_grad<A>(z[i]); \
-    } else {                                                           \
-      _Pragma("omp simd") for (i64 i = 0; i < n; ++i) out[i] = act_fwd<A>(z[i]);  \
-    }                                                                  \
-  } while (0)
-  switch (act) {
-    case ACT_NONE: GN_ACT(ACT_NONE); return 0;
-    case ACT_SILU: GN_ACT(ACT_SILU); return 0;
-    case ACT_GELU: GN_ACT(ACT_GELU); return 0;
-    case ACT_RELU: GN_ACT(ACT_RELU); return 0;
-    default: return 1;
-  }
-#undef GN_ACT
+  return dispatch_act(act, [&](auto a) {
+    constexpr int A = decltype(a)::value;
+    if (grad) {
+#pragma omp simd
+      for (i64 i = 0; i < n; ++i) out[i] = act_grad<A>(z[i]);
+    } else {
+#pragma omp simd
+      for (i64 i = 0; i < n; ++i) out[i] = act_fwd<A>(z[i]);
+    }
+  });
 }
 
 }  // extern "C"

@@ -4,9 +4,10 @@
 // Python extension (gn_ops.cpp) uses to read small float16/bfloat16 tensors.
 //
 // Callers check shapes, dtypes and layouts; these functions trust their arguments. dtype: 0
-// float32, 1 bfloat16, 2 float16; act: 0 none, 1 SiLU, 2 GELU, 3 ReLU; weight and bias are
-// float32 (or null); mean and rstd float32, (N, G) for group norm and (C,) for batch norm.
-// Each returns 0 on success, 1 for an unknown activation, 2 for an unknown dtype.
+// float32, 1 bfloat16, 2 float16; act: 0 none, 1 SiLU, 2 GELU, 3 ReLU (the list GN_ACTIVATIONS
+// in gn_common.h); weight and bias are float32 (or null); mean and rstd float32, (N, G) for
+// group norm and (C,) for batch norm. Each returns 0 on success, 1 for an unknown activation,
+// 2 for an unknown dtype (dispatch_kernel's codes).
 #pragma once
 
 #include <cstdint>

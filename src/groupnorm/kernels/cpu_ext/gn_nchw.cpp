@@ -7,7 +7,8 @@
 // was the larger part of its cost; over a block they run as vector code. Shared helpers and
 // the numerics: gn_common.h; constants: gn_tuning.h.
 //
-// Strategies (chosen by plan_forward_nchw and plan_backward_nchw):
+// Strategies (chosen by plan_forward_nchw and plan_backward_nchw; "SiLU or GELU" below stands for
+// the activations marked costly in gn_common.h's list, kCostlyAct):
 //
 //   forward, kLines (AVX-512 builds; float32 with SiLU or GELU; 16 < S <= kShortRowMax):
 //     z of the whole set is written into y walking x in 16-value vectors aligned to its cache
@@ -211,7 +212,7 @@ struct NchwForwardPlan {
 // Which forward runs (the table at the top of this file says why).
 template <typename T, int ACT>
 NchwForwardPlan plan_forward_nchw(i64 N, i64 C, i64 S) {
-  constexpr bool costly_act = ACT == ACT_SILU || ACT == ACT_GELU;
+  constexpr bool costly_act = kCostlyAct<ACT>;
   constexpr bool f32 = std::is_same_v<T, float>;
 #if defined(__AVX512F__)
   if (f32 && costly_act && S > kVec && S <= kShortRowMax) return {NchwForward::kLines, false};
@@ -250,7 +251,7 @@ void forward_nchw(const T* x, T* y, const float* w, const float* b, float* mean_
     if (mean_out) mean_out[item] = mu;  // null when the caller needs no statistics
     if (rstd_out) rstd_out[item] = r;
 #if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float> && (ACT == ACT_SILU || ACT == ACT_GELU)) {
+    if constexpr (std::is_same_v<T, float> && kCostlyAct<ACT>) {
       if (lines) {
         forward_short_set_lines<ACT>(px, py, w, b, k, md, r, g, D, S, par_buf.data(),
                                      item + 1 < N * G);
@@ -584,7 +585,7 @@ struct NchwBackwardPlan {
 // Which backward runs (the table at the top of this file says why).
 template <typename T, int ACT>
 NchwBackwardPlan plan_backward_nchw(i64 N, i64 C, i64 S, i64 G) {
-  constexpr bool costly_act = ACT == ACT_SILU || ACT == ACT_GELU;
+  constexpr bool costly_act = kCostlyAct<ACT>;
   const i64 bytes = static_cast<i64>(sizeof(T));
   const bool short_rows = costly_act && S <= kShortRowMax;
 #if defined(__AVX512F__)
@@ -624,7 +625,7 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       const T* px = x + item * L;
       const T* pdy = dy + item * L;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float> && (ACT == ACT_SILU || ACT == ACT_GELU)) {
+      if constexpr (std::is_same_v<T, float> && kCostlyAct<ACT>) {
         if (lines) {
           // zb: in line_buf at x's offset within a 64-byte line
           const uintptr_t line0 =
@@ -741,40 +742,6 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
   add_samples_into_first(part_db.data(), part_dw.data(), N, C, db, dw);
 }
 
-// ---- entry: dtype and activation -----------------------------------------------------------
-
-template <typename T>
-int forward_act(const void* x, void* y, const float* w, const float* b, float* mean, float* rstd,
-                i64 N, i64 C, i64 S, i64 G, float eps, int act, int nthreads) {
-  const T* px = static_cast<const T*>(x);
-  T* py = static_cast<T*>(y);
-  switch (act) {
-    case ACT_NONE: forward_nchw<T, ACT_NONE>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads); return 0;
-    case ACT_SILU: forward_nchw<T, ACT_SILU>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads); return 0;
-    case ACT_GELU: forward_nchw<T, ACT_GELU>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads); return 0;
-    case ACT_RELU: forward_nchw<T, ACT_RELU>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads); return 0;
-    default: return 1;
-  }
-}
-
-template <typename T>
-int backward_act(const void* dy, const void* x, const float* w, const float* b, const float* mean,
-                 const float* rstd, void* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
-                 int act, int nthreads) {
-  const T* pdy = static_cast<const T*>(dy);
-  const T* px = static_cast<const T*>(x);
-  T* pdx = static_cast<T*>(dx);
-#define GN_BWD(A) backward_nchw<T, A>(pdy, px, w, b, mean, rstd, pdx, dw, db, N, C, S, G, nthreads)
-  switch (act) {
-    case ACT_NONE: GN_BWD(ACT_NONE); return 0;
-    case ACT_SILU: GN_BWD(ACT_SILU); return 0;
-    case ACT_GELU: GN_BWD(ACT_GELU); return 0;
-    case ACT_RELU: GN_BWD(ACT_RELU); return 0;
-    default: return 1;
-  }
-#undef GN_BWD
-}
-
 }  // namespace
 
 namespace gn_kernels {
@@ -782,26 +749,22 @@ namespace gn_kernels {
 int nchw_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
                  float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
                  int nthreads) {
-  switch (dtype) {
-    case 0: return forward_act<float>(x, y, w, b, mean, rstd, N, C, S, G, eps, act, nthreads);
-    case 1: return forward_act<BF16>(x, y, w, b, mean, rstd, N, C, S, G, eps, act, nthreads);
-    case 2: return forward_act<F16>(x, y, w, b, mean, rstd, N, C, S, G, eps, act, nthreads);
-    default: return 2;
-  }
+  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    forward_nchw<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b, mean,
+                                        rstd, N, C, S, G, eps, nthreads);
+  });
 }
 
 int nchw_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
                   const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
                   int64_t C, int64_t S, int64_t G, int act, int nthreads) {
-  switch (dtype) {
-    case 0:
-      return backward_act<float>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, act, nthreads);
-    case 1:
-      return backward_act<BF16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, act, nthreads);
-    case 2:
-      return backward_act<F16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, act, nthreads);
-    default: return 2;
-  }
+  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    backward_nchw<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), w,
+                                         b, mean, rstd, static_cast<T*>(dx), dw, db, N, C, S, G,
+                                         nthreads);
+  });
 }
 
 }  // namespace gn_kernels

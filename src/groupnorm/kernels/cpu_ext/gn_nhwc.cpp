@@ -456,42 +456,6 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
   add_samples_into_first(sdz.data(), sdzx.data(), N, C, db, dw);
 }
 
-// ---- entry: dtype and activation -----------------------------------------------------------
-
-template <typename T>
-int forward_act(const void* x, void* y, const float* w, const float* b, float* mean, float* rstd,
-                i64 N, i64 C, i64 S, i64 G, float eps, int act, int nthreads) {
-  const T* px = static_cast<const T*>(x);
-  T* py = static_cast<T*>(y);
-#define GN_FWD(A) forward_nhwc<T, A>(px, py, w, b, mean, rstd, N, C, S, G, eps, nthreads)
-  switch (act) {
-    case ACT_NONE: GN_FWD(ACT_NONE); return 0;
-    case ACT_SILU: GN_FWD(ACT_SILU); return 0;
-    case ACT_GELU: GN_FWD(ACT_GELU); return 0;
-    case ACT_RELU: GN_FWD(ACT_RELU); return 0;
-    default: return 1;
-  }
-#undef GN_FWD
-}
-
-template <typename T>
-int backward_act(const void* dy, const void* x, const float* w, const float* b, const float* mean,
-                 const float* rstd, void* dx, float* dw, float* db, i64 N, i64 C, i64 S, i64 G,
-                 int act, int nthreads) {
-  const T* pdy = static_cast<const T*>(dy);
-  const T* px = static_cast<const T*>(x);
-  T* pdx = static_cast<T*>(dx);
-#define GN_BWD(A) backward_nhwc<T, A>(pdy, px, w, b, mean, rstd, pdx, dw, db, N, C, S, G, nthreads)
-  switch (act) {
-    case ACT_NONE: GN_BWD(ACT_NONE); return 0;
-    case ACT_SILU: GN_BWD(ACT_SILU); return 0;
-    case ACT_GELU: GN_BWD(ACT_GELU); return 0;
-    case ACT_RELU: GN_BWD(ACT_RELU); return 0;
-    default: return 1;
-  }
-#undef GN_BWD
-}
-
 }  // namespace
 
 namespace gn_kernels {
@@ -499,26 +463,22 @@ namespace gn_kernels {
 int nhwc_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
                  float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
                  int nthreads) {
-  switch (dtype) {
-    case 0: return forward_act<float>(x, y, w, b, mean, rstd, N, C, S, G, eps, act, nthreads);
-    case 1: return forward_act<BF16>(x, y, w, b, mean, rstd, N, C, S, G, eps, act, nthreads);
-    case 2: return forward_act<F16>(x, y, w, b, mean, rstd, N, C, S, G, eps, act, nthreads);
-    default: return 2;
-  }
+  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    forward_nhwc<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b, mean,
+                                        rstd, N, C, S, G, eps, nthreads);
+  });
 }
 
 int nhwc_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
                   const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
                   int64_t C, int64_t S, int64_t G, int act, int nthreads) {
-  switch (dtype) {
-    case 0:
-      return backward_act<float>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, act, nthreads);
-    case 1:
-      return backward_act<BF16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, act, nthreads);
-    case 2:
-      return backward_act<F16>(dy, x, w, b, mean, rstd, dx, dw, db, N, C, S, G, act, nthreads);
-    default: return 2;
-  }
+  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    backward_nhwc<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), w,
+                                         b, mean, rstd, static_cast<T*>(dx), dw, db, N, C, S, G,
+                                         nthreads);
+  });
 }
 
 }  // namespace gn_kernels

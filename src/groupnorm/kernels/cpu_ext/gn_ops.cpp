@@ -290,7 +290,7 @@ std::optional<at::Tensor> fused_norm(const at::Tensor& x, const std::optional<at
   const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   if (!x.device().is_cpu() || dtype_code(x) < 0 || x.dim() < 2 || x.numel() == 0 || G <= 0 ||
-      x.size(1) % G != 0 || !param_ok(w, x) || !param_ok(b, x) || act < 0 || act > 3)
+      x.size(1) % G != 0 || !param_ok(w, x) || !param_ok(b, x) || !valid_activation(act))
     return std::nullopt;
   const int layout = layout_of(x);
   if (layout < 0) return std::nullopt;
@@ -433,7 +433,7 @@ struct BatchNormBackward : public Node {
     if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
       dy = at::empty_like(x).copy_(dy);  // torch's backward reads dy with x's layout
     at::Tensor dx, dw, db;
-    if (act == 0) {
+    if (act == ACT_NONE) {
       auto out = given ? at::native_batch_norm_backward(dy, x, w32, mean, var_.unpack(), {}, {},
                                                         false, eps, {need_dx, need_dw, need_db})
                        : at::native_batch_norm_backward(dy, x, w32, {}, {}, mean, rstd, true,
@@ -450,12 +450,10 @@ struct BatchNormBackward : public Node {
       const std::vector<int64_t> rows{N, C, x.numel() / (N * C)}, col{1, C, 1};
       const at::Tensor xhat =
           (x.reshape(rows).to(at::kFloat) - mean.view(col)) * rstd.view(col);
-      at::Tensor dz = dy.reshape(rows).to(at::kFloat);
-      if (act != 0) {
-        at::Tensor z = w32.defined() ? xhat * w32.view(col) : xhat;
-        if (b32.defined()) z = z + b32.view(col);
-        dz = dz * activation(z.contiguous(), act, true).view(rows);
-      }
+      at::Tensor z = w32.defined() ? xhat * w32.view(col) : xhat;
+      if (b32.defined()) z = z + b32.view(col);
+      const at::Tensor dz =
+          dy.reshape(rows).to(at::kFloat) * activation(z.contiguous(), act, true).view(rows);
       const at::Tensor dz_xhat = dz * xhat;
       const std::vector<int64_t> dims{0, 2};
       if (need_db) db = dz.sum(dims);
@@ -501,8 +499,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_with_grad(
   node->act = act;
   node->given = given_mean.defined();
   node->eps = eps;
-  if (node->given && act == 0) {  // (saved as torch's batch norm saves it: changing it in place
-                                   // before the backward is an error there too)
+  // (saved as torch's batch norm saves it: changing it in place before the backward is an
+  // error there too)
+  if (node->given && act == ACT_NONE) {
     node->var_ = SavedVariable(as_f32(given_var), false);
   }
   node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
@@ -526,7 +525,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> batch_norm(
   const at::Tensor rv = running_var.value_or(at::Tensor());
   if (!x.device().is_cpu() || dtype_code(x) < 0 || x.dim() < 2 || x.numel() == 0 ||
       !param_ok(w, x) || !param_ok(b, x) || !param_ok(rm, x) || !param_ok(rv, x) ||
-      rm.defined() != rv.defined() || act < 0 || act > 3)
+      rm.defined() != rv.defined() || !valid_activation(act))
     return std::nullopt;
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
   if (training ? N * S == 1 : !rm.defined()) return std::nullopt;
@@ -582,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x,
   const int layout = checked_layout(x);
   check_f32_param(w, x, "weight");
   check_f32_param(b, x, "bias");
-  TORCH_CHECK(G > 0 && x.size(1) % G == 0 && act >= 0 && act <= 3,
+  TORCH_CHECK(G > 0 && x.size(1) % G == 0 && valid_activation(act),
               "groupnorm_cpu_ops.forward: bad groups or activation");
   const auto stats = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);
@@ -601,7 +600,7 @@ backward(const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::T
   check_f32_param(w, x, "weight");
   check_f32_param(b, x, "bias");
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
-  TORCH_CHECK(G > 0 && C % G == 0 && act >= 0 && act <= 3 && mean.scalar_type() == at::kFloat &&
+  TORCH_CHECK(G > 0 && C % G == 0 && valid_activation(act) && mean.scalar_type() == at::kFloat &&
                   rstd.scalar_type() == at::kFloat && mean.numel() == N * G &&
                   rstd.numel() == N * G,
               "groupnorm_cpu_ops.backward: bad groups, activation or statistics");
@@ -636,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_forward(
   check_f32_param(b, x, "bias");
   check_f32_param(gm, x, "given_mean");
   check_f32_param(gv, x, "given_var");
-  TORCH_CHECK(gm.defined() == gv.defined() && act >= 0 && act <= 3,
+  TORCH_CHECK(gm.defined() == gv.defined() && valid_activation(act),
               "groupnorm_cpu_ops.batch_forward: pass both statistics or neither");
   TORCH_CHECK(gm.defined() || x.numel() > x.size(1),
               "groupnorm_cpu_ops.batch_forward: one value per channel");

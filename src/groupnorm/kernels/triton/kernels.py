@@ -35,8 +35,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: Activation name -> the compile-time code the kernels branch on.
-ACTIVATION_CODES = {"": 0, "silu": 1, "gelu": 2, "relu": 3}
+from ..activations import CODES
+
+#: Activation name -> the compile-time code the kernels branch on (from the activation table).
+ACTIVATION_CODES = CODES
+_SILU = tl.constexpr(CODES["silu"])
+_GELU = tl.constexpr(CODES["gelu"])
+_RELU = tl.constexpr(CODES["relu"])
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -81,11 +86,11 @@ def _inv_std(var, eps, ACC: tl.constexpr):
 
 @triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:  # silu
+    if ACTIVATION == _SILU:
         z = z / (1.0 + tl.exp(-z))
-    elif ACTIVATION == 2:  # gelu, exact erf form
+    elif ACTIVATION == _GELU:  # exact erf form
         z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT_HALF))
-    elif ACTIVATION == 3:  # relu
+    elif ACTIVATION == _RELU:
         z = tl.where(z > 0.0, z, 0.0)
     return z
 
@@ -93,12 +98,12 @@ def _activate(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(z, ACTIVATION: tl.constexpr):
     """f'(z) for the fused activation (only called when ACTIVATION != 0)."""
-    if ACTIVATION == 1:
+    if ACTIVATION == _SILU:
         sig = 1.0 / (1.0 + tl.exp(-z))
         grad = sig * (1.0 + z * (1.0 - sig))
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _GELU:
         grad = 0.5 * (1.0 + tl.math.erf(z * _SQRT_HALF)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    else:
+    else:  # _RELU
         grad = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
     return grad
 
@@ -1035,28 +1040,6 @@ def _column_sum_kernel(
         tl.store(DW + c, acc_w.to(DW.dtype.element_ty), mask=cmask)
     if HAS_DB:
         tl.store(DB + c, acc_b.to(DB.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _offset_probe_kernel(
-    OUT,  # (BLOCK,) int64 out: offsets computed by the kernels' helpers
-    N_IDX,  # (BLOCK,) int32 sample indices
-    C_IDX,  # (BLOCK,) int32 channel indices
-    S_IDX,  # (BLOCK,) int32 spatial indices
-    stride_n,
-    stride_c,
-    stride_s,
-    BLOCK: tl.constexpr,
-):
-    """Runs the offset helpers on given indices, so tests can check them past 2**31."""
-    i = tl.arange(0, BLOCK)
-    n = tl.load(N_IDX + i)
-    c = tl.load(C_IDX + i)
-    s = tl.load(S_IDX + i)
-    rows = _row_offsets(n, c, stride_n, stride_c)
-    offs = _tile_offsets(rows, s, stride_s)  # (BLOCK, BLOCK); the diagonal pairs row i with s[i]
-    diag = tl.sum(tl.where(i[:, None] == i[None, :], offs, 0), axis=1)
-    tl.store(OUT + i, diag)
 
 
 __all__ = ["ACTIVATION_CODES", "triton"]

@@ -22,7 +22,6 @@ Every choice can be forced for tests with a :class:`TritonConfig` or environment
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -87,23 +86,6 @@ def config_from_env(environ: dict[str, str] | None = None) -> TritonConfig:
     TritonConfig(path='split', block=32, split=None, batch_block=None, num_sms=None, poison=False)
     """
     env = os.environ if environ is None else environ
-    # The launchers call this on every launch: each distinct setting is parsed once (cached).
-    return _config_from_values(tuple(env.get(name, "") for name in _ENV_NAMES))
-
-
-_ENV_NAMES = (
-    "GROUPNORM_TRITON_PATH",
-    "GROUPNORM_TRITON_POISON",
-    "GROUPNORM_TRITON_BLOCK",
-    "GROUPNORM_TRITON_SPLIT",
-    "GROUPNORM_TRITON_BATCH_BLOCK",
-    "GROUPNORM_TRITON_SMS",
-)
-
-
-@functools.lru_cache(maxsize=64)
-def _config_from_values(values: tuple[str, ...]) -> TritonConfig:
-    env = dict(zip(_ENV_NAMES, values, strict=True))
 
     def _int(name: str) -> int | None:
         raw = env.get(name, "").strip()
