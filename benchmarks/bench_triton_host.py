@@ -35,6 +35,7 @@ import torch  # noqa: E402
 def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
     import groupnorm
     import groupnorm.kernels.triton as backend
+    from groupnorm.kernels import Call
     from groupnorm.kernels.triton import launch
 
     def gn(act, grad, residual=False, dtype=torch.float16, shape=(2, 320, 16, 16), groups=32):
@@ -43,27 +44,27 @@ def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
             w = torch.randn(shape[1]).to(dtype)
             b = torch.randn(shape[1]).to(dtype)
             r = torch.randn(shape).to(dtype) if residual else None
-            return lambda: backend.eager(x, w, b, r, None, None, groups, False, 1e-5, act)
+            return lambda: backend.eager(Call(x, w, b, r, None, None, groups, False, 1e-5, act))
 
         return make
 
     def bn_train():
         x = torch.randn(8, 64, 14, 14)
         w, b = torch.randn(64), torch.randn(64)
-        return lambda: backend.eager(x, w, b, None, None, None, 64, True, 1e-5, "relu")
+        return lambda: backend.eager(Call(x, w, b, None, None, None, 64, True, 1e-5, "relu"))
 
     def bn_eval():
         x = torch.randn(8, 64, 14, 14)
         w, b = torch.randn(64), torch.randn(64)
         rm, rv = torch.randn(64), torch.rand(64) + 0.5
-        return lambda: backend.eager(x, w, b, None, rm, rv, 64, True, 1e-5, "")
+        return lambda: backend.eager(Call(x, w, b, None, rm, rv, 64, True, 1e-5, ""))
 
     def gn_backward():
         x = torch.randn(2, 320, 16, 16).half()
         w, b = torch.randn(320).half(), torch.randn(320).half()
         dy = torch.randn_like(x)
         mean, rstd = torch.zeros(2, 32), torch.ones(2, 32)
-        return lambda: launch.norm_backward(
+        return lambda: launch.launch_backward(
             dy, x, w, b, mean, rstd, 32, False, False, "silu", (True, True, True)
         )
 

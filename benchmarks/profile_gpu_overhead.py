@@ -32,6 +32,7 @@ def host_us(fn, calls: int = 300) -> float:
 
 def main() -> None:
     import groupnorm
+    from groupnorm.kernels import Call
     from groupnorm.kernels.triton import launch
 
     parser = argparse.ArgumentParser()
@@ -47,14 +48,14 @@ def main() -> None:
     b = torch.randn(shape[1], device="cuda", dtype=dtype)
     xg = x.clone().requires_grad_()
     dy = torch.randn_like(x)
-    _, _, mean, rstd = launch.norm_forward(x, w, b, None, None, None, g, False, 1e-5, "")
+    _, _, mean, rstd = launch.launch_forward(Call(x, w, b, None, None, None, g, False, 1e-5, ""))
     layers = {
         "torch F.group_norm (no grad)": lambda: F.group_norm(x, g, w, b),
         "torch F.group_norm (x requires grad)": lambda: F.group_norm(xg, g, w, b),
-        "launch.norm_forward": lambda: launch.norm_forward(
-            x, w, b, None, None, None, g, False, 1e-5, ""
+        "launch.launch_forward": lambda: launch.launch_forward(
+            Call(x, w, b, None, None, None, g, False, 1e-5, "")
         ),
-        "launch.norm_backward": lambda: launch.norm_backward(
+        "launch.launch_backward": lambda: launch.launch_backward(
             dy, x, w, b, mean, rstd, g, False, False, "", (True, True, True)
         ),
         "torch.ops.groupnorm.forward": lambda: torch.ops.groupnorm.forward(
@@ -75,7 +76,7 @@ def main() -> None:
         except Exception as exc:  # report and go on
             print(f"{name:>42}: failed: {type(exc).__name__}: {str(exc)[:200]}")
     # Device time of our forward kernels alone, from CUDA events around many calls.
-    fwd = layers["launch.norm_forward"]
+    fwd = layers["launch.launch_forward"]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

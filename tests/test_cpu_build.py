@@ -485,7 +485,7 @@ def test_env_switch_uses_torch_kernels(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_ops_state", {})  # (the variable is read at the first call)
     monkeypatch.setenv("GROUPNORM_CPU_EXT", "0")
     assert cpu_ext.extension() is None
-    assert cpu.fast(torch.randn(2, 4, 3), None, None, 2, False, 1e-5, "", None, True) is None
+    assert cpu.whole_call(torch.randn(2, 4, 3), None, None, 2, False, 1e-5, "", None, True) is None
     check_against_reference((2, 6, 4, 4), 3, torch.bfloat16, "contiguous", "gelu", False)
 
 

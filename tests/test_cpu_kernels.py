@@ -29,7 +29,7 @@ from helpers import (
 
 import groupnorm
 from groupnorm import functional as gf
-from groupnorm.kernels import cpu, cpu_ext
+from groupnorm.kernels import Call, cpu, cpu_ext
 from groupnorm.kernels.running import update_running_stats
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -734,7 +734,7 @@ def test_float16_loads_cover_every_bit_pattern():
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     v = bits.view(torch.float16)
     x = torch.stack([v, torch.zeros_like(v)], dim=-1).reshape(1, -1, 2)  # (1, 65536, 2)
-    y, _, mean, _ = cpu.forward(x, None, None, None, None, None, x.shape[1], False, 0.0, "")
+    y, _, mean, _ = cpu.forward(Call(x, None, None, None, None, None, x.shape[1], False, 0.0, ""))
     want = v.float() / 2
     finite = torch.isfinite(v)
     torch.testing.assert_close(mean.flatten()[finite], want[finite], rtol=0, atol=0)

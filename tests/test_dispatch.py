@@ -60,8 +60,8 @@ def _reference(x, w, b, activation=""):
 def test_plain_eager_cpu_call_is_taken_by_the_extension(monkeypatch):
     if cpu_ext.extension() is None:
         pytest.skip(f"extension unavailable: {cpu_ext.fused_op_unavailable_reason()}")
-    fast = _counter(monkeypatch, cpu, "fast")
-    op = _counter(monkeypatch, ops, "norm_forward")
+    fast = _counter(monkeypatch, cpu, "whole_call")
+    op = _counter(monkeypatch, ops, "forward_op")
     x, w, b = _data()
     m = groupnorm.GroupNormAct(4, 8, activation="silu")
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_plain_eager_cpu_call_is_taken_by_the_extension(monkeypatch):
 
 def test_a_residual_takes_the_backend_eager_entry(monkeypatch):
     eager = _counter(monkeypatch, cpu, "eager")
-    op = _counter(monkeypatch, ops, "norm_forward")
+    op = _counter(monkeypatch, ops, "forward_op")
     x, w, b = _data(1)
     r = torch.randn_like(x)
     y, total = groupnorm.group_norm(x, 4, w, b, residual=r, return_sum=True)
@@ -108,7 +108,7 @@ def test_tensor_subclass_takes_the_custom_op(monkeypatch):
         def __torch_function__(cls, func, types, args=(), kwargs=None):
             return super().__torch_function__(func, types, args, kwargs or {})
 
-    op = _counter(monkeypatch, ops, "norm_forward")
+    op = _counter(monkeypatch, ops, "forward_op")
     x, w, b = _data(3)
     y = groupnorm.group_norm(x.as_subclass(Tagged), 4, w, b)
     assert op == [True]
@@ -134,6 +134,60 @@ def test_export_takes_the_decomposed_form():
     m = groupnorm.BatchNorm(8, activation="relu").eval()
     ep = torch.export.export(m, (_data(5)[0],))
     assert not any("groupnorm" in str(n.target) for n in ep.graph.nodes)
+
+
+class _Watching(torch.overrides.TorchFunctionMode):
+    """A function mode that changes nothing: calls under it take the recorded op's route."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["triton", "no-triton"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (2, 32, 4, 4)], ids=["small", "large"])
+def test_auto_takes_one_backend_on_every_route(monkeypatch, request, installed, shape):
+    """backend="auto" on a CUDA tensor (CPU tensors that say they are on CUDA): the plain eager
+    route, the op recorded under tracing and that op's own implementation take the same
+    backend: Triton from GROUPNORM_AUTO_TRITON_MIN_NUMEL elements up where Triton is
+    installed, torch's kernels otherwise."""
+    from groupnorm import kernels
+    from groupnorm.kernels import aten
+    from groupnorm.kernels import triton as triton_backend
+    from groupnorm.kernels.triton import settings
+
+    settings.reload_config({"GROUPNORM_AUTO_TRITON_MIN_NUMEL": "512"})
+    request.addfinalizer(settings.reload_config)
+    monkeypatch.setattr(triton_backend, "INSTALLED", installed)
+    chosen = {}
+
+    def taking(route, name):
+        def entry(call):
+            chosen.setdefault(route, []).append(name)
+            return portable.forward(call)
+
+        return entry
+
+    for module, name in ((aten, "aten"), (triton_backend, "triton")):
+        monkeypatch.setattr(module, "eager", taking("eager", name))
+        monkeypatch.setattr(module, "forward", taking("op", name))
+    real_record = ops.record
+
+    def record(call, backend):
+        chosen.setdefault("traced", []).append(backend)
+        return real_record(call, backend)
+
+    monkeypatch.setattr(ops, "record", record)
+    x = torch.randn(shape)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        m.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+        want = kernels.decide("auto", x, 2, False)
+        groupnorm.group_norm(x, 2)
+        with _Watching():
+            groupnorm.group_norm(x, 2)
+        ops.forward_op(x, None, None, None, None, None, 2, False, 1e-5, "", "auto")
+    assert want == ("triton" if installed and x.numel() >= 512 else "aten")
+    assert chosen == {"eager": [want], "traced": [want], "op": [want, want]}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -283,12 +337,12 @@ def test_layers_import_downwards_only():
     )
 
 
-# ---- the eager fast road (dispatch.run -> kernels/cpu.fast -> the C++ extension) -------------
+# ---- the eager fast road (dispatch.run -> kernels/cpu.whole_call -> the C++ extension) -------
 
 
 def test_eager_path_matches_custom_op():
     """The dispatcher-free eager path and the registered op give the same values and grads."""
-    from groupnorm.ops import norm_forward
+    from groupnorm.ops import forward_op
 
     x, res, dy, w, b = kernel_data((2, 6, 4, 4), torch.float64, "contiguous", 7)
     args = (None, None, 3, False, 1e-5, "silu", "auto")
@@ -301,7 +355,7 @@ def test_eager_path_matches_custom_op():
         res,
     )
     out2, g2 = value_and_grads(
-        lambda a, ww, bb, r: norm_forward(a, ww, bb, r, *args)[0], dy, x, w, b, res
+        lambda a, ww, bb, r: forward_op(a, ww, bb, r, *args)[0], dy, x, w, b, res
     )
     assert torch.equal(out1, out2)
     for a, c in zip(g1, g2, strict=True):
@@ -329,7 +383,7 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypat
     """No-grad and autograd fast paths against the registered custom op (the full path), with
     weight and bias in x's dtype (as in a model moved to float16): the gradients come back in
     that dtype too."""
-    from groupnorm.ops import norm_forward
+    from groupnorm.ops import forward_op
 
     missed = full_path_calls(monkeypatch)
     x, _, dy, w, b = kernel_data((2, 12, 5, 7), dtype, "channels_last", 21)
@@ -340,7 +394,7 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypat
             return gf.group_norm(a, 4, ww, bb, activation=act)
 
         def op(a, ww, bb, op_args=op_args):
-            return norm_forward(a, ww, bb, *op_args)[0]
+            return forward_op(a, ww, bb, *op_args)[0]
 
         with torch.no_grad():
             assert torch.equal(fast(x, w, b), op(x, w, b))
@@ -355,14 +409,14 @@ def test_fast_path_gives_the_ops_results_bit_for_bit(dtype, fast_path, monkeypat
 
 def test_fast_path_is_taken_only_where_it_applies(monkeypatch, fast_path):
     calls = []
-    real = cpu.fast
+    real = cpu.whole_call
 
     def counting(*args):
         y = real(*args)
         calls.extend([] if y is None else [1])
         return y
 
-    monkeypatch.setattr(cpu, "fast", counting)
+    monkeypatch.setattr(cpu, "whole_call", counting)
     x, w = torch.randn(2, 6, 4, 4), torch.rand(6)
     m = groupnorm.GroupNorm(3, 6)
     with torch.no_grad():

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from groupnorm import normalize, reference_norm
-from groupnorm.kernels import get_backend
+from groupnorm.kernels import Call, select
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,8 +68,10 @@ def test_backward_beyond_2_pow_31_elements():
     """The backend's backward launcher (no autograd graph, so the output need not stay alive:
     peak is x, dy and dx, 13 GiB)."""
     x = _input(torch.float16)
-    impl = get_backend("cpu", x.device)
-    y, _, mean, rstd = impl.forward(x, None, None, None, None, None, CHANNELS, False, 1e-5, "")
+    impl = select("cpu", x, CHANNELS, False)
+    y, _, mean, rstd = impl.forward(
+        Call(x, None, None, None, None, None, CHANNELS, False, 1e-5, "")
+    )
     del y
     # dy is zero except on the straddling set and the last one: their dx must match the
     # reference gradient of their own slice, and every other set's dx must be exactly zero (an

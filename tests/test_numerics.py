@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from groupnorm import normalize, reference_norm
-from groupnorm.kernels import get_backend
+from groupnorm.kernels import Call, select
 
 BACKENDS = ["cpu", "portable"]
 F32_ULP = 2.0**-23
@@ -31,8 +31,8 @@ def ulp32(value: float) -> float:
 
 def launch(backend: str, x: torch.Tensor, groups: int, eps: float, weight=None, bias=None):
     """Run a backend's forward launcher directly: returns (y, mean, rstd)."""
-    y, _, mean, rstd = get_backend(backend, x.device).forward(
-        x, weight, bias, None, None, None, groups, False, eps, ""
+    y, _, mean, rstd = select(backend, x, groups, False).forward(
+        Call(x, weight, bias, None, None, None, groups, False, eps, "")
     )
     return y, mean, rstd
 

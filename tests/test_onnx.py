@@ -12,6 +12,7 @@ from torch import nn
 
 import groupnorm
 from groupnorm.export import decomposed_normalize, is_exporting
+from groupnorm.kernels import Call
 
 onnx = pytest.importorskip("onnx", reason="needs onnx: pip install 'groupnorm[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install 'groupnorm[onnx]'")
@@ -185,17 +186,19 @@ def test_decomposed_path_matches_float64_reference(mode, activation):
     rm, rv = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5
     rm_ours, rv_ours = rm.clone(), rv.clone()
     y, total = decomposed_normalize(
-        x,
-        w,
-        b,
-        res,
-        None,
-        None,
-        groups,
-        mode == "batch",
-        1e-5,
-        activation,
-        running=(rm, rv, 0.1) if mode == "batch" else None,
+        Call(
+            x,
+            w,
+            b,
+            res,
+            None,
+            None,
+            groups,
+            mode == "batch",
+            1e-5,
+            activation,
+            running_update=(rm, rv, 0.1) if mode == "batch" else None,
+        )
     )
     kw = {"num_groups": groups} if mode == "group" else {}
     ref = groupnorm.reference_norm(
@@ -218,7 +221,9 @@ def test_decomposed_path_matches_float64_reference(mode, activation):
 
 def test_decomposed_path_low_precision_computes_in_float32():
     x = torch.randn(2, 8, 6, 6) * 3 + 2
-    y, _ = decomposed_normalize(x.bfloat16(), None, None, None, None, None, 4, False, 1e-5, "silu")
+    y, _ = decomposed_normalize(
+        Call(x.bfloat16(), None, None, None, None, None, 4, False, 1e-5, "silu")
+    )
     ref = groupnorm.reference_norm(x.bfloat16(), "group", num_groups=4, activation="silu")
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), ref.output, atol=3e-2, rtol=1e-2)

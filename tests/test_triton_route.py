@@ -22,6 +22,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import groupnorm.kernels.triton as backend  # noqa: E402
 from groupnorm import reference_norm  # noqa: E402
+from groupnorm.kernels import Call  # noqa: E402
 from groupnorm.kernels.triton import handle, launch, library, settings  # noqa: E402
 from groupnorm.kernels.triton import kernels as tk  # noqa: E402
 from groupnorm.kernels.triton.plan import TritonConfig  # noqa: E402
@@ -82,7 +83,7 @@ def test_settings_are_read_once_and_reloaded_on_request(monkeypatch):
 def test_a_repeated_call_is_a_cache_hit_without_planning(monkeypatch):
     _setenv(monkeypatch, {"GROUPNORM_TRITON_BLOCK": "16"})
     x, w, b, _ = _inputs((2, 6, 3, 5), 3)
-    y1 = launch.norm_forward(x, w, b, None, None, None, 3, False, 1e-5, "silu")[0]
+    y1 = launch.launch_forward(Call(x, w, b, None, None, None, 3, False, 1e-5, "silu"))[0]
     assert len(launch._forward_plans) == 1
     (plan,) = launch._forward_plans.values()
 
@@ -92,7 +93,7 @@ def test_a_repeated_call_is_a_cache_hit_without_planning(monkeypatch):
     monkeypatch.setattr(launch, "plan_for", no_planning)
     monkeypatch.setattr(launch, "check_device", no_planning)
     x2 = x + 1.0  # new data, same key
-    y2 = launch.norm_forward(x2, w, b, None, None, None, 3, False, 1e-5, "silu")[0]
+    y2 = launch.launch_forward(Call(x2, w, b, None, None, None, 3, False, 1e-5, "silu"))[0]
     assert list(launch._forward_plans.values()) == [plan]
     ref = reference_norm(x2, "group", num_groups=3, weight=w, bias=b, activation="silu").output
     torch.testing.assert_close(y2.double(), ref, rtol=1e-5, atol=1e-5)
@@ -100,23 +101,23 @@ def test_a_repeated_call_is_a_cache_hit_without_planning(monkeypatch):
     # A new key (strides, activation, eps is not part of it) plans again.
     monkeypatch.undo()
     _setenv(monkeypatch, {"GROUPNORM_TRITON_BLOCK": "16"})
-    launch.norm_forward(x, w, b, None, None, None, 3, False, 1e-5, "silu")
-    launch.norm_forward(x, w, b, None, None, None, 3, False, 0.1, "silu")
+    launch.launch_forward(Call(x, w, b, None, None, None, 3, False, 1e-5, "silu"))
+    launch.launch_forward(Call(x, w, b, None, None, None, 3, False, 0.1, "silu"))
     assert len(launch._forward_plans) == 1
     xcl = x.contiguous(memory_format=torch.channels_last)
-    launch.norm_forward(xcl, w, b, None, None, None, 3, False, 1e-5, "silu")
-    launch.norm_forward(x, w, b, None, None, None, 3, False, 1e-5, "gelu")
+    launch.launch_forward(Call(xcl, w, b, None, None, None, 3, False, 1e-5, "silu"))
+    launch.launch_forward(Call(x, w, b, None, None, None, 3, False, 1e-5, "gelu"))
     assert len(launch._forward_plans) == 3
 
 
 def test_reload_config_drops_plans_and_applies_new_settings(monkeypatch):
     _setenv(monkeypatch, {"GROUPNORM_TRITON_BLOCK": "16"})
     x, w, b, _ = _inputs((2, 6, 3, 5), 3)
-    launch.norm_forward(x, w, b, None, None, None, 3, False, 1e-5, "")
+    launch.launch_forward(Call(x, w, b, None, None, None, 3, False, 1e-5, ""))
     assert next(iter(launch._forward_plans.values())).path == "fused"
     _setenv(monkeypatch, {"GROUPNORM_TRITON_PATH": "split", "GROUPNORM_TRITON_BLOCK": "16"})
     assert not launch._forward_plans
-    launch.norm_forward(x, w, b, None, None, None, 3, False, 1e-5, "")
+    launch.launch_forward(Call(x, w, b, None, None, None, 3, False, 1e-5, ""))
     assert next(iter(launch._forward_plans.values())).path == "split"
 
 
@@ -124,7 +125,9 @@ def test_eps_reaches_the_kernel_on_a_cache_hit():
     x, w, b, _ = _inputs((2, 4, 3, 3), 2)
     cfg = TritonConfig(block=16)
     for eps in (1e-5, 0.5):
-        y, _, _, rstd = launch.norm_forward(x, w, b, None, None, None, 2, False, eps, "", cfg)
+        y, _, _, rstd = launch.launch_forward(
+            Call(x, w, b, None, None, None, 2, False, eps, ""), cfg
+        )
         ref = reference_norm(x, "group", num_groups=2, weight=w, bias=b, eps=eps)
         torch.testing.assert_close(rstd.double(), ref.rstd, rtol=1e-5, atol=0)
         torch.testing.assert_close(y.double(), ref.output, rtol=1e-5, atol=1e-5)
@@ -166,10 +169,12 @@ def test_launches_per_call(monkeypatch, path, pool, given, forward_launches, bac
     gm = torch.randn(4) if given else None
     gv = torch.rand(4) + 0.5 if given else None
     cfg = TritonConfig(path=path, block=8, split=2, poison=True)
-    y, _, mean, rstd = launch.norm_forward(x, w, b, None, gm, gv, groups, pool, 1e-5, "relu", cfg)
+    y, _, mean, rstd = launch.launch_forward(
+        Call(x, w, b, None, gm, gv, groups, pool, 1e-5, "relu"), cfg
+    )
     assert calls == forward_launches
     calls.clear()
-    dx, dw, db = launch.norm_backward(
+    dx, dw, db = launch.launch_backward(
         torch.randn_like(x), x, w, b, mean, rstd, groups, pool, given, "relu", (True, True, True),
         cfg,
     )  # fmt: skip
@@ -190,7 +195,9 @@ def test_interpreter_and_foreign_kernels_take_the_jit_path():
     assert "not a triton JITFunction" in handle.direct_launch_declined(object(), "direct", False)
     # The plans made under the interpreter launch through kernel[grid] only.
     x, w, b, _ = _inputs((2, 4, 3, 3), 2)
-    launch.norm_forward(x, w, b, None, None, None, 2, False, 1e-5, "", TritonConfig(block=16))
+    launch.launch_forward(
+        Call(x, w, b, None, None, None, 2, False, 1e-5, ""), TritonConfig(block=16)
+    )
     plans = [p for pair in launch._explicit.values() for p in pair[0].values()]
     assert plans and all(p.main.direct is False for p in plans)
 
@@ -318,7 +325,7 @@ def test_eager_forward_and_gradients(monkeypatch, shape, groups, pool, act, resi
     gm = torch.randn(c) * 0.3 if given else None
     gv = torch.rand(c) + 0.5 if given else None
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
-    y, total, mean, rstd = backend.eager(*leaves, gm, gv, groups, pool, 1e-5, act)
+    y, total, mean, rstd = backend.eager(Call(*leaves, gm, gv, groups, pool, 1e-5, act))
     assert not mean.requires_grad and not rstd.requires_grad
     dy = torch.randn_like(x)
     loss = (y * dy).sum() + (total.sum() * 0.5 if residual else 0.0)
@@ -353,11 +360,11 @@ def test_eager_without_grad_is_the_launcher_alone():
     x, w, b, _ = _inputs((2, 4, 3, 3), 2)
     w.requires_grad_()
     with torch.no_grad():
-        y, _, _, _ = backend.eager(x, w, b, None, None, None, 2, False, 1e-5, "")
+        y, _, _, _ = backend.eager(Call(x, w, b, None, None, None, 2, False, 1e-5, ""))
     assert y.grad_fn is None
-    y, _, _, _ = backend.eager(x, w.detach(), b, None, None, None, 2, False, 1e-5, "")
+    y, _, _, _ = backend.eager(Call(x, w.detach(), b, None, None, None, 2, False, 1e-5, ""))
     assert y.grad_fn is None
-    y, _, _, _ = backend.eager(x, w, b, None, None, None, 2, False, 1e-5, "")
+    y, _, _, _ = backend.eager(Call(x, w, b, None, None, None, 2, False, 1e-5, ""))
     assert type(y.grad_fn).__name__ == "TritonNormBackward"
 
 
@@ -385,14 +392,14 @@ def test_prefers_triton_threshold_and_override(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_triton_ops_are_registered_and_traced_declines_under_the_interpreter():
+def test_triton_ops_are_registered_and_the_op_call_declines_under_the_interpreter():
     assert library.register()
     schema = str(torch.ops.groupnorm.triton_forward.default._schema)
     assert "float eps" in schema and "str activation" in schema
     assert str(torch.ops.groupnorm.triton_backward.default._schema).count("Tensor") >= 6
     x, w, b, _ = _inputs((2, 4, 3, 3), 2)
     # The interpreter's kernels cannot run on fake tensors: the caller keeps the opaque op.
-    assert backend.traced(x, w, b, None, None, None, 2, False, 1e-5, "") is None
+    assert backend.call_triton_op(Call(x, w, b, None, None, None, 2, False, 1e-5, "")) is None
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -406,13 +413,13 @@ def test_triton_op_bodies_match_the_launchers(monkeypatch, residual):
     y, total, mean, rstd = torch.ops.groupnorm.triton_forward(
         *leaves, None, None, 3, False, 1e-5, "silu"
     )
-    want = launch.norm_forward(x, w, b, r, None, None, 3, False, 1e-5, "silu")
+    want = launch.launch_forward(Call(x, w, b, r, None, None, 3, False, 1e-5, "silu"))
     torch.testing.assert_close(y, want[0], rtol=0, atol=0)
     torch.testing.assert_close(mean, want[2], rtol=0, atol=0)
     dy = torch.randn_like(x)
     grads = torch.autograd.grad((y * dy).sum(), [t for t in leaves if t is not None])
     saved = want[1] if residual else x
-    dx, dw, db = launch.norm_backward(
+    dx, dw, db = launch.launch_backward(
         dy, saved, w, b, want[2], want[3], 3, False, False, "silu", (True, True, True)
     )
     torch.testing.assert_close(grads[0], dx, rtol=0, atol=0)
@@ -463,6 +470,6 @@ def test_host_benchmark_measures_every_case_with_launches_stubbed():
         assert 0 < row["to_first_launch_us"] <= row["whole_call_us"], row
     # The stub is removed afterwards: a real launch runs again.
     x, w, b, _ = _inputs((2, 4, 3, 3), 2)
-    y = launch.norm_forward(x, w, b, None, None, None, 2, False, 1e-5, "")[0]
+    y = launch.launch_forward(Call(x, w, b, None, None, None, 2, False, 1e-5, ""))[0]
     ref = reference_norm(x, "group", num_groups=2, weight=w, bias=b).output
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)

@@ -190,7 +190,8 @@ def _cases(quick: bool) -> Iterator[tuple[str, dict]]:
 
 
 def _record_case(spec: dict) -> list:
-    from groupnorm.kernels.triton.launch import norm_backward, norm_forward
+    from groupnorm.kernels import Call
+    from groupnorm.kernels.triton.launch import launch_backward, launch_forward
     from groupnorm.kernels.triton.plan import TritonConfig
 
     shape, dtype = spec["shape"], spec["dtype"]
@@ -214,8 +215,10 @@ def _record_case(spec: dict) -> list:
     )
     with recording() as calls:
         fake_stats = torch.zeros((c,) if spec["pool"] else (shape[0], spec["groups"]))
-        norm_forward(x, w, b, r, gm, gv, spec["groups"], spec["pool"], 1e-5, spec["act"], cfg)
-        norm_backward(
+        launch_forward(
+            Call(x, w, b, r, gm, gv, spec["groups"], spec["pool"], 1e-5, spec["act"]), cfg
+        )
+        launch_backward(
             torch.randn(shape).to(dtype),
             x,
             w,
@@ -243,7 +246,8 @@ def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from groupnorm.kernels.triton.launch import norm_backward, norm_forward
+    from groupnorm.kernels import Call
+    from groupnorm.kernels.triton.launch import launch_backward, launch_forward
     from groupnorm.kernels.triton.plan import TritonConfig
 
     result = {}
@@ -255,8 +259,8 @@ def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
         stats = torch.zeros(2, 32)
         cfg = TritonConfig(path="split", num_sms=132)
         with recording() as calls:
-            norm_forward(x, w, b, None, None, None, 32, False, 1e-5, "silu", cfg)
-            norm_backward(x, x, w, b, stats, stats, 32, False, False, "silu", (True,) * 3, cfg)
+            launch_forward(Call(x, w, b, None, None, None, 32, False, 1e-5, "silu"), cfg)
+            launch_backward(x, x, w, b, stats, stats, 32, False, False, "silu", (True,) * 3, cfg)
         ok = True
         for fn, call_args, kwargs in calls:
             if fn.__name__ not in ("_fwd_apply_kernel", "_bwd_apply_kernel"):
@@ -296,7 +300,8 @@ def register_report(arch: int = 90) -> list[tuple[str, str, int, int]]:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from groupnorm.kernels.triton.launch import norm_backward, norm_forward
+    from groupnorm.kernels import Call
+    from groupnorm.kernels.triton.launch import launch_backward, launch_forward
     from groupnorm.kernels.triton.plan import TritonConfig
 
     ptxas = get_ptxas(arch).path
@@ -312,10 +317,10 @@ def register_report(arch: int = 90) -> list[tuple[str, str, int, int]]:
             w, b = torch.empty(c), torch.empty(c, dtype=dtype)
             stats = torch.zeros((c,) if pool else (shape[0], groups))
             with recording() as calls:
-                norm_forward(
-                    x, w, b, torch.empty_like(x), None, None, groups, pool, 1e-5, "gelu", cfg
+                launch_forward(
+                    Call(x, w, b, torch.empty_like(x), None, None, groups, pool, 1e-5, "gelu"), cfg
                 )
-                norm_backward(
+                launch_backward(
                     x, x, w, b, stats, stats, groups, pool, False, "gelu", (True,) * 3, cfg
                 )
             for fn, call_args, kwargs in calls:

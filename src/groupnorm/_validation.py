@@ -16,8 +16,9 @@ import torch
 
 from .kernels.activations import ACTIVATION_NAMES, FUSED
 
-#: Modes of the one core, with the short names people also use for them.
-_MODE_ALIASES = {
+#: Modes of the one core, with the short names people also use for them (lowercase:
+#: :func:`check_mode` also takes other cases).
+MODE_ALIASES = {
     "batch": "batch",
     "bn": "batch",
     "layer": "layer",
@@ -48,12 +49,12 @@ def _format_choices(values: Sequence[int]) -> str:
 
 def check_mode(mode: object) -> str:
     """Return the canonical mode name for ``mode`` or raise a ValueError listing the choices."""
-    if not isinstance(mode, str) or mode.lower() not in _MODE_ALIASES:
+    if not isinstance(mode, str) or mode.lower() not in MODE_ALIASES:
         raise ValueError(
             f"unknown normalization mode {mode!r}; choose one of "
             f"'batch' ('bn'), 'layer' ('ln'), 'instance' ('in') or 'group' ('gn')"
         )
-    return _MODE_ALIASES[mode.lower()]
+    return MODE_ALIASES[mode.lower()]
 
 
 def check_activation(activation: object) -> str:

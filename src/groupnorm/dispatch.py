@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import export, ops
 from ._validation import PLAIN_TYPES
-from .kernels import check_backend, cpu, portable, select
+from .kernels import Call, check_backend, cpu, decide, portable, select
 from .kernels.running import update_running_stats
 
 
@@ -91,9 +91,9 @@ def _plain_tensors(*tensors: Tensor | None) -> bool:
     return True
 
 
-#: what a validator returns: (given_mean, given_var, running) where running is batch norm's
-#: (running_mean, running_var, momentum) to update, or None
-Checked = tuple[Tensor | None, Tensor | None, tuple[Tensor, Tensor, float] | None]
+# A NamedTuple's own __new__ is a Python function; tuple.__new__ builds the same value in C in
+# half its time (every field given, in order).
+_new_call = tuple.__new__
 
 
 def run(
@@ -102,22 +102,23 @@ def run(
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
-    validate: Callable[[], Checked],
+    validate: Callable[[], object],
     running: tuple[Tensor, Tensor, float] | None = None,
     training: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Normalize ``x`` as ``spec`` says; returns (y, x + residual or None).
 
-    ``validate`` runs the calling API's full checks (raising its messages) and returns what
-    they resolved; it runs unless the C++ extension took the call as given. ``running`` and
-    ``training`` are batch norm's: the statistics to update (training) or to normalize with.
+    ``validate`` runs the calling API's full checks, raising its messages (what it returns is
+    not used); it runs unless the C++ extension took the call as given. ``running`` and
+    ``training`` are batch norm's: the (running_mean, running_var, momentum) to update
+    (training) or to normalize with (not training).
     """
     # (the context first: under torch.compile it is False before anything untraceable runs)
     plain = plain_eager_context() and _plain_tensors(x, weight, bias, residual)
     name = check_backend(spec.backend)
     if plain and residual is None and x.is_cpu and (name == "auto" or name == "cpu"):
         num_groups = spec.num_groups or (x.shape[1] if x.dim() >= 2 else 0)
-        y = cpu.fast(
+        y = cpu.whole_call(
             x,
             weight,
             bias,
@@ -131,33 +132,42 @@ def run(
         if y is not None:
             return y, None
 
-    given_mean, given_var, running = validate()
+    validate()
+    given_mean = given_var = update = None
+    if running is not None:
+        if not training:
+            given_mean, given_var, _momentum = running
+        elif x.numel() > 0:
+            update = running
     num_groups = spec.num_groups or x.shape[1]
-    args = (
-        x,
-        weight,
-        bias,
-        residual,
-        given_mean,
-        given_var,
-        num_groups,
-        spec.pool_batch,
-        spec.eps,
-        spec.activation,
+    call = _new_call(
+        Call,
+        (
+            x,
+            weight,
+            bias,
+            residual,
+            given_mean,
+            given_var,
+            num_groups,
+            spec.pool_batch,
+            spec.eps,
+            spec.activation,
+            update,
+        ),
     )
     if plain:  # (no exporter records a plain eager call: the exporters trace or compile)
-        y, total, mean, rstd = select(name, x, num_groups, spec.pool_batch).eager(*args)
+        y, total, mean, rstd = select(name, x, num_groups, spec.pool_batch).eager(call)
     elif export.is_exporting():
-        return export.decomposed_normalize(*args, running=running)
+        return export.decomposed_normalize(call)
     elif _forward_ad._current_level >= 0 or _functorch_transform():
         # neither the op nor the kernels carry tangents, and the autograd torch.library
         # registers for the op is not nestable under torch.func transforms (grad of grad)
-        y, total, mean, rstd = portable.forward(*args)
+        y, total, mean, rstd = portable.forward(call)
     else:  # compiling, tracing, subclasses, modes: a registered op
-        y, total, mean, rstd = _traced(name, x, args)
-    if running is not None and x.numel() > 0:
-        running_mean, running_var, momentum = running
-        count = x.numel() // x.shape[1]
+        y, total, mean, rstd = _recorded_op(call, decide(name, x, num_groups, spec.pool_batch))
+    if update is not None:
+        running_mean, running_var, momentum = update
         update_running_stats(
             running_mean,
             running_var,
@@ -165,21 +175,21 @@ def run(
             rstd,
             spec.eps,
             momentum,
-            count,
+            x.numel() // x.shape[1],
             native=plain and x.is_cpu,
         )
     return y, (total if residual is not None else None)
 
 
-def _traced(name: str, x: Tensor, args: tuple):
-    """The op a tracer sees: on CUDA with the triton backend, the Triton kernels registered with
-    ``torch.library.triton_op`` (Inductor launches them itself) where this torch and Triton allow
-    it; otherwise the opaque ``groupnorm::forward`` op."""
-    if x.is_cuda and (name == "triton" or name == "auto"):
+def _recorded_op(call: Call, backend: str):
+    """The op a tracer records for ``call`` on ``backend`` (the name ``kernels.decide`` gave):
+    on CUDA with Triton, the Triton kernels registered with ``torch.library.triton_op``
+    (Inductor launches them itself) where this torch and Triton allow it; otherwise the opaque
+    ``groupnorm::forward`` op, which runs ``backend``."""
+    if backend == "triton" and call.x.is_cuda:
         from .kernels import triton as triton_backend
 
-        if name == "triton" or triton_backend.prefers_triton(x, args[6], args[7]):
-            out = triton_backend.traced(*args)
-            if out is not None:
-                return out
-    return ops.norm_forward(*args, name)
+        out = triton_backend.call_triton_op(call)
+        if out is not None:
+            return out
+    return ops.record(call, backend)

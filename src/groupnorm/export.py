@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import Call
 from .kernels.portable import apply_activation
 from .kernels.running import update_running_stats
 
@@ -64,33 +65,22 @@ def _group_norm(x: Tensor, num_groups: int, w: Tensor | None, b: Tensor | None, 
     return torch.ops.aten.native_group_norm(x, w, b, n, c, x.numel() // (n * c), num_groups, eps)[0]
 
 
-def decomposed_normalize(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    given_mean: Tensor | None,
-    given_var: Tensor | None,
-    num_groups: int,
-    pool_batch: bool,
-    eps: float,
-    activation: str,
-    *,
-    running: tuple[Tensor, Tensor, float] | None = None,
-) -> tuple[Tensor, Tensor]:
+def decomposed_normalize(call: Call) -> tuple[Tensor, Tensor]:
     """``groupnorm::forward`` written with standard ATen ops; returns (y, x + residual or x).
 
-    Takes the validated arguments of the op. ``given_mean``/``given_var`` are batch norm's
-    inference statistics; ``running`` (batch norm in training: running mean, running var,
-    momentum) is updated in place by the same update as every other route
+    ``call.given_mean``/``call.given_var`` are batch norm's inference statistics;
+    ``call.running_update`` (batch norm in training: running mean, running var, momentum) is
+    updated in place by the same update as every other route
     (:func:`groupnorm.kernels.running.update_running_stats`).
     """
+    x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
+    eps, given_mean, given_var = call.eps, call.given_mean, call.given_var
     src = x + residual if residual is not None else x
     work = src.float() if src.dtype in _LOW_PRECISION else src
     w = weight.to(work.dtype) if weight is not None else None
     b = bias.to(work.dtype) if bias is not None else None
-    if not pool_batch:
-        z = _group_norm(work, num_groups, w, b, eps)
+    if not call.pool_batch:
+        z = _group_norm(work, call.num_groups, w, b, eps)
     elif given_mean is not None:
         z = torch.nn.functional.batch_norm(
             work, given_mean.to(work.dtype), given_var.to(work.dtype), w, b, False, 0.0, eps
@@ -99,10 +89,10 @@ def decomposed_normalize(
         dims = [0] + list(range(2, work.dim()))
         var, mean = torch.var_mean(work, dim=dims, correction=0)
         z = torch.nn.functional.batch_norm(work, mean, var, w, b, False, 0.0, eps)
-        if running is not None:
-            running_mean, running_var, momentum = running
+        if call.running_update is not None:
+            running_mean, running_var, momentum = call.running_update
             count = work.numel() // work.shape[1]
             rstd = torch.rsqrt(var + eps)
             update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, count)
-    y = apply_activation(z, activation).to(x.dtype)
+    y = apply_activation(z, call.activation).to(x.dtype)
     return y, src

@@ -1,7 +1,8 @@
 """Functional API: one entry point, :func:`normalize`, and the four modes as special cases.
 
-All functions validate their arguments here (clear ``TypeError``/``ValueError`` messages), then
-call the ``groupnorm::forward`` custom op, which picks a backend by device.
+All functions hand their call to the dispatcher (:func:`groupnorm.dispatch.run`) with the
+argument checks here (clear ``TypeError``/``ValueError`` messages) as its validator; the common
+spellings of the scalars resolve to a cached spec without them (:func:`_quick_spec`).
 """
 
 from __future__ import annotations
@@ -19,55 +20,57 @@ from .kernels.activations import FUSED
 __all__ = ["normalize", "group_norm", "batch_norm", "layer_norm", "instance_norm"]
 
 # The common spellings of the scalar arguments, which the road takes without the full checks.
-_QUICK_MODES = {
-    "group": "group",
-    "gn": "group",
-    "layer": "layer",
-    "ln": "layer",
-    "instance": "instance",
-    "in": "instance",
-    "batch": "batch",
-    "bn": "batch",
-}
 _QUICK_ACTIVATIONS = {None: "", "": "", **{a.name: a.name for a in FUSED}}
 _QUICK_BACKENDS = (None, *BACKENDS)
 _SPECS: dict[tuple, NormSpec] = {}
 
 
 def _quick_spec(
-    num_groups: object, pool_batch: bool, eps: object, activation: object, backend: object
+    mode: object, num_groups: object, eps: object, activation: object, backend: object
 ) -> NormSpec | None:
     """The spec of a call whose scalars have the common types and valid values (one dictionary
-    look-up once seen), else None: such calls take the full checks, which explain."""
+    look-up once seen), else None: such calls take the full checks, which explain. ``mode`` is
+    taken in the spellings of ``_validation.MODE_ALIASES``; ``num_groups`` is given for group
+    norm only."""
+    if type(mode) is not str or type(eps) is not float:
+        return None
     if num_groups is not None and (type(num_groups) is not int or num_groups <= 0):
         return None
-    if type(eps) is not float or (activation is not None and type(activation) is not str):
+    if activation is not None and type(activation) is not str:
         return None
     if backend is not None and type(backend) is not str:
         return None
-    key = (num_groups, pool_batch, eps, activation, backend)
+    key = (mode, num_groups, eps, activation, backend)
     spec = _SPECS.get(key)
     if spec is None:
+        name = v.MODE_ALIASES.get(mode)
         act = _QUICK_ACTIVATIONS.get(activation)
-        if act is None or not 0.0 <= eps < math.inf or backend not in _QUICK_BACKENDS:
+        if name is None or act is None or backend not in _QUICK_BACKENDS:
             return None
+        if not 0.0 <= eps < math.inf:
+            return None
+        if (name == "group") != (num_groups is not None):
+            return None  # (group norm without a count, or a count for another mode)
+        groups = 1 if name == "layer" else num_groups
         if len(_SPECS) >= 1024:  # many distinct eps values: start over rather than grow
             _SPECS.clear()
-        spec = _SPECS[key] = NormSpec(num_groups, pool_batch, eps, act, backend)
+        spec = _SPECS[key] = NormSpec(groups, name == "batch", eps, act, backend)
     return spec
 
 
-def _check_tensors(args: tuple, num_groups: int | None):
+def _check_tensors(input, weight, bias, residual, num_groups: int | None, args: tuple) -> None:
     """The validator of a group, layer or instance norm call whose spec came from the cache
     (so its scalars are good): the tensors only, where they certainly pass; else the full
     checks of ``_check_call(*args)``, which raise the messages."""
-    if v.tensors_ok(args[0], args[4], args[5], args[8], num_groups):
-        return None, None, None
-    return _check_call(*args)[1:]
+    if not v.tensors_ok(input, weight, bias, residual, num_groups):
+        _check_call(*args)
+
+
+def _checked() -> None:
+    """The validator of a call whose full checks already ran."""
 
 
 def _run(
-    spec: NormSpec | None,
     input: Tensor,
     mode: object,
     num_groups: object = None,
@@ -83,10 +86,11 @@ def _run(
     momentum: object = 0.1,
     return_sum: bool = False,
     backend: object = None,
+    quick: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Hand a functional call to the dispatcher: the quick ``spec`` when the scalars allowed one
-    (the C++ extension may then take the call unchecked), with the full checks as the
-    validator; without a quick spec the checks run first and build it."""
+    """Hand a functional call to the dispatcher: with the quick spec where the scalars allow
+    one (the C++ extension may then take the call unchecked) and the full checks as the
+    validator; otherwise (or with ``quick=False``) the checks run first and build the spec."""
     # (the validators below take what they need as default arguments: a closure over this
     # function's parameters would make each of them a cell on every call, ~0.5 us here)
     args = (
@@ -106,12 +110,19 @@ def _run(
         return_sum,
         backend,
     )
-    if spec is not None and not spec.pool_batch:  # group, layer or instance norm (most calls)
-        validate = lambda a=args, g=spec.num_groups: _check_tensors(a, g)  # noqa: E731
-        y, total = run(spec, input, weight, bias, residual, validate)
-        return (y, total) if return_sum else y
+    spec = None
+    if quick and group_size is None and not return_sum:
+        spec = _quick_spec(mode, num_groups, eps, activation, backend)
     running = None
-    if spec is not None and spec.pool_batch:
+    if spec is not None and not spec.pool_batch:  # group, layer or instance norm (most calls)
+        if running_mean is None and running_var is None and training is True:
+
+            def validate(x=input, w=weight, b=bias, r=residual, g=spec.num_groups, a=args):
+                _check_tensors(x, w, b, r, g, a)
+
+            return run(spec, input, weight, bias, residual, validate)[0]
+        spec = None  # (the checks explain)
+    elif spec is not None:  # batch norm
         if type(training) is not bool or (running_mean is None) != (running_var is None):
             spec = None
         elif momentum is not None and (type(momentum) is not float or not 0.0 <= momentum <= 1.0):
@@ -122,15 +133,10 @@ def _run(
             else:
                 running = (running_mean, running_var, momentum)
     if spec is None:
-        spec, *checked = _check_call(*args)
-        validate = lambda c=checked: c  # noqa: E731  (already checked)
-        running = (
-            checked[2]
-            if checked[2] is not None
-            else (None if training else (running_mean, running_var, 0.0))
-        )
+        spec, running = _check_call(*args)
+        validate = _checked
     else:
-        validate = lambda a=args: _check_call(*a)[1:]  # noqa: E731
+        validate = lambda a=args: _check_call(*a)  # noqa: E731
 
     y, total = run(spec, input, weight, bias, residual, validate, running, training is True)
     return (y, total) if return_sum else y
@@ -205,23 +211,7 @@ def normalize(
         >>> torch.equal(s, 2 * x)
         True
     """
-    mode_name = _QUICK_MODES.get(mode) if type(mode) is str else None
-    spec = None
-    if mode_name is not None and group_size is None and not return_sum:
-        if mode_name == "group":
-            if num_groups is not None:  # (None: one set per channel, not a group count)
-                spec = _quick_spec(num_groups, False, eps, activation, backend)
-        elif num_groups is None:
-            groups = 1 if mode_name == "layer" else None
-            spec = _quick_spec(groups, mode_name == "batch", eps, activation, backend)
-        if (
-            spec is not None
-            and mode_name != "batch"
-            and (running_mean is not None or running_var is not None or training is not True)
-        ):
-            spec = None
     return _run(
-        spec,
         input,
         mode,
         num_groups,
@@ -258,8 +248,9 @@ def _check_call(
     backend,
 ):
     """The full checks of a functional call, in a fixed order (a call with several mistakes
-    always names the same one first). Returns (spec, given_mean, given_var, running), running
-    being batch norm's (running_mean, running_var, momentum) to update, or None."""
+    always names the same one first). Returns (spec, running), running being batch norm's
+    (running_mean, running_var, momentum) for the dispatcher: to update (training, a non-empty
+    input), to normalize with (not training), or None."""
     mode = v.check_mode(mode)
     v.check_input(input)
     num_channels = input.shape[1]
@@ -289,8 +280,7 @@ def _check_call(
         )
 
     pool = mode == "batch"
-    given_mean = given_var = None
-    update_running = False
+    running = None
     if pool:
         running_mean = v.check_stat(running_mean, "running_mean", num_channels, input)
         running_var = v.check_stat(running_var, "running_var", num_channels, input)
@@ -306,7 +296,7 @@ def _check_call(
                     "batch norm with training=False needs running_mean and running_var; pass "
                     "them, or training=True to use the batch's own statistics"
                 )
-            given_mean, given_var = running_mean, running_var
+            running = (running_mean, running_var, 0.0)
         else:
             per_channel = input.numel() // num_channels if num_channels else 0
             if per_channel == 1:
@@ -314,12 +304,13 @@ def _check_call(
                     f"batch norm in training needs more than 1 value per channel, got input of "
                     f"shape {tuple(input.shape)}; use a larger batch, eval mode, or group norm"
                 )
-            update_running = running_mean is not None and input.numel() > 0
-            if update_running and momentum is None:
-                raise ValueError(
-                    "momentum=None (a cumulative average) needs a batch counter: use "
-                    "groupnorm.BatchNorm(momentum=None), or pass a momentum in [0, 1] here"
-                )
+            if running_mean is not None and input.numel() > 0:
+                if momentum is None:
+                    raise ValueError(
+                        "momentum=None (a cumulative average) needs a batch counter: use "
+                        "groupnorm.BatchNorm(momentum=None), or pass a momentum in [0, 1] here"
+                    )
+                running = (running_mean, running_var, momentum)
     elif running_mean is not None or running_var is not None or not training:
         raise ValueError(
             f"running_mean/running_var/training apply to mode='batch' only, not {mode!r}; "
@@ -327,8 +318,7 @@ def _check_call(
         )
 
     spec = NormSpec(None if mode in ("instance", "batch") else groups, pool, eps, act, backend)
-    running = (running_mean, running_var, momentum) if update_running else None
-    return spec, given_mean, given_var, running
+    return spec, running
 
 
 def group_norm(
@@ -357,13 +347,7 @@ def group_norm(
     >>> torch.allclose(group_norm(x, None, group_size=6), group_norm(x, 5))
     True
     """
-    spec = (
-        _quick_spec(num_groups, False, eps, activation, backend)
-        if group_size is None and num_groups is not None and not return_sum
-        else None
-    )
     return _run(
-        spec,
         input,
         "group",
         num_groups,
@@ -412,9 +396,7 @@ def batch_norm(
     >>> torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-6)
     True
     """
-    spec = _quick_spec(None, True, eps, activation, backend)
     return _run(
-        spec,
         input,
         "batch",
         None,
@@ -472,9 +454,8 @@ def layer_norm(
             "write layer_norm(x, weight=w, bias=b, eps=eps), or call "
             "torch.nn.functional.layer_norm for torch's layer norm over trailing dims"
         )
-    spec = _quick_spec(1, False, eps, activation, backend)
     return _run(
-        spec, input, "layer", None, None, weight, bias, eps, activation, residual, backend=backend
+        input, "layer", None, None, weight, bias, eps, activation, residual, backend=backend
     )
 
 
@@ -516,9 +497,7 @@ def instance_norm(
     True
     """
     if running_mean is None and running_var is None and use_input_stats is True:
-        spec = _quick_spec(None, False, eps, activation, backend)
         return _run(
-            spec,
             input,
             "instance",
             None,
@@ -556,8 +535,8 @@ def _instance_norm_running(
                 "running_var; pass them, or use_input_stats=True for each sample's own statistics"
             )
         return _run(
-            None, input, "batch", None, None, weight, bias, eps, activation, residual,
-            running_mean, running_var, False, momentum, backend=backend,
+            input, "batch", None, None, weight, bias, eps, activation, residual, running_mean,
+            running_var, False, momentum, backend=backend, quick=False,
         )  # fmt: skip
     v.check_input(input)
     num_channels = input.shape[1]
@@ -583,9 +562,8 @@ def _instance_norm_running(
             f"input of shape {tuple(input.shape)}; leave running_mean and running_var out"
         )
     y = _run(
-        _quick_spec(None, False, eps, activation, backend), input, "instance", None, None,
-        weight, bias, eps, activation, residual, backend=backend,
-    )  # fmt: skip
+        input, "instance", None, None, weight, bias, eps, activation, residual, backend=backend
+    )
     if input.numel() > 0:
         src = input if residual is None else input + residual
         _update_instance_running(src, running_mean, running_var, momentum)

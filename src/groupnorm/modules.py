@@ -144,7 +144,7 @@ class GroupNorm(_Norm, nn.GroupNorm):
         """The checks of a call, with the module's messages: a shortcut for tensors that
         certainly pass, else the full checks."""
         if v.tensors_ok(input, weight, bias, residual, num_groups, self.num_channels):
-            return None, None, None
+            return
         v.check_input(input)
         if input.shape[1] != self.num_channels:
             raise ValueError(
@@ -155,7 +155,6 @@ class GroupNorm(_Norm, nn.GroupNorm):
         v.check_param(weight, "weight", self.num_channels, input)
         v.check_param(bias, "bias", self.num_channels, input)
         v.check_residual(residual, input)
-        return None, None, None
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         spec = self.__dict__.get("_spec") or self._resolve_spec()
@@ -464,13 +463,13 @@ class BatchNorm(_Norm, _BatchNorm):
             running = None
 
         # (the validator's arguments as defaults: a closure would make each a cell per call)
-        call = (input, weight, bias, residual, running, use_batch, update)
+        call = (input, weight, bias, residual, running, use_batch)
         validate = lambda m=self, a=call: m._validate(*a)  # noqa: E731
         return run(spec, input, weight, bias, residual, validate, running, use_batch)[0]
 
-    def _validate(self, input, weight, bias, residual, running, use_batch, update):
+    def _validate(self, input, weight, bias, residual, running, use_batch):
         """The checks of a call, with the module's messages (the full checks only where the
-        tensor shortcut is not sure); returns what the dispatcher's validator returns."""
+        tensor shortcut is not sure)."""
         c = self.num_features
         if not v.tensors_ok(input, weight, bias, residual, None, c) or (
             running is not None and not v.tensors_ok(input, running[0], running[1], None, None, c)
@@ -487,6 +486,3 @@ class BatchNorm(_Norm, _BatchNorm):
                 f"batch norm in training needs more than 1 value per channel, got input of "
                 f"shape {tuple(input.shape)}; use a larger batch, eval mode, or group norm"
             )
-        if use_batch:
-            return None, None, running if update and input.numel() > 0 else None
-        return self.running_mean, self.running_var, None

@@ -12,12 +12,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import get_backend, input_grads
+from .kernels import Call, input_grads, select
 from .kernels.portable import acc_dtype, differentiable_backward
 
 
+def record(call: Call, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``groupnorm::forward`` op on ``call``, with ``backend`` the name of the backend its
+    implementation and its backward take (what ``kernels.decide`` chose for the call)."""
+    return forward_op(
+        call.x,
+        call.weight,
+        call.bias,
+        call.residual,
+        call.given_mean,
+        call.given_var,
+        call.num_groups,
+        call.pool_batch,
+        call.eps,
+        call.activation,
+        backend,
+    )
+
+
 @torch.library.custom_op("groupnorm::forward", mutates_args=())
-def norm_forward(
+def forward_op(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -30,14 +48,15 @@ def norm_forward(
     activation: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize ``x``; returns (y, x + residual or an empty tensor, mean, rstd)."""
-    impl = get_backend(backend, x.device)
-    return impl.forward(
+    """Normalize ``x``; returns (y, x + residual or an empty tensor, mean, rstd). ``backend``
+    names a backend, or is ``auto`` to let ``kernels.decide`` choose from ``x``."""
+    call = Call(
         x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
     )
+    return select(backend, x, num_groups, pool_batch).forward(call)
 
 
-@norm_forward.register_fake
+@forward_op.register_fake
 def _(
     x,
     weight,
@@ -63,7 +82,7 @@ def _(
 
 
 @torch.library.custom_op("groupnorm::backward", mutates_args=())
-def norm_backward(
+def backward_op(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -80,7 +99,7 @@ def norm_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias); a gradient not asked for comes back as an empty tensor."""
-    grads = get_backend(backend, x.device).backward(
+    grads = select(backend, x, num_groups, pool_batch).backward(
         dy,
         x,
         weight,
@@ -97,7 +116,7 @@ def norm_backward(
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
-@norm_backward.register_fake
+@backward_op.register_fake
 def _(
     dy,
     x,
@@ -159,14 +178,13 @@ def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
                 grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
                 ctx.stats_given, ctx.activation, ctx.eps, (need_dx, need_dw, need_db),
             )  # fmt: skip
-        return norm_backward(
+        return backward_op(
             grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
             ctx.stats_given, ctx.activation, need_dx, need_dw, need_db, ctx.backend,
         )  # fmt: skip
 
-    needs = ctx.needs_input_grad[-11:]  # the op's 11 inputs, whatever comes before them
-    grads = input_grads(grad_y, grad_total, weight, bias, ctx.has_residual, needs, backward)
-    return (*grads, None, None, None, None, None, None, None)
+    needs = ctx.needs_input_grad
+    return input_grads(grad_y, grad_total, weight, bias, ctx.has_residual, needs, backward)
 
 
 torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)

@@ -237,7 +237,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         f64 = torch.float64
         if count > 1:
             _, _, mean_l, rstd_l = backend.forward(
-                x, None, None, None, None, None, c, True, eps, ""
+                kernels.Call(x, None, None, None, None, None, c, True, eps, "")
             )
             r = rstd_l.to(f64)
             var_l = (1.0 / (r * r) - eps).clamp_min_(0.0)
@@ -267,7 +267,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         stats.update(mean=mean, rstd=rstd, count=total)
         mean_k, var_k = mean.to(acc), var.to(acc)
         if count > 0:
-            y = backend.forward(x, weight, bias, None, mean_k, var_k, c, True, eps, activation)[0]
+            call = kernels.Call(x, weight, bias, None, mean_k, var_k, c, True, eps, activation)
+            y = backend.forward(call)[0]
         else:
             y = torch.empty_like(x)
         ctx.save_for_backward(x, weight, bias, mean_k, rstd.to(acc))

@@ -136,7 +136,9 @@ class _GhostNorm(torch.autograd.Function):
         grouped = _chunked(x, chunks)
         backend = kernels.select("auto", grouped, grouped.shape[1], False)
         y, _, mean, rstd = backend.forward(
-            grouped, weight, bias, None, None, None, grouped.shape[1], False, eps, activation
+            kernels.Call(
+                grouped, weight, bias, None, None, None, grouped.shape[1], False, eps, activation
+            )
         )
         ctx.save_for_backward(grouped, weight, bias, mean, rstd)
         ctx.setup = (activation, backend, x.shape, channels_last, chunks)

@@ -1,9 +1,9 @@
 """Compute backends, and the choice among them.
 
-Every backend module exposes the same plain functions (tensors in, tensors out):
+A call reaches a backend as one :class:`Call` value (its tensors and resolved scalars), built
+once by the dispatcher. Every backend module exposes the same plain functions:
 
-``forward(x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps,
-activation) -> (y, sum, mean, rstd)``
+``forward(call) -> (y, sum, mean, rstd)``
     No autograd. ``sum`` is ``x + residual`` when a residual is given, else an empty tensor.
     ``mean`` and ``rstd`` have shape (N, G), or (C,) when ``pool_batch`` (batch norm), in float32
     (float64 for float64 input).
@@ -13,9 +13,9 @@ needs) -> (dx, dweight, dbias)``
     ``x`` is what was normalized (the sum when there was a residual); ``needs`` says which of the
     three gradients to compute; the others come back as ``None``.
 
-``eager(...)``
-    The arguments of ``forward``; the plain-eager entry, which owns its autograd (a C++ node, a
-    Python Function, or torch's own derivatives). ``mean``/``rstd`` may be ``None`` where the
+``eager(call)``
+    The plain-eager entry, which owns its autograd (a C++ node, a Python Function, or torch's
+    own derivatives). ``mean``/``rstd`` may be ``None`` where the
     backend kept them inside its autograd node (only for modes without running statistics).
 
 Backends: ``cpu`` (the C++ extension, else torch's kernels), ``aten`` (torch's kernels with the
@@ -28,11 +28,49 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import NamedTuple
 
-import torch
+from torch import Tensor
 
 #: backend names users may pass (``backend=`` or ``GROUPNORM_BACKEND``)
 BACKENDS = ("auto", "cpu", "portable", "triton")
+
+
+class Call(NamedTuple):
+    """One validated call: its tensors and its resolved scalars, read by name.
+
+    The dispatcher builds it once per call (after the C++ extension's whole-call route) and
+    hands it whole to a backend's ``forward``/``eager`` and to the exporters' form; it is
+    spread into arguments only where ``torch.library`` needs a schema (the custom op, the
+    ``triton_op``).
+
+    Attributes:
+        x: the input (N, C, *).
+        weight, bias: per-channel affine (C,), or None.
+        residual: a tensor like ``x`` added before normalizing, or None.
+        given_mean, given_var: (C,) statistics to normalize with (batch norm at inference),
+            or None to take the sets' own.
+        num_groups: sets per sample (C for instance and batch norm, 1 for layer norm).
+        pool_batch: batch norm: each channel's set spans the whole batch.
+        eps: added to the variance.
+        activation: ``""`` or the fused activation's name.
+        running_update: batch norm in training: (running_mean, running_var, momentum) that
+            the dispatcher moves towards the batch's statistics after the call, or None.
+            Backends never read it.
+    """
+
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    residual: Tensor | None
+    given_mean: Tensor | None
+    given_var: Tensor | None
+    num_groups: int
+    pool_batch: bool
+    eps: float
+    activation: str
+    running_update: tuple[Tensor, Tensor, float] | None = None
+
 
 # CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
 # against 0.5 us for os.environ.get (which encodes the key on every call). The variable is read
@@ -91,19 +129,13 @@ def _import(name: str) -> ModuleType:
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def get_backend(name: str, device: torch.device) -> ModuleType:
-    """The module behind backend ``name`` for tensors on ``device``, for the custom op (which
-    sees no sizes): ``auto`` is ``cpu`` on CPU, ``triton`` on CUDA, torch's kernels elsewhere."""
-    if name == "auto":
-        name = "cpu" if device.type == "cpu" else "triton" if device.type == "cuda" else "aten"
-    return _load(name)
-
-
 def input_grads(grad_y, grad_total, weight, bias, has_residual, needs, backward):
-    """The gradients (dx, dweight, dbias, dresidual) of a norm call, for every autograd
-    around a backend (the custom ops' registered autograd, Triton's Function and triton_op).
+    """The gradients of a norm call's inputs, for every autograd around a backend (the custom
+    op's registered autograd, Triton's Function and triton_op), whose first four inputs are
+    (x, weight, bias, residual): (dx, dweight, dbias, dresidual), then None for each input
+    after them.
 
-    ``needs`` says which of (x, weight, bias, residual) want a gradient; ``backward(need_dx,
+    ``needs`` (``ctx.needs_input_grad``) says which inputs want a gradient; ``backward(need_dx,
     need_dweight, need_dbias)`` runs the backend's backward for ``grad_y`` and returns three
     tensors, those not asked for unused. With a residual, x + residual was normalized (and
     returned as the sum): x and the residual get the same gradient, the sum's own gradient
@@ -118,24 +150,31 @@ def input_grads(grad_y, grad_total, weight, bias, has_residual, needs, backward)
         dx, dw, db = (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None)
     if has_residual and need_dx and grad_total is not None:
         dx = grad_total if dx is None else dx + grad_total
-    return (dx if needs[0] else None), dw, db, (dx if has_residual and needs[3] else None)
+    grads = (dx if needs[0] else None), dw, db, (dx if has_residual and needs[3] else None)
+    return grads + (None,) * (len(needs) - 4)
 
 
-def select(name: str, x: torch.Tensor, num_groups: int, pool_batch: bool) -> ModuleType:
-    """The module behind backend ``name`` for a plain eager call on ``x``.
+def decide(name: str, x: Tensor, num_groups: int, pool_batch: bool) -> str:
+    """The backend that runs a call on ``x`` given the name asked for: every route's choice
+    (plain eager, the op recorded under tracing, the custom op's own implementation).
 
-    ``auto`` is ``cpu`` on CPU. On CUDA it is ``triton`` where the Triton kernels are measured
-    faster than torch's at this size (``triton.prefers_triton``; see ``docs/triton.md``), else
-    torch's own kernels, so that ``auto`` never makes a call slower than torch.nn's."""
+    A name other than ``auto`` is kept. ``auto`` is ``cpu`` on CPU. On CUDA it is ``triton``
+    where Triton is installed and its kernels are measured faster than torch's at this size
+    (``triton.prefers_triton``; see ``docs/triton.md``), else ``aten`` (torch's own kernels),
+    so that ``auto`` never makes a call slower than torch.nn's, nor fails for want of Triton.
+    Elsewhere it is ``aten``.
+    """
     if name != "auto":
-        return _load(name)
+        return name
     if x.is_cpu:
-        return _load("cpu")
+        return "cpu"
     if x.is_cuda:
-        try:
-            triton_backend = _load("triton")
-        except RuntimeError:  # no Triton installed: torch's kernels
-            return _load("aten")
-        if triton_backend.prefers_triton(x, num_groups, pool_batch):
-            return triton_backend
-    return _load("aten")
+        triton_backend = _load("triton")
+        if triton_backend.prefers_triton(x, num_groups, pool_batch) and triton_backend.INSTALLED:
+            return "triton"
+    return "aten"
+
+
+def select(name: str, x: Tensor, num_groups: int, pool_batch: bool) -> ModuleType:
+    """The module of the backend :func:`decide` picks for a call on ``x``."""
+    return _load(decide(name, x, num_groups, pool_batch))

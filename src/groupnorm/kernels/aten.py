@@ -94,39 +94,24 @@ def _activate(y, activation, like_x):
     return apply_activation(y, activation)
 
 
-def forward(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def forward(call):
     """The backend ``forward``: torch's kernels, then the activation."""
+    x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
+    given_mean, given_var = call.given_mean, call.given_var
     if not takes(x, weight, bias, given_mean, given_var):
-        return portable.forward(
-            x,
-            weight,
-            bias,
-            residual,
-            given_mean,
-            given_var,
-            num_groups,
-            pool_batch,
-            eps,
-            activation,
-        )
+        return portable.forward(call)
     src = x + residual if residual is not None else x
     y, mean, rstd = _native_forward(
-        src, weight, bias, given_mean, given_var, num_groups, pool_batch, eps
+        src, weight, bias, given_mean, given_var, call.num_groups, call.pool_batch, call.eps
     )
-    y = _activate(y, activation, x)
+    y = _activate(y, call.activation, x)
     total = src if residual is not None else x.new_empty(0)
     return y, total, mean, rstd
 
 
-def eager(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def eager(call):
     """The backend ``eager`` entry: the same ATen ops with autograd on (torch's derivatives)."""
-    return forward(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return forward(call)
 
 
 def backward(

@@ -5,7 +5,7 @@ What runs where (``benchmarks/README.md`` has the measurements behind each choic
 * group/layer/instance norm and batch norm in float32, bfloat16 or float16, contiguous or
   channels-last, forward and backward, with or without a fused activation -> the C++ extension
   (compiled at install for each instruction-set level; the CPU's best is loaded). In plain
-  eager mode :func:`fast` hands the whole call to it: one pybind11 call that checks the
+  eager mode :func:`whole_call` hands the whole call to it: one pybind11 call that checks the
   tensors, runs the kernel, keeps a C++ autograd node when gradients are needed and updates
   batch norm's running statistics. Batch norm's backward is
   torch's ``native_batch_norm_backward`` (batch statistics) or one line of arithmetic (given
@@ -61,7 +61,7 @@ def _extension_for(x, weight, bias):
     return cpu_ext.extension()
 
 
-def fast(x, weight, bias, num_groups, pool_batch, eps, activation, running, training):
+def whole_call(x, weight, bias, num_groups, pool_batch, eps, activation, running, training):
     """The whole call in the C++ extension, or ``None`` when it cannot take it.
 
     For plain eager calls without a residual, whose scalar arguments are valid. The extension
@@ -80,56 +80,53 @@ def fast(x, weight, bias, num_groups, pool_batch, eps, activation, running, trai
     return out[0] if out is not None else None
 
 
-def eager(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
-    """The backend ``eager`` entry, for what :func:`fast` declined: ``x + residual`` normalized
-    through the extension (its C++ autograd node), everything else through torch's kernels with
-    torch's autograd. Returns (y, x + residual or empty, mean, rstd), the statistics ``None``
-    when the extension kept them inside its autograd node (group/layer/instance norm)."""
+def eager(call):
+    """The backend ``eager`` entry, for what :func:`whole_call` declined: ``x + residual``
+    normalized through the extension (its C++ autograd node), everything else through torch's
+    kernels with torch's autograd. Returns (y, x + residual or empty, mean, rstd), the
+    statistics ``None`` when the extension kept them inside its autograd node
+    (group/layer/instance norm)."""
+    x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
     if _extension_for(x, weight, bias) is not None:
         src = x + residual if residual is not None else x
         total = src if residual is not None else x.new_empty(0)
-        code = ACT_CODES[activation]
-        if layout(src) is not None and not pool_batch:
-            y = cpu_ext.extension().fused_norm(src, weight, bias, num_groups, eps, code)
+        code = ACT_CODES[call.activation]
+        if layout(src) is not None and not call.pool_batch:
+            y = cpu_ext.extension().fused_norm(src, weight, bias, call.num_groups, call.eps, code)
             if y is not None:
                 return y, total, None, None
         elif layout(src) is not None:
-            training = given_mean is None
+            given_mean = call.given_mean
             out = cpu_ext.extension().batch_norm(
-                src, weight, bias, given_mean, given_var, training, 0.0, eps, code
-            )
+                src, weight, bias, given_mean, call.given_var, given_mean is None, 0.0, call.eps,
+                code,
+            )  # fmt: skip
             if out is not None:
                 return out[0], total, out[1], out[2]
-    return aten.eager(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return aten.eager(call)
 
 
-def forward(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def forward(call):
     """The backend ``forward`` (no autograd): the extension's kernels, else torch's."""
+    x, given_mean, given_var = call.x, call.given_mean, call.given_var
     if given_mean is None or (
         given_mean.dtype in (_F32, x.dtype) and given_var.dtype in (_F32, x.dtype)
     ):
-        ext = _extension_for(x, weight, bias)
+        ext = _extension_for(x, call.weight, call.bias)
+        residual = call.residual
         src = x + residual if residual is not None else x
         if ext is not None and layout(src) is not None:
             total = src if residual is not None else x.new_empty(0)
-            w, b = _as_float32(weight), _as_float32(bias)
-            code = ACT_CODES[activation]
-            if pool_batch:
+            w, b = _as_float32(call.weight), _as_float32(call.bias)
+            code = ACT_CODES[call.activation]
+            if call.pool_batch:
                 y, mean, rstd = ext.batch_forward(
-                    src, w, b, _as_float32(given_mean), _as_float32(given_var), eps, code
+                    src, w, b, _as_float32(given_mean), _as_float32(given_var), call.eps, code
                 )
             else:
-                y, mean, rstd = ext.forward(src, w, b, num_groups, eps, code)
+                y, mean, rstd = ext.forward(src, w, b, call.num_groups, call.eps, code)
             return y, total, mean, rstd
-    return aten.forward(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return aten.forward(call)
 
 
 def backward(

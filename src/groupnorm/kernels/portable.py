@@ -109,14 +109,16 @@ def compute_stats(src, given_mean, given_var, num_groups, pool_batch, eps):
     return mean, torch.rsqrt(var + eps)
 
 
-def forward(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def forward(call):
+    """The backend ``forward``: (y, x + residual or empty, mean, rstd)."""
+    x, residual, num_groups, pool_batch = call.x, call.residual, call.num_groups, call.pool_batch
     src = x + residual if residual is not None else x
     acc = acc_dtype(x.dtype)
-    mean, rstd = compute_stats(src, given_mean, given_var, num_groups, pool_batch, eps)
+    mean, rstd = compute_stats(
+        src, call.given_mean, call.given_var, num_groups, pool_batch, call.eps
+    )
     xhat = _normalized(src, mean, rstd, num_groups, pool_batch, acc)
-    y = apply_activation(_affine(xhat, weight, bias, num_groups), activation)
+    y = apply_activation(_affine(xhat, call.weight, call.bias, num_groups), call.activation)
     y = match_layout(y.to(x.dtype).reshape(x.shape), x)
     total = src if residual is not None else x.new_empty(0)
     return y, total, mean, rstd
@@ -173,11 +175,7 @@ def differentiable_backward(
         )  # fmt: skip
 
 
-def eager(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def eager(call):
     """The backend ``eager`` entry: :func:`forward` with autograd on. Its torch operations carry
     gradients, forward-mode tangents and higher-order derivatives."""
-    return forward(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return forward(call)

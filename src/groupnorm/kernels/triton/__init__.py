@@ -3,12 +3,14 @@
 Entry points (inputs already validated by the caller):
 
 * :func:`forward` / :func:`backward`: the plain backend interface of :mod:`groupnorm.kernels`
-  (tensors in, tensors out, no autograd), used by the ``groupnorm::forward`` custom op;
+  (a :class:`~groupnorm.kernels.Call` in, tensors out, no autograd), used by the
+  ``groupnorm::forward`` custom op;
 * :func:`eager`: plain eager mode; owns its autograd (one ``torch.autograd.Function``), or
   launches directly when no gradient is needed;
-* :func:`traced`: under ``torch.compile``: the ``groupnorm::triton_forward`` op built with
-  ``torch.library.triton_op``, so Inductor sees the Triton kernels;
-* :func:`prefers_triton`: whether ``backend="auto"`` should use Triton for a CUDA call;
+* :func:`call_triton_op`: under ``torch.compile``: the ``groupnorm::triton_forward`` op built
+  with ``torch.library.triton_op``, so Inductor sees the Triton kernels;
+* :func:`prefers_triton`: whether ``backend="auto"`` should use Triton for a CUDA call, and
+  :data:`INSTALLED`: whether the ``triton`` package is there at all;
 * :func:`reload_config`: re-read the ``GROUPNORM_TRITON_*`` variables (read once otherwise).
 
 Importing this package does not import Triton; the kernels are loaded on the first launch, so
@@ -19,6 +21,8 @@ Triton is imported); otherwise a clear ``RuntimeError`` says so.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .plan import Plan, TritonConfig, config_from_env, make_plan
@@ -28,8 +32,9 @@ __all__ = [
     "forward",
     "backward",
     "eager",
-    "traced",
+    "call_triton_op",
     "prefers_triton",
+    "INSTALLED",
     "reload_config",
     "Plan",
     "TritonConfig",
@@ -37,6 +42,8 @@ __all__ = [
     "make_plan",
 ]
 
+#: whether the ``triton`` package is installed (found, not imported: importing it is slow)
+INSTALLED = importlib.util.find_spec("triton") is not None
 
 _impl = None  # the launch and autograd modules, imported on the first call (they import torch)
 
@@ -45,19 +52,14 @@ def _load():
     global _impl
     from . import autograd, launch
 
-    _impl = (launch.norm_forward, launch.norm_backward, autograd.eager)
+    _impl = (launch.launch_forward, launch.launch_backward, autograd.eager)
     return _impl
 
 
-def forward(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def forward(call):
     """The backend ``forward`` (see :mod:`groupnorm.kernels`): (y, x + residual or empty,
     mean, rstd)."""
-    run = (_impl or _load())[0]
-    return run(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return (_impl or _load())[0](call)
 
 
 def backward(
@@ -70,9 +72,7 @@ def backward(
     )
 
 
-def eager(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def eager(call):
     """Plain-eager entry: (y, x + residual or empty, mean, rstd), differentiable in x, weight,
     bias and residual (mean and rstd are not).
 
@@ -82,15 +82,10 @@ def eager(
     mean and rstd for :func:`backward`. Inputs must already be validated, and plain (the
     dispatcher's plain eager context: no functorch transform, no tensor subclass).
     """
-    run = (_impl or _load())[2]
-    return run(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return (_impl or _load())[2](call)
 
 
-def traced(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def call_triton_op(call):
     """The call to record under ``torch.compile`` when the backend is Triton:
     ``torch.ops.groupnorm.triton_forward`` (a ``torch.library.triton_op``, whose kernels
     Inductor sees), with registered autograd through ``groupnorm::triton_backward``.
@@ -100,11 +95,9 @@ def traced(
     Triton cannot be imported, or when the kernels run in Triton's interpreter (CPU tensors,
     ``TRITON_INTERPRET=1``), whose kernels cannot be traced with fake tensors.
     """
-    from .library import traced_forward
+    from .library import call_triton_op as call_op
 
-    return traced_forward(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-    )
+    return call_op(call)
 
 
 def prefers_triton(x: torch.Tensor, num_groups: int, pool_batch: bool) -> bool:

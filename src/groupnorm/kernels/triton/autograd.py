@@ -11,12 +11,12 @@ import torch
 
 from .. import input_grads
 from ..portable import differentiable_backward
-from .launch import norm_backward, norm_forward
+from .launch import launch_backward, launch_forward
 
 
 class TritonNorm(torch.autograd.Function):
-    """Records a forward already computed by :func:`.launch.norm_forward` (passed in as
-    ``outputs``), with :func:`.launch.norm_backward` as its backward; saves only x (or
+    """Records a forward already computed by :func:`.launch.launch_forward` (passed in as
+    ``outputs``), with :func:`.launch.launch_backward` as its backward; saves only x (or
     x + residual), weight, bias, mean and rstd. Under ``create_graph=True`` the backward is
     the portable core's differentiable one (torch operations) instead of the kernels."""
 
@@ -59,13 +59,12 @@ class TritonNorm(torch.autograd.Function):
                     grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
                     stats_given, activation, eps, (need_dx, need_dw, need_db),
                 )  # fmt: skip
-            return norm_backward(
+            return launch_backward(
                 grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given,
                 activation, (need_dx, need_dw, need_db),
             )  # fmt: skip
 
-        grads = input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
-        return (*grads, None, None, None, None, None, None)
+        return input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
 
 
 # Function.apply without its functorch preamble, which only unwraps functorch's dead wrappers
@@ -74,10 +73,9 @@ class TritonNorm(torch.autograd.Function):
 _record = super(torch.autograd.Function, TritonNorm).apply
 
 
-def eager(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
+def eager(call):
     """See :func:`groupnorm.kernels.triton.eager`."""
+    x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
     if not (
         torch.is_grad_enabled()
         and (
@@ -87,19 +85,13 @@ def eager(
             or (residual is not None and residual.requires_grad)
         )
     ):
-        return norm_forward(
-            x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps,
-            activation,
-        )  # fmt: skip
+        return launch_forward(call)
     torch._C._set_grad_enabled(False)  # (the outputs get their history from the record below)
     try:
-        outputs = norm_forward(
-            x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps,
-            activation,
-        )  # fmt: skip
+        outputs = launch_forward(call)
     finally:
         torch._C._set_grad_enabled(True)
     return _record(
-        x, weight, bias, residual, num_groups, pool_batch, given_mean is not None, activation,
-        eps, outputs,
+        x, weight, bias, residual, call.num_groups, call.pool_batch, call.given_mean is not None,
+        call.activation, call.eps, outputs,
     )  # fmt: skip

@@ -181,7 +181,7 @@ class Launch:
         if self.direct:
             self._remember(fn, args, compiled)
 
-    def traced(self, *args: Any) -> None:
+    def wrapped(self, *args: Any) -> None:
         """The same launch recorded for ``torch.compile``: through ``torch.library.wrap_triton``
         (inside a ``triton_op``), so the graph holds the kernel itself."""
         from torch.library import wrap_triton

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import portable
+from .. import Call, portable
 from .handle import Launch, direct_launch_declined
 from .plan import Plan, TritonConfig, make_plan
 from .settings import on_reload, settings
@@ -32,7 +32,7 @@ _COLUMN_BLOCK_C = 128
 _forward_plans: dict[tuple, _ForwardPlan] = {}
 _backward_plans: dict[tuple, _BackwardPlan] = {}
 _explicit: dict[TritonConfig, tuple[dict, dict]] = {}  # plans made under a given config
-_traced: tuple[dict, dict] = ({}, {})  # plans of the triton_op bodies (may hold fake tensors)
+_wrapped_plans: tuple[dict, dict] = ({}, {})  # the triton_op bodies' (may hold fake tensors)
 #: Most plans kept per cache before it is emptied (a program with ever-changing shapes).
 MAX_PLANS = 1024
 
@@ -42,8 +42,8 @@ def clear_plans() -> None:
     _forward_plans.clear()
     _backward_plans.clear()
     _explicit.clear()
-    _traced[0].clear()
-    _traced[1].clear()
+    _wrapped_plans[0].clear()
+    _wrapped_plans[1].clear()
 
 
 on_reload(clear_plans)
@@ -198,10 +198,11 @@ def _launch(name: str, grid: tuple[int, ...], options: dict[str, Any]) -> Launch
     return Launch(lambda: getattr(k, name), grid, options, direct)
 
 
-def _new(like: torch.Tensor, poison: bool, traced: bool = False) -> torch.Tensor:
+def _new(like: torch.Tensor, poison: bool, wrapped: bool = False) -> torch.Tensor:
     """A fresh tensor like the kept ``like`` (shape, dtype, device): ``empty_like`` is the
-    cheapest allocation from Python. Traced plans may keep fake tensors: there, plain ``empty``."""
-    if traced:
+    cheapest allocation from Python. The triton_op bodies' plans may keep fake tensors: there,
+    plain ``empty``."""
+    if wrapped:
         buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     else:
         buf = torch.empty_like(like)
@@ -222,18 +223,9 @@ def _cdiv(a: int, b: int) -> int:
 class _ForwardPlan:
     """Everything about a forward call that depends only on its key (see module docstring)."""
 
-    def __init__(
-        self,
-        x,
-        weight,
-        bias,
-        residual,
-        given_mean,
-        num_groups,
-        pool_batch,
-        activation,
-        config: TritonConfig,
-    ) -> None:
+    def __init__(self, call: Call, x, residual, config: TritonConfig) -> None:
+        """``x`` and ``residual`` are the call's, or stand-ins with plain-int sizes."""
+        num_groups, pool_batch = call.num_groups, call.pool_batch
         k = _kernels()
         n, c = x.shape[0], x.shape[1]
         s = math.prod(x.shape[2:])
@@ -254,20 +246,20 @@ class _ForwardPlan:
             self.out_format = torch.contiguous_format
             ys = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
         ts = ys  # the sum is allocated like the output
-        stats_given = given_mean is not None
+        stats_given = call.given_mean is not None
         self.plan = plan = plan_for(x, num_groups, pool_batch, stats_given, config)
         self.path = plan.path
         self.set_size = float(n * s if pool_batch else cg * s)
         stat_shape = (c,) if pool_batch else (n, num_groups)
         # empty_like of a kept tensor is the cheapest allocation torch offers from Python.
         self.stats_like = torch.empty(stat_shape, dtype=self.acc, device=x.device)
-        self.has_w = weight is not None
-        self.has_b = bias is not None
+        self.has_w = call.weight is not None
+        self.has_b = call.bias is not None
         flags = dict(
             HAS_RESIDUAL=self.has_res,
             HAS_WEIGHT=self.has_w,
             HAS_BIAS=self.has_b,
-            ACTIVATION=k.ACTIVATION_CODES[activation],
+            ACTIVATION=k.ACTIVATION_CODES[call.activation],
             ACC=_tl_acc(x.dtype),
             BLOCK_C=plan.block_c,
             BLOCK_S=plan.block_s,
@@ -315,8 +307,9 @@ class _ForwardPlan:
             ),
         )
 
-    def __call__(self, x, weight, bias, residual, given_mean, given_var, eps, traced=False):
-        main = self.main.traced if traced else self.main
+    def __call__(self, call, wrapped=False):
+        x, weight, bias, residual = call.x, call.weight, call.bias, call.residual
+        main = self.main.wrapped if wrapped else self.main
         if self.copy_x:
             x = x.contiguous()
         y = torch.empty_like(x, memory_format=self.out_format)
@@ -330,28 +323,27 @@ class _ForwardPlan:
             t = total
         else:
             r, total, t = x, x.new_empty(0), y
-        mean = _new(self.stats_like, self.poison, traced)
-        rstd = _new(self.stats_like, self.poison, traced)
+        mean = _new(self.stats_like, self.poison, wrapped)
+        rstd = _new(self.stats_like, self.poison, wrapped)
         w = weight if self.has_w else x
         b = bias if self.has_b else x
-        eps = float(eps)
+        eps = float(call.eps)
         if self.path == "fused":
             main(x, r, y, t, w, b, mean, rstd, eps, self.set_size, *self.ints)
             return y, total, mean, rstd
         if self.partial is not None:
-            ws = _new(self.ws_like, self.poison, traced)
-            partial = self.partial.traced if traced else self.partial
+            ws = _new(self.ws_like, self.poison, wrapped)
+            partial = self.partial.wrapped if wrapped else self.partial
             partial(x, r, ws, ws, self.half, *self.partial_ints)
             main(x, r, y, t, w, b, ws, ws, self.half, mean, rstd, eps, self.set_size, *self.ints)
         else:  # statistics given: the apply kernel reads them in place of the partials
-            main(x, r, y, t, w, b, given_mean, given_var, 0, mean, rstd, eps, self.set_size,
-                 *self.ints)  # fmt: skip
+            main(x, r, y, t, w, b, call.given_mean, call.given_var, 0, mean, rstd, eps,
+                 self.set_size, *self.ints)  # fmt: skip
         return y, total, mean, rstd
 
 
-def _forward_key(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, activation
-) -> tuple:
+def _forward_key(call: Call, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
+    weight, bias, given_mean = call.weight, call.bias, call.given_mean
     return (
         x.shape,
         x.stride(),
@@ -360,67 +352,36 @@ def _forward_key(
         None if weight is None else weight.dtype,
         None if bias is None else bias.dtype,
         None if residual is None else (residual.stride(), residual.dtype),
-        None if given_mean is None else (given_mean.dtype, given_var.dtype),
-        num_groups,
-        pool_batch,
-        activation,
+        None if given_mean is None else (given_mean.dtype, call.given_var.dtype),
+        call.num_groups,
+        call.pool_batch,
+        call.activation,
     )
 
 
-def norm_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    given_mean: torch.Tensor | None,
-    given_var: torch.Tensor | None,
-    num_groups: int,
-    pool_batch: bool,
-    eps: float,
-    activation: str,
-    config: TritonConfig | None = None,
+def launch_forward(
+    call: Call, config: TritonConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the backend interface: returns (y, x + residual or empty, mean, rstd).
 
-    Args:
-        x: (N, C, *) input, contiguous or channels-last (other layouts are copied first).
-        weight, bias: (C,) in float32 or x's dtype, or None.
-        residual: tensor like x added before normalizing, or None.
-        given_mean, given_var: (C,) batch-norm statistics to use instead of the batch's.
-        num_groups: sets per sample (C for instance/batch norm, 1 for layer norm).
-        pool_batch: batch norm: one set per channel over the whole batch.
-        eps: added to the variance.
-        activation: "" (none), "silu", "gelu" or "relu".
-        config: planner overrides; default read once from ``GROUPNORM_TRITON_*`` variables.
+    ``call.x`` may be contiguous or channels-last (other layouts are copied first); weight and
+    bias in float32 or x's dtype. ``config`` holds planner overrides; by default they are read
+    once from the ``GROUPNORM_TRITON_*`` variables.
     """
-    key = _forward_key(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, activation
-    )
+    x = call.x
+    key = _forward_key(call, x, call.residual)
     config, plans, _ = _caches(config)
     plan = plans.get(key)
     if plan is None:
         check_device(x)
         _check_dtype(x)
         if x.numel() == 0:
-            return portable.forward(
-                x,
-                weight,
-                bias,
-                residual,
-                given_mean,
-                given_var,
-                num_groups,
-                pool_batch,
-                eps,
-                activation,
-            )
-        plan = _ForwardPlan(
-            x, weight, bias, residual, given_mean, num_groups, pool_batch, activation, config
-        )
+            return portable.forward(call)
+        plan = _ForwardPlan(call, x, call.residual, config)
         if len(plans) >= MAX_PLANS:
             plans.clear()
         plans[key] = plan
-    return plan(x, weight, bias, residual, given_mean, given_var, eps)
+    return plan(call)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,9 +487,9 @@ class _BackwardPlan:
             )
             self.column_ints = (rows, c)
 
-    def __call__(self, dy, x, weight, bias, mean, rstd, traced=False):
+    def __call__(self, dy, x, weight, bias, mean, rstd, wrapped=False):
         def run(launch, *args):
-            return launch.traced(*args) if traced else launch(*args)
+            return launch.wrapped(*args) if wrapped else launch(*args)
 
         if self.copy_x:
             x = x.contiguous()
@@ -549,11 +510,11 @@ class _BackwardPlan:
         ws = None
         half = self.half
         if self.path == "fused":
-            ws = _new(self.ws_like, self.poison, traced)
+            ws = _new(self.ws_like, self.poison, wrapped)
             run(self.main, dy, x, w, b, mean, rstd, ws, ws, half, dx_arg, self.set_size, *self.ints)
         else:
             if self.partial is not None:
-                ws = _new(self.ws_like, self.poison, traced)
+                ws = _new(self.ws_like, self.poison, wrapped)
                 run(self.partial, dy, x, w, b, mean, rstd, ws, ws, half, *self.partial_ints)
             if self.apply is not None:
                 if ws is None:  # statistics given: no partials are read
@@ -564,8 +525,8 @@ class _BackwardPlan:
                     *self.ints)  # fmt: skip
         if self.columns is None:
             return dx, None, None
-        dw = _new(weight, self.poison, traced) if self.need_dw else None
-        db = _new(bias, self.poison, traced) if self.need_db else None
+        dw = _new(weight, self.poison, wrapped) if self.need_dw else None
+        db = _new(bias, self.poison, wrapped) if self.need_db else None
         run(
             self.columns,
             ws,
@@ -578,7 +539,27 @@ class _BackwardPlan:
         return dx, dw, db
 
 
-def norm_backward(
+def _backward_key(
+    dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs
+) -> tuple:
+    return (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        dy.stride(),
+        dy.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        num_groups,
+        pool_batch,
+        stats_given,
+        activation,
+        needs,
+    )
+
+
+def launch_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -603,21 +584,7 @@ def norm_backward(
         bool(need_dw and weight is not None),
         bool(need_db and bias is not None),
     )
-    key = (
-        x.shape,
-        x.stride(),
-        x.dtype,
-        x.device,
-        dy.stride(),
-        dy.dtype,
-        None if weight is None else weight.dtype,
-        None if bias is None else bias.dtype,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        needs,
-    )
+    key = _backward_key(dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs)
     config, _, plans = _caches(config)
     plan = plans.get(key)
     if plan is None:
@@ -656,46 +623,29 @@ def _concrete(t: torch.Tensor | None) -> torch.Tensor | None:
     return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device)
 
 
-def traced_forward_launch(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
-    """:func:`norm_forward` with every launch through ``wrap_triton`` (inside a triton_op)."""
-    xc, rc = _concrete(x), _concrete(residual)
-    key = _forward_key(
-        xc, weight, bias, rc, given_mean, given_var, num_groups, pool_batch, activation
-    )
-    config, plans = settings().config, _traced[0]
+def wrapped_forward(call: Call):
+    """:func:`launch_forward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    x = call.x
+    xc, rc = _concrete(x), _concrete(call.residual)
+    key = _forward_key(call, xc, rc)
+    config, plans = settings().config, _wrapped_plans[0]
     plan = plans.get(key)
     if plan is None:
         check_device(x)
         _check_dtype(x)
-        plan = _ForwardPlan(
-            xc, weight, bias, rc, given_mean, num_groups, pool_batch, activation, config
-        )
+        plan = _ForwardPlan(call, xc, rc, config)
         plans[key] = plan
-    return plan(x, weight, bias, residual, given_mean, given_var, eps, traced=True)
+    return plan(call, wrapped=True)
 
 
-def traced_backward_launch(
+def wrapped_backward(
     dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
 ):
-    """:func:`norm_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    """:func:`launch_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
     xc, dyc = _concrete(x), _concrete(dy)
-    config, plans = settings().config, _traced[1]
-    key = (
-        xc.shape,
-        xc.stride(),
-        x.dtype,
-        x.device,
-        dyc.stride(),
-        dy.dtype,
-        None if weight is None else weight.dtype,
-        None if bias is None else bias.dtype,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        needs,
+    config, plans = settings().config, _wrapped_plans[1]
+    key = _backward_key(
+        dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs
     )
     plan = plans.get(key)
     if plan is None:
@@ -705,4 +655,4 @@ def traced_backward_launch(
             dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs, config
         )
         plans[key] = plan
-    return plan(dy, x, weight, bias, mean, rstd, traced=True)
+    return plan(dy, x, weight, bias, mean, rstd, wrapped=True)

@@ -23,10 +23,6 @@ from torch import Tensor
 _registered: bool | None = None  # None: not tried; False: unavailable here
 
 
-def _stats_shape(x: Tensor, num_groups: int, pool_batch: bool) -> tuple:
-    return (x.shape[1],) if pool_batch else (x.shape[0], num_groups)
-
-
 def register() -> bool:
     """Define the two ops (once). False when this torch or Triton cannot."""
     global _registered
@@ -38,9 +34,9 @@ def register() -> bool:
     except ImportError:
         _registered = False
         return False
-    from .. import input_grads
+    from .. import Call, input_grads
     from ..portable import differentiable_backward
-    from .launch import traced_backward_launch, traced_forward_launch
+    from .launch import wrapped_backward, wrapped_forward
 
     @triton_op("groupnorm::triton_forward", mutates_args=())
     def triton_forward(
@@ -55,17 +51,19 @@ def register() -> bool:
         eps: float,
         activation: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return traced_forward_launch(
-            x,
-            weight,
-            bias,
-            residual,
-            given_mean,
-            given_var,
-            num_groups,
-            pool_batch,
-            float(eps),
-            activation,
+        return wrapped_forward(
+            Call(
+                x,
+                weight,
+                bias,
+                residual,
+                given_mean,
+                given_var,
+                num_groups,
+                pool_batch,
+                float(eps),
+                activation,
+            )
         )
 
     @triton_op("groupnorm::triton_backward", mutates_args=())
@@ -89,7 +87,7 @@ def register() -> bool:
             need_dweight and weight is not None,
             need_dbias and bias is not None,
         )
-        grads = traced_backward_launch(
+        grads = wrapped_backward(
             dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
         )
         # Outputs may not alias: a fresh empty tensor for each gradient not computed.
@@ -118,8 +116,7 @@ def register() -> bool:
                 stats_given, activation, need_dx, need_dw, need_db,
             )  # fmt: skip
 
-        grads = input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
-        return (*grads, None, None, None, None, None, None)
+        return input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
 
     triton_forward.register_autograd(backward, setup_context=setup_context)
     _registered = True
@@ -136,12 +133,19 @@ def available_for(x: Tensor) -> bool:
     return not settings().interpret
 
 
-def traced_forward(
-    x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
-):
-    """See :func:`groupnorm.kernels.triton.traced`: the op's outputs, or None."""
-    if not available_for(x):
+def call_triton_op(call):
+    """See :func:`groupnorm.kernels.triton.call_triton_op`: the op's outputs, or None."""
+    if not available_for(call.x):
         return None
     return torch.ops.groupnorm.triton_forward(
-        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+        call.x,
+        call.weight,
+        call.bias,
+        call.residual,
+        call.given_mean,
+        call.given_var,
+        call.num_groups,
+        call.pool_batch,
+        call.eps,
+        call.activation,
     )
