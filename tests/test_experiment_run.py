@@ -80,7 +80,8 @@ def test_small_steps_run_channels_last_and_repeat(fake_data, norm, monkeypatch):
     record = train_run(TINY, run, data)
     again = train_run(TINY, run, data)
     assert any(seen) and layouts == [True, True]
-    assert (again["test_error"], again["train_loss"]) == (record["test_error"], record["train_loss"])
+    assert again["test_error"] == record["test_error"]
+    assert again["train_loss"] == record["train_loss"]
 
 
 def test_results_file_torn_line(tmp_path):

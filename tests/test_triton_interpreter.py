@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import groupnorm  # noqa: E402
 from groupnorm import reference_norm  # noqa: E402

@@ -19,19 +19,7 @@ from .kernels.portable import acc_dtype, differentiable_backward
 def record(call: Call, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``groupnorm::forward`` op on ``call``, with ``backend`` the name of the backend its
     implementation and its backward take (what ``kernels.decide`` chose for the call)."""
-    return forward_op(
-        call.x,
-        call.weight,
-        call.bias,
-        call.residual,
-        call.given_mean,
-        call.given_var,
-        call.num_groups,
-        call.pool_batch,
-        call.eps,
-        call.activation,
-        backend,
-    )
+    return forward_op(*call.schema_args(), backend)
 
 
 @torch.library.custom_op("groupnorm::forward", mutates_args=())
@@ -140,19 +128,8 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    (
-        x,
-        weight,
-        bias,
-        residual,
-        given_mean,
-        _given_var,
-        num_groups,
-        pool_batch,
-        eps,
-        activation,
-        backend,
-    ) = inputs
+    x, weight, bias, residual, given_mean = inputs[:5]
+    num_groups, pool_batch, eps, activation, backend = inputs[6:]
     _y, total, mean, rstd = output
     saved_x = total if residual is not None else x
     ctx.save_for_backward(saved_x, weight, bias, mean, rstd)

@@ -71,6 +71,10 @@ class Call(NamedTuple):
     activation: str
     running_update: tuple[Tensor, Tensor, float] | None = None
 
+    def schema_args(self) -> tuple:
+        """The fields the ops' schemas take, in their order: all but ``running_update``."""
+        return self[:10]
+
 
 # CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
 # against 0.5 us for os.environ.get (which encodes the key on every call). The variable is read

@@ -137,15 +137,4 @@ def call_triton_op(call):
     """See :func:`groupnorm.kernels.triton.call_triton_op`: the op's outputs, or None."""
     if not available_for(call.x):
         return None
-    return torch.ops.groupnorm.triton_forward(
-        call.x,
-        call.weight,
-        call.bias,
-        call.residual,
-        call.given_mean,
-        call.given_var,
-        call.num_groups,
-        call.pool_batch,
-        call.eps,
-        call.activation,
-    )
+    return torch.ops.groupnorm.triton_forward(*call.schema_args())
