@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import statistics
 import time
 
@@ -25,17 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import groupnorm
-
-
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from groupnorm.bench.suite import cpu_model
 
 
 def _cases(shape):
@@ -157,7 +146,7 @@ def main(argv=None) -> None:
                         f"{mo:.2f}",
                         f"{mt:.2f}",
                         f"{r:.3f}",
-                        _machine(),
+                        cpu_model(),
                         datetime.date.today().isoformat(),
                         torch.__version__,
                     ]

@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,20 +37,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import groupnorm
-from groupnorm.bench.suite import git_commit
+from groupnorm.bench.suite import cpu_model, git_commit
 
 VARIANTS = ("bn", "torch-bn", "sync")
-
-
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_model(variant: str, width: int) -> nn.Module:
@@ -125,7 +113,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 def _report(times: dict[str, list[float]], args: argparse.Namespace, world: int) -> None:
     machine = (
-        f"{_machine()}; {os.cpu_count()} cores; {world} gloo processes x {args.threads} "
+        f"{cpu_model()}; {os.cpu_count()} cores; {world} gloo processes x {args.threads} "
         f"thread(s); torch {torch.__version__}; load at start {args.load:.1f}"
     )
     base = statistics.median(times["bn"])

@@ -52,18 +52,22 @@ FIELDS = [
 ]
 
 
-def machine_description() -> str:
-    """CPU model (from /proc/cpuinfo), usable cores, threads, torch version, and the 1-minute
-    load average when the run started (other processes share this machine)."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """CPU model (from /proc/cpuinfo), usable cores, threads, torch version, and the 1-minute
+    load average when the run started (other processes share this machine)."""
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
