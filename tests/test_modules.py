@@ -171,3 +171,18 @@ def test_compile_dynamic_shapes_without_breaks():
     for n in (2, 3):
         x = make_input((n, 3, 6, 5), torch.float32, seed=n)
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_batch_norm_momentum_none_is_torchs_cumulative_average():
+    """momentum=None: each training call is counted and the running statistics are the
+    cumulative average of the batches', as in torch.nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    ours = groupnorm.BatchNorm(4, momentum=None)
+    theirs = torch.nn.BatchNorm2d(4, momentum=None)
+    for _ in range(3):
+        x = torch.randn(8, 4, 5, 5)
+        ours(x)
+        theirs(x)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)

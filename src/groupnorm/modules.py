@@ -447,7 +447,7 @@ class BatchNorm(_Norm, _BatchNorm):
         params, buffers = self._parameters, self._buffers
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
-        if update:
+        if update:  # (_count_step, written out: this is the small-call path)
             count = buffers.get("num_batches_tracked")
             if count is not None:
                 count.add_(1)  # (empty batches count too, as in torch)
@@ -466,6 +466,19 @@ class BatchNorm(_Norm, _BatchNorm):
         call = (input, weight, bias, residual, running, use_batch)
         validate = lambda m=self, a=call: m._validate(*a)  # noqa: E731
         return run(spec, input, weight, bias, residual, validate, running, use_batch)[0]
+
+    def _count_step(self) -> float | None:
+        """Count a training call in ``num_batches_tracked`` (every one, empty batches too, as
+        torch does) and return the momentum of its running-statistics update: ``momentum``, or
+        for ``momentum=None`` the cumulative average's 1 / (calls so far). For the subclasses
+        that update the statistics themselves; ``forward`` has the same lines inline."""
+        momentum = self.momentum
+        count = self._buffers.get("num_batches_tracked")
+        if count is not None:
+            count.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(count)
+        return momentum
 
     def _validate(self, input, weight, bias, residual, running, use_batch):
         """The checks of a call, with the module's messages (the full checks only where the

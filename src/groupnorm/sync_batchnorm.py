@@ -180,10 +180,7 @@ class SyncBatchNorm(BatchNormAct):
             x, self.weight, self.bias, self.eps, self._activation, self.process_group, world, stats
         )
         if self.track_running_stats:
-            self.num_batches_tracked.add_(1)  # (as torch: every training call counts)
-            momentum = self.momentum
-            if momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = self._count_step()
             if stats["count"] > 0:
                 update_running_stats(
                     self.running_mean,

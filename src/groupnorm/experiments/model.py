@@ -83,10 +83,7 @@ class GhostBatchNorm(BatchNorm):
             input, self.weight, self.bias, self.eps, self._activation, chunks
         )
         if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            momentum = self.momentum
-            if momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = self._count_step()
             # The average over chunks of each chunk's mean and biased variance, the variance
             # handed over as the rstd it would have (the update recovers 1/rstd^2 - eps and
             # makes it unbiased with count / (count - 1)).
