@@ -118,13 +118,20 @@ def build_model(protocol: Protocol, run: RunSpec) -> SmallResNet:
     )
 
 
+def _small_steps(images_per_step: int, device: torch.device) -> bool:
+    """Whether this process's steps run on torch's im2col convolutions: at most
+    :data:`SMALL_STEP` images on CPU, where they take less time than oneDNN's (whose cost per
+    call hardly shrinks with the batch); above, oneDNN's are faster."""
+    return device.type == "cpu" and images_per_step <= SMALL_STEP
+
+
 def _small_step_layout(model: nn.Module, images_per_step: int, device: torch.device) -> nn.Module:
-    """``model`` in channels-last when this process's steps run on torch's im2col convolutions
-    (at most :data:`SMALL_STEP` images on CPU): they take about a quarter less time in that
-    layout, and the norms' kernels read it as it is. Above, the model keeps the default layout:
-    oneDNN's channels-last backward of a strided 1x1 convolution corrupts memory in this torch
-    build. Only the speed and the last bits of the arithmetic depend on the layout."""
-    if device.type == "cpu" and images_per_step <= SMALL_STEP:
+    """``model`` in channels-last when its steps are small (:func:`_small_steps`): the im2col
+    convolutions take about a quarter less time in that layout, and the norms' kernels read it
+    as it is. Above, the model keeps the default layout: oneDNN's channels-last backward of a
+    strided 1x1 convolution corrupts memory in this torch build. Only the speed and the last
+    bits of the arithmetic depend on the layout."""
+    if _small_steps(images_per_step, device):
         return model.to(memory_format=torch.channels_last)
     return model
 
@@ -196,12 +203,10 @@ def _train_loop(
         foreach=True,  # a few calls over all parameters instead of a few per parameter
     )
     lo, hi = rank * local_workers * b, (rank + 1) * local_workers * b
-    # Up to SMALL_STEP images a step, torch's im2col convolutions take less time than its
-    # oneDNN ones on CPU (whose cost per call hardly shrinks with the batch); above, oneDNN's
-    # are faster. Only the speed depends on it.
+    # (only the speed depends on which convolutions run)
     onednn = torch.backends.mkldnn.enabled
-    if not train_x.is_cuda:
-        torch.backends.mkldnn.enabled = onednn and hi - lo > SMALL_STEP
+    if train_x.device.type == "cpu":
+        torch.backends.mkldnn.enabled = onednn and not _small_steps(hi - lo, train_x.device)
     try:
         info = _sgd_epochs(
             model, protocol, run, train_x, train_y, opt, subset, lo, hi, total_steps, peak_lr,
