@@ -38,6 +38,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _validation as v
 from . import kernels
 from .convert import _check_model, _classify_bn, _describe, _replace_all, _walk
+from .kernels.aten import dense, like
+from .kernels.portable import acc_dtype
 from .kernels.running import update_running_stats
 from .modules import BatchNorm, _ActTail
 
@@ -199,28 +201,6 @@ class SyncBatchNorm(BatchNormAct):
         return convert_sync_batchnorm(module, process_group)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    if (
-        x.dim() == 5
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _dense(x: Tensor) -> Tensor:
-    """``x`` in a layout the kernels take: as it is when contiguous or channels-last."""
-    fmt = _memory_format(x)
-    return x if x.is_contiguous(memory_format=fmt) else x.contiguous()
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """One training call: local statistics, the exchange, the normalization; and its backward."""
 
@@ -228,9 +208,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, activation, group, world, stats):  # noqa: D102
         c = x.shape[1]
         count = x.numel() // c if c else 0
-        x = _dense(x)
+        x = dense(x)
         backend = kernels.select("auto", x, c, True)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         f64 = torch.float64
         if count > 1:
             _, _, mean_l, rstd_l = backend.forward(
@@ -284,7 +264,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         w = weight.to(acc) if weight is not None else torch.ones(c, dtype=acc, device=x.device)
         b = bias.to(acc) if bias is not None else torch.zeros(c, dtype=acc, device=x.device)
         if x.numel() > 0:
-            dy = dy.contiguous(memory_format=_memory_format(x))
+            dy = like(dy, x)
             if not activation and x.dtype == acc and x.device.type == "cpu":
                 # Given statistics and no activation: torch's batch norm backward in eval form
                 # is one kernel for g*rstd*dy, sum(dy * x_hat) and sum(dy).
