@@ -41,6 +41,17 @@ ACTIVATIONS = [None, *FUSED_NAMES]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+def _batch_reference(dy, x, w, b):
+    """Batch norm's output and (x, weight, bias) gradients from the float64 reference."""
+    return value_and_grads(
+        lambda a, ww, bb: groupnorm.reference_norm(a, "batch", weight=ww, bias=bb).output,
+        dy.double(),
+        x.double(),
+        w.double(),
+        b.double(),
+    )
+
+
 def test_group_norm_matches_reference(dtype, layout, activation):
     check_against_reference((3, 12, 5, 7), 4, dtype, layout, activation, residual=False)
 
@@ -99,13 +110,7 @@ def test_batch_norm_path_matches_reference(dtype, layout, shape):
     out, grads = value_and_grads(
         lambda a, ww, bb: gf.batch_norm(a, rm, rv, ww, bb, training=True), dy, x, w, b
     )
-    ref_out, ref_grads = value_and_grads(
-        lambda a, ww, bb: groupnorm.reference_norm(a, "batch", weight=ww, bias=bb).output,
-        dy.double(),
-        x.double(),
-        w.double(),
-        b.double(),
-    )
+    ref_out, ref_grads = _batch_reference(dy, x, w, b)
     t_rm, t_rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
     t_out, t_grads = value_and_grads(
         lambda a, ww, bb: F.batch_norm(a, t_rm, t_rv, ww, bb, training=True), dy, x, w, b
@@ -680,13 +685,7 @@ def test_batch_norm_autograd_fast_path_matches_reference(dtype, layout):
     xs = x.detach().clone().requires_grad_()
     out = m(xs)
     gx, gw, gb = torch.autograd.grad(out, (xs, m.weight, m.bias), dy)
-    ref_out, ref_grads = value_and_grads(
-        lambda x_, w_, b_: groupnorm.reference_norm(x_, "batch", weight=w_, bias=b_).output,
-        dy.double(),
-        x.double(),
-        w.double(),
-        b.double(),
-    )
+    ref_out, ref_grads = _batch_reference(dy, x, w, b)
     t_out, t_grads = value_and_grads(
         lambda x_, w_, b_: F.batch_norm(x_, None, None, w_, b_, training=True), dy, x, w, b
     )
