@@ -15,7 +15,7 @@ What runs where (``benchmarks/README.md`` has the measurements behind each choic
   through :mod:`groupnorm.kernels.aten`, which falls back on the portable core for what those
   do not take.
 
-Every path is checked against the float64 reference in ``tests/test_cpu_fast.py``.
+Every path is checked against the float64 reference in ``tests/test_cpu_kernels.py``.
 """
 
 from __future__ import annotations
