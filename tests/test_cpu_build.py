@@ -243,7 +243,8 @@ _FAKE_BUILD = textwrap.dedent(
 
 def _start(tmp_path: Path, seconds: float, **env) -> subprocess.Popen:
     script = tmp_path / "fake_build.py"
-    script.write_text(_FAKE_BUILD)
+    if not script.exists():  # (rewriting it could truncate it under a process reading it)
+        script.write_text(_FAKE_BUILD)
     full_env = {
         **os.environ,
         "GROUPNORM_CACHE_DIR": str(tmp_path / "cache"),
