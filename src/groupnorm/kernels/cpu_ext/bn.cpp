@@ -417,31 +417,10 @@ void bn_forward_nhwc(const T* x, T* y, const float* w, const float* b, const flo
     coef_a[c] = w ? rstd_out[c] * w[c] : rstd_out[c];
     coef_h[c] = b ? b[c] : 0.0f;
   }
-  const float* a = coef_a.data();
-  const float* h = coef_h.data();
-  const float* m = coef_m.data();
-  const float* kk = coef_k.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (i64 s = 0; s < R; ++s) {
-    float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
-    for (i64 c0 = 0; c0 < C; c0 += kStage) {
-      const i64 len = C - c0 < kStage ? C - c0 : kStage;
-      const float *mc = m + c0, *kc = kk + c0, *ac = a + c0, *hc = h + c0;
-      with_f32(x + s * C + c0, len, in_buf, [&](const auto* row) {
-        via_f32(y + s * C + c0, len, out_buf, [&](auto* out) {
-          if (shifted) {
-#pragma omp simd
-            for (i64 c = 0; c < len; ++c)
-              store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
-          } else {  // (every k is 0: the same values without its stream)
-#pragma omp simd
-            for (i64 c = 0; c < len; ++c)
-              store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
-          }
-        });
-      });
-    }
-  }
+  for (i64 s = 0; s < R; ++s)
+    affine_act_row<ACT>(x + s * C, y + s * C, C, coef_m.data(), coef_k.data(), coef_a.data(),
+                        coef_h.data(), shifted);
 }
 
 }  // namespace

@@ -361,6 +361,33 @@ inline float act_grad(float z) {
   }
 }
 
+// The output pass over one row of C channel values of a channels-last tensor (batch norm's
+// rows, group norm's nhwc samples): y[c] = f(((x[c] - k[c]) - m[c]) * a[c] + h[c]), in blocks
+// of kStage channels staged through float32 for float16. Without shifted, k is all zeros and
+// its stream is left out (the same values).
+template <int ACT, typename T>
+inline void affine_act_row(const T* x, T* y, i64 C, const float* m, const float* k,
+                           const float* a, const float* h, bool shifted) {
+  float in_buf[kStageOf<T>], out_buf[kStageOf<T>];
+  for (i64 c0 = 0; c0 < C; c0 += kStage) {
+    const i64 len = C - c0 < kStage ? C - c0 : kStage;
+    const float *mc = m + c0, *kc = k + c0, *ac = a + c0, *hc = h + c0;
+    with_f32(x + c0, len, in_buf, [&](const auto* row) {
+      via_f32(y + c0, len, out_buf, [&](auto* out) {
+        if (shifted) {
+#pragma omp simd
+          for (i64 c = 0; c < len; ++c)
+            store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
+        } else {
+#pragma omp simd
+          for (i64 c = 0; c < len; ++c)
+            store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
+        }
+      });
+    });
+  }
+}
+
 #if defined(__AVX512F__)
 // 16-lane twins of exp_nonpos and of SiLU's act_fwd and act_grad: the same operations in the
 // same order, for the loops written with intrinsics (the short-row passes below).

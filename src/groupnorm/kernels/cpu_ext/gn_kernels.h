@@ -24,20 +24,43 @@ struct Running {
   double momentum;
 };
 
-// group norm, x as (N, C, S)
-int nchw_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
-                 float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
-                 int nthreads);
-int nchw_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
-                  const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
-                  int64_t C, int64_t S, int64_t G, int act, int nthreads);
-// group norm, x as (N, S, C)
-int nhwc_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
-                 float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
-                 int nthreads);
-int nhwc_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
-                  const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
-                  int64_t C, int64_t S, int64_t G, int act, int nthreads);
+// Group norm in one layout: nchw_* (gn_nchw.cpp) for x as (N, C, S), nhwc_* (gn_nhwc.cpp) for
+// x as (N, S, C). Each file defines its pair with GN_GROUP_ENTRIES below.
+using GroupForward = int(int dtype, const void* x, void* y, const float* w, const float* b,
+                         float* mean, float* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
+                         float eps, int act, int nthreads);
+using GroupBackward = int(int dtype, const void* dy, const void* x, const float* w,
+                          const float* b, const float* mean, const float* rstd, void* dx,
+                          float* dw, float* db, int64_t N, int64_t C, int64_t S, int64_t G,
+                          int act, int nthreads);
+GroupForward nchw_forward, nhwc_forward;
+GroupBackward nchw_backward, nhwc_backward;
+
+// Defines L##_forward and L##_backward (with the signatures above) in the file of layout L,
+// whose kernel templates are forward_##L<T, ACT> and backward_##L<T, ACT>: each casts the
+// pointers to the dtype's element type and runs the (dtype, activation) instance that
+// dispatch_kernel picks.
+#define GN_GROUP_ENTRIES(L)                                                                     \
+  int L##_forward(int dtype, const void* x, void* y, const float* w, const float* b,          \
+                  float* mean, float* rstd, int64_t N, int64_t C, int64_t S, int64_t G,      \
+                  float eps, int act, int nthreads) {                                        \
+    return dispatch_kernel(dtype, act, [&](auto t, auto a) {                                   \
+      using T = typename decltype(t)::type;                                                    \
+      forward_##L<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b,   \
+                                         mean, rstd, N, C, S, G, eps, nthreads);               \
+    });                                                                                        \
+  }                                                                                            \
+  int L##_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,  \
+                   const float* mean, const float* rstd, void* dx, float* dw, float* db,      \
+                   int64_t N, int64_t C, int64_t S, int64_t G, int act, int nthreads) {       \
+    return dispatch_kernel(dtype, act, [&](auto t, auto a) {                                   \
+      using T = typename decltype(t)::type;                                                    \
+      backward_##L<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), \
+                                          w, b, mean, rstd, static_cast<T*>(dx), dw, db, N, C, \
+                                          S, G, nthreads);                                     \
+    });                                                                                        \
+  }
+
 // batch norm forward, x as (N, C, S) ("planes") or (R, C) ("rows"); mean and rstd not null
 int bn_forward_planes(int dtype, const void* x, void* y, const float* w, const float* b,
                       const float* given_mean, const float* given_var, float* mean, float* rstd,

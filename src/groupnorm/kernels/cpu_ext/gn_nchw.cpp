@@ -746,25 +746,6 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
 
 namespace gn_kernels {
 
-int nchw_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
-                 float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
-                 int nthreads) {
-  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
-    using T = typename decltype(t)::type;
-    forward_nchw<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b, mean,
-                                        rstd, N, C, S, G, eps, nthreads);
-  });
-}
-
-int nchw_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
-                  const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
-                  int64_t C, int64_t S, int64_t G, int act, int nthreads) {
-  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
-    using T = typename decltype(t)::type;
-    backward_nchw<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), w,
-                                         b, mean, rstd, static_cast<T*>(dx), dw, db, N, C, S, G,
-                                         nthreads);
-  });
-}
+GN_GROUP_ENTRIES(nchw)
 
 }  // namespace gn_kernels

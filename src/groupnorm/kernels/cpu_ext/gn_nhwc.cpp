@@ -229,23 +229,7 @@ void forward_nhwc(const T* x, T* y, const float* w, const float* b, float* mean_
         }
         continue;
       }
-      for (i64 c0 = 0; c0 < C; c0 += kStage) {
-        const i64 len = C - c0 < kStage ? C - c0 : kStage;
-        const float *mc = m + c0, *kc = mk + c0, *ac = a + c0, *hc = h + c0;
-        with_f32(row0 + c0, len, in_buf, [&](const auto* row) {
-          via_f32(out0 + c0, len, out_buf, [&](auto* out) {
-            if (shifted) {
-#pragma omp simd
-              for (i64 c = 0; c < len; ++c)
-                store(out + c, act_fwd<ACT>(((load(row[c]) - kc[c]) - mc[c]) * ac[c] + hc[c]));
-            } else {  // (every k is 0: the same values without its stream)
-#pragma omp simd
-              for (i64 c = 0; c < len; ++c)
-                store(out + c, act_fwd<ACT>((load(row[c]) - mc[c]) * ac[c] + hc[c]));
-            }
-          });
-        });
-      }
+      affine_act_row<ACT>(row0, out0, C, m, mk, a, h, shifted);
     }
   };
 
@@ -460,25 +444,6 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
 
 namespace gn_kernels {
 
-int nhwc_forward(int dtype, const void* x, void* y, const float* w, const float* b, float* mean,
-                 float* rstd, int64_t N, int64_t C, int64_t S, int64_t G, float eps, int act,
-                 int nthreads) {
-  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
-    using T = typename decltype(t)::type;
-    forward_nhwc<T, decltype(a)::value>(static_cast<const T*>(x), static_cast<T*>(y), w, b, mean,
-                                        rstd, N, C, S, G, eps, nthreads);
-  });
-}
-
-int nhwc_backward(int dtype, const void* dy, const void* x, const float* w, const float* b,
-                  const float* mean, const float* rstd, void* dx, float* dw, float* db, int64_t N,
-                  int64_t C, int64_t S, int64_t G, int act, int nthreads) {
-  return dispatch_kernel(dtype, act, [&](auto t, auto a) {
-    using T = typename decltype(t)::type;
-    backward_nhwc<T, decltype(a)::value>(static_cast<const T*>(dy), static_cast<const T*>(x), w,
-                                         b, mean, rstd, static_cast<T*>(dx), dw, db, N, C, S, G,
-                                         nthreads);
-  });
-}
+GN_GROUP_ENTRIES(nhwc)
 
 }  // namespace gn_kernels

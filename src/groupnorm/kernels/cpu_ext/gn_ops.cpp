@@ -193,19 +193,34 @@ variable_list differentiable_grads(const at::Tensor& dy, const at::Tensor& x, co
   return out;
 }
 
-// The autograd node of a fused group/layer/instance norm: a plain Node rather than a
-// torch::autograd::Function, whose general machinery (saved-data dictionary, output wrapping)
-// cost more than the kernels on small tensors. Saves x, float32 weight and bias, mean and rstd
-// (the memory target of benchmarks/README.md); its next edges are x, weight, bias (an absent
-// one is an invalid edge); returns the params' gradients in their own dtype.
-struct GroupNormBackward : public Node {
+// What the two autograd nodes below share: the forward's saved tensors (x, the float32 weight
+// and bias, mean and rstd, and the params themselves where the float32 ones are converted
+// copies), the activation and eps, and the params' dtypes, in which their gradients return.
+struct NormBackward : public Node {
   SavedVariable x_, w32_, b32_, mean_, rstd_;
   SavedVariable w_, b_;  // the params themselves where w32/b32 are converted copies
-  int64_t G = 0, act = 0, layout = 0;
+  int64_t act = 0;
   double eps = 0.0;
   at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
 
-  std::string name() const override { return "groupnorm::GroupNormBackward"; }
+  // Records the forward's tensors and makes x, w, b (an absent one an invalid edge) the node's
+  // next edges.
+  void save(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& w32,
+            const at::Tensor& b32, const at::Tensor& mean, const at::Tensor& rstd,
+            int64_t act_code, double eps_value) {
+    set_next_edges(collect_next_edges(x, w, b));
+    x_ = SavedVariable(x, false);
+    w32_ = SavedVariable(w32, false);
+    b32_ = SavedVariable(b32, false);
+    mean_ = SavedVariable(mean, false);
+    rstd_ = SavedVariable(rstd, false);
+    if (w.defined() && !w32.is_same(w)) w_ = SavedVariable(w, false);
+    if (b.defined() && !b32.is_same(b)) b_ = SavedVariable(b, false);
+    act = act_code;
+    eps = eps_value;
+    w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
+    b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
+  }
 
   void release_variables() override {
     x_.reset_data();
@@ -217,19 +232,49 @@ struct GroupNormBackward : public Node {
     b_.reset_data();
   }
 
+  // The gradients under create_graph=True (see differentiable_grads), from the params as the
+  // forward received them.
+  variable_list differentiable(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w32,
+                               const at::Tensor& b32, const at::Tensor& mean,
+                               const at::Tensor& rstd, int64_t G, bool pool, bool given,
+                               bool need_dx, bool need_dw, bool need_db) {
+    const at::Tensor w = w_.unpack(), b = b_.unpack();
+    return differentiable_grads(dy, x, w.defined() ? w : w32, b.defined() ? b : b32, mean, rstd,
+                                G, pool, given, act, eps, need_dx, need_dw, need_db);
+  }
+
+  // dw and db (float32 from the kernels) in the params' own dtypes
+  void to_param_dtypes(at::Tensor& dw, at::Tensor& db) const {
+    if (dw.defined() && w_dtype != at::kFloat) dw = dw.to(w_dtype);
+    if (db.defined() && b_dtype != at::kFloat) db = db.to(b_dtype);
+  }
+};
+
+// dy as the kernels (and torch's batch-norm backward) read it: in x's dtype and strides
+at::Tensor in_layout_of(const at::Tensor& dy, const at::Tensor& x) {
+  if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
+    return at::empty_like(x).copy_(dy);
+  return dy;
+}
+
+// The autograd node of a fused group/layer/instance norm: a plain Node rather than a
+// torch::autograd::Function, whose general machinery (saved-data dictionary, output wrapping)
+// cost more than the kernels on small tensors. Saves what NormBackward holds (the memory target
+// of benchmarks/README.md); returns the params' gradients in their own dtype.
+struct GroupNormBackward : public NormBackward {
+  int64_t G = 0, layout = 0;
+
+  std::string name() const override { return "groupnorm::GroupNormBackward"; }
+
   variable_list apply(variable_list&& grads) override {
     const at::Tensor x = x_.unpack(), w32 = w32_.unpack(), b32 = b32_.unpack();
     const at::Tensor mean = mean_.unpack(), rstd = rstd_.unpack();
-    at::Tensor dy = grads[0];
-    if (!dy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    if (at::GradMode::is_enabled()) {
-      const at::Tensor w = w_.unpack(), b = b_.unpack();
-      return differentiable_grads(dy, x, w.defined() ? w : w32, b.defined() ? b : b32, mean,
-                                  rstd, G, false, false, act, eps, task_should_compute_output(0),
-                                  task_should_compute_output(1), task_should_compute_output(2));
-    }
-    if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
-      dy = at::empty_like(x).copy_(dy);  // the kernel reads dy with x's layout
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled())
+      return differentiable(grads[0], x, w32, b32, mean, rstd, G, false, false,
+                            task_should_compute_output(0), task_should_compute_output(1),
+                            task_should_compute_output(2));
+    const at::Tensor dy = in_layout_of(grads[0], x);
     const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
     const auto f32 = x.options().dtype(at::kFloat);
     at::Tensor dx = task_should_compute_output(0) ? at::empty_like(x) : at::Tensor();
@@ -243,8 +288,7 @@ struct GroupNormBackward : public Node {
                                N, C, S, G, static_cast<int>(layout), static_cast<int>(act),
                                at::get_num_threads());
     TORCH_CHECK(rc == 0, "groupnorm_cpu::fused_norm: the backward kernel returned ", rc);
-    if (dw.defined() && w_dtype != at::kFloat) dw = dw.to(w_dtype);
-    if (db.defined() && b_dtype != at::kFloat) db = db.to(b_dtype);
+    to_param_dtypes(dw, db);
     return {dx, dw, db};
   }
 };
@@ -264,20 +308,9 @@ at::Tensor fused_norm_with_grad(const at::Tensor& x, const at::Tensor& w, const 
     forward_kernel(x, y, w32, b32, mean, rstd, G, eps, act, layout);
   }
   auto node = c10::make_intrusive<GroupNormBackward>();
-  node->set_next_edges(collect_next_edges(x, w, b));
-  node->x_ = SavedVariable(x, false);
-  node->w32_ = SavedVariable(w32, false);
-  node->b32_ = SavedVariable(b32, false);
-  node->mean_ = SavedVariable(mean, false);
-  node->rstd_ = SavedVariable(rstd, false);
-  if (w.defined() && !w32.is_same(w)) node->w_ = SavedVariable(w, false);
-  if (b.defined() && !b32.is_same(b)) node->b_ = SavedVariable(b, false);
+  node->save(x, w, b, w32, b32, mean, rstd, act, eps);
   node->G = G;
-  node->act = act;
   node->layout = layout;
-  node->eps = eps;
-  node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
-  node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
   set_history(y, node);
   return y;
 }
@@ -395,25 +428,15 @@ at::Tensor activation(const at::Tensor& z_in, int64_t act, bool grad) {
 // activation it first recomputes the activation's input z = w * x_hat + b and its derivative
 // (activation() above), then the same formulas in float32 ATen operations. Saves x, the float32
 // params, mean and rstd (and the given variance).
-struct BatchNormBackward : public Node {
-  SavedVariable x_, w32_, b32_, mean_, rstd_, var_;
-  SavedVariable w_, b_;  // the params themselves where w32/b32 are converted copies
-  int64_t act = 0;
+struct BatchNormBackward : public NormBackward {
+  SavedVariable var_;
   bool given = false;
-  double eps = 0.0;
-  at::ScalarType w_dtype = at::kFloat, b_dtype = at::kFloat;
 
   std::string name() const override { return "groupnorm::BatchNormBackward"; }
 
   void release_variables() override {
-    x_.reset_data();
-    w32_.reset_data();
-    b32_.reset_data();
-    mean_.reset_data();
-    rstd_.reset_data();
+    NormBackward::release_variables();
     var_.reset_data();
-    w_.reset_data();
-    b_.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -422,16 +445,11 @@ struct BatchNormBackward : public Node {
     const bool need_dx = task_should_compute_output(0);
     const bool need_dw = w32.defined() && task_should_compute_output(1);
     const bool need_db = b32.defined() && task_should_compute_output(2);
-    at::Tensor dy = grads[0];
-    if (!dy.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    if (at::GradMode::is_enabled()) {
-      const at::Tensor w = w_.unpack(), b = b_.unpack();
-      return differentiable_grads(dy, x, w.defined() ? w : w32, b.defined() ? b : b32, mean,
-                                  rstd, x.size(1), true, given, act, eps, need_dx, need_dw,
-                                  need_db);
-    }
-    if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
-      dy = at::empty_like(x).copy_(dy);  // torch's backward reads dy with x's layout
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled())
+      return differentiable(grads[0], x, w32, b32, mean, rstd, x.size(1), true, given, need_dx,
+                            need_dw, need_db);
+    const at::Tensor dy = in_layout_of(grads[0], x);
     at::Tensor dx, dw, db;
     if (act == ACT_NONE) {
       auto out = given ? at::native_batch_norm_backward(dy, x, w32, mean, var_.unpack(), {}, {},
@@ -465,8 +483,7 @@ struct BatchNormBackward : public Node {
         dx.view(rows).copy_(g * scale);
       }
     }
-    if (dw.defined() && w_dtype != at::kFloat) dw = dw.to(w_dtype);
-    if (db.defined() && b_dtype != at::kFloat) db = db.to(b_dtype);
+    to_param_dtypes(dw, db);
     if (!need_dx) dx = at::Tensor();
     if (!need_dw) dw = at::Tensor();
     if (!need_db) db = at::Tensor();
@@ -488,24 +505,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_with_grad(
         batch_kernel(x, f32_ptr(w32), f32_ptr(b32), gm.ptr, gv.ptr, eps, act, layout);
   }
   auto node = c10::make_intrusive<BatchNormBackward>();
-  node->set_next_edges(collect_next_edges(x, w, b));
-  node->x_ = SavedVariable(x, false);
-  node->w32_ = SavedVariable(w32, false);
-  node->b32_ = SavedVariable(b32, false);
-  node->mean_ = SavedVariable(mean, false);
-  node->rstd_ = SavedVariable(rstd, false);
-  if (w.defined() && !w32.is_same(w)) node->w_ = SavedVariable(w, false);
-  if (b.defined() && !b32.is_same(b)) node->b_ = SavedVariable(b, false);
-  node->act = act;
+  node->save(x, w, b, w32, b32, mean, rstd, act, eps);
   node->given = given_mean.defined();
-  node->eps = eps;
   // (saved as torch's batch norm saves it: changing it in place before the backward is an
   // error there too)
   if (node->given && act == ACT_NONE) {
     node->var_ = SavedVariable(as_f32(given_var), false);
   }
-  node->w_dtype = w.defined() ? w.scalar_type() : at::kFloat;
-  node->b_dtype = b.defined() ? b.scalar_type() : at::kFloat;
   set_history(y, node);
   return {y, mean, rstd};
 }
@@ -605,9 +611,7 @@ backward(const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::T
                   rstd.numel() == N * G,
               "groupnorm_cpu_ops.backward: bad groups, activation or statistics");
   const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
-  at::Tensor dy = dy_in;
-  if (dy.scalar_type() != x.scalar_type() || dy.strides() != x.strides())
-    dy = at::empty_like(x).copy_(dy);
+  const at::Tensor dy = in_layout_of(dy_in, x);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx = need_dx ? at::empty_like(x) : at::Tensor();
   at::Tensor dw = need_dw && w.defined() ? at::empty({C}, f32) : at::Tensor();
