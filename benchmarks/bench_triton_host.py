@@ -35,7 +35,7 @@ import torch  # noqa: E402
 def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
     import groupnorm
     import groupnorm.kernels.triton as backend
-    from groupnorm.kernels import Call
+    from groupnorm.kernels import Call, GradCall
     from groupnorm.kernels.triton import launch
 
     def gn(act, grad, residual=False, dtype=torch.float16, shape=(2, 320, 16, 16), groups=32):
@@ -64,9 +64,8 @@ def _cases() -> list[tuple[str, dict, Callable[[], Callable[[], object]]]]:
         w, b = torch.randn(320).half(), torch.randn(320).half()
         dy = torch.randn_like(x)
         mean, rstd = torch.zeros(2, 32), torch.ones(2, 32)
-        return lambda: launch.launch_backward(
-            dy, x, w, b, mean, rstd, 32, False, False, "silu", (True, True, True)
-        )
+        grad = GradCall(dy, x, w, b, mean, rstd, 32, False, False, "silu", (True, True, True))
+        return lambda: launch.launch_backward(grad)
 
     def api(grad):
         # the library's entry: argument checks and the dispatcher, then the backend

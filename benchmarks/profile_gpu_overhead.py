@@ -32,7 +32,7 @@ def host_us(fn, calls: int = 300) -> float:
 
 def main() -> None:
     import groupnorm
-    from groupnorm.kernels import Call
+    from groupnorm.kernels import Call, GradCall
     from groupnorm.kernels.triton import launch
 
     parser = argparse.ArgumentParser()
@@ -56,7 +56,7 @@ def main() -> None:
             Call(x, w, b, None, None, None, g, False, 1e-5, "")
         ),
         "launch.launch_backward": lambda: launch.launch_backward(
-            dy, x, w, b, mean, rstd, g, False, False, "", (True, True, True)
+            GradCall(dy, x, w, b, mean, rstd, g, False, False, "", (True, True, True))
         ),
         "torch.ops.groupnorm.forward": lambda: torch.ops.groupnorm.forward(
             x, w, b, None, None, None, g, False, 1e-5, "", "triton"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from groupnorm import normalize, reference_norm
-from groupnorm.kernels import Call, select
+from groupnorm.kernels import Call, GradCall, select
 
 pytestmark = [
     pytest.mark.slow,
@@ -82,7 +82,7 @@ def test_backward_beyond_2_pow_31_elements():
     for c in picked:
         dy[0, c] = torch.randn(SET, generator=g).half()
     dx, _, _ = impl.backward(
-        dy, x, None, None, mean, rstd, CHANNELS, False, False, "", (True, False, False)
+        GradCall(dy, x, None, None, mean, rstd, CHANNELS, False, False, "", (True, False, False))
     )
     for c in picked:
         leaf = x[:, c : c + 1].double().requires_grad_()

@@ -32,7 +32,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import groupnorm  # noqa: E402
 from groupnorm import reference_norm  # noqa: E402
-from groupnorm.kernels import portable  # noqa: E402
+from groupnorm.kernels import GradCall, portable  # noqa: E402
 from groupnorm.kernels.triton import kernels as tk  # noqa: E402
 from groupnorm.kernels.triton.kernels import _row_offsets, _tile_offsets  # noqa: E402
 from groupnorm.kernels.triton.launch import launch_backward, nc_s_strides, plan_for  # noqa: E402
@@ -639,11 +639,10 @@ def test_backward_launcher_only_what_is_needed(monkeypatch):
     w, b = torch.randn(4, generator=gen).to(DEVICE), torch.randn(4, generator=gen).to(DEVICE)
     dy = torch.randn_like(x)
     y, _, mean, rstd = forward_op(x, w, b, None, None, None, 2, False, 1e-5, "", "triton")
-    dx, dw, db = launch_backward(dy, x, w, b, mean, rstd, 2, False, False, "", (False, True, False))
+    grad = GradCall(dy, x, w, b, mean, rstd, 2, False, False, "", (False, True, False))
+    dx, dw, db = launch_backward(grad)
     assert dx is None and db is None
-    _, want_dw, _ = portable.backward(
-        dy, x, w, b, mean, rstd, 2, False, False, "", (True, True, True)
-    )
+    _, want_dw, _ = portable.backward(grad._replace(needs=(True, True, True)))
     torch.testing.assert_close(dw, want_dw, rtol=1e-5, atol=1e-5)
 
 
@@ -729,7 +728,9 @@ def test_more_than_2_31_elements_on_gpu():
     assert (y[1, :, tail].double() - want_y).abs().max().item() < 1e-2
     del y
     dy = torch.randn_like(x)
-    dx, dw, db = launch_backward(dy, x, w, b, mean, rstd, g, False, False, "", (True, True, True))
+    dx, dw, db = launch_backward(
+        GradCall(dy, x, w, b, mean, rstd, g, False, False, "", (True, True, True))
+    )
     # dx of a set = rstd * (g - mean(g) - xhat * mean(g * xhat)), with g = dy * w.
     gsum = torch.zeros(n * g, device="cuda", dtype=torch.float64)
     gxsum = torch.zeros_like(gsum)

@@ -22,7 +22,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import groupnorm.kernels.triton as backend  # noqa: E402
 from groupnorm import reference_norm  # noqa: E402
-from groupnorm.kernels import Call  # noqa: E402
+from groupnorm.kernels import Call, GradCall  # noqa: E402
 from groupnorm.kernels.triton import handle, launch, library, settings  # noqa: E402
 from groupnorm.kernels.triton import kernels as tk  # noqa: E402
 from groupnorm.kernels.triton.plan import TritonConfig  # noqa: E402
@@ -174,10 +174,9 @@ def test_launches_per_call(monkeypatch, path, pool, given, forward_launches, bac
     )
     assert calls == forward_launches
     calls.clear()
-    dx, dw, db = launch.launch_backward(
-        torch.randn_like(x), x, w, b, mean, rstd, groups, pool, given, "relu", (True, True, True),
-        cfg,
-    )  # fmt: skip
+    dy = torch.randn_like(x)
+    grad = GradCall(dy, x, w, b, mean, rstd, groups, pool, given, "relu", (True, True, True))
+    dx, dw, db = launch.launch_backward(grad, cfg)
     assert len(calls) == backward_launches, calls
     assert "_column_sum_kernel" in calls
     assert not any("finalize" in name for name in calls)
@@ -420,7 +419,7 @@ def test_triton_op_bodies_match_the_launchers(monkeypatch, residual):
     grads = torch.autograd.grad((y * dy).sum(), [t for t in leaves if t is not None])
     saved = want[1] if residual else x
     dx, dw, db = launch.launch_backward(
-        dy, saved, w, b, want[2], want[3], 3, False, False, "silu", (True, True, True)
+        GradCall(dy, saved, w, b, want[2], want[3], 3, False, False, "silu", (True, True, True))
     )
     torch.testing.assert_close(grads[0], dx, rtol=0, atol=0)
     torch.testing.assert_close(grads[1], dw, rtol=0, atol=0)

@@ -190,7 +190,7 @@ def _cases(quick: bool) -> Iterator[tuple[str, dict]]:
 
 
 def _record_case(spec: dict) -> list:
-    from groupnorm.kernels import Call
+    from groupnorm.kernels import Call, GradCall
     from groupnorm.kernels.triton.launch import launch_backward, launch_forward
     from groupnorm.kernels.triton.plan import TritonConfig
 
@@ -218,20 +218,10 @@ def _record_case(spec: dict) -> list:
         launch_forward(
             Call(x, w, b, r, gm, gv, spec["groups"], spec["pool"], 1e-5, spec["act"]), cfg
         )
-        launch_backward(
-            torch.randn(shape).to(dtype),
-            x,
-            w,
-            b,
-            fake_stats,
-            fake_stats,
-            spec["groups"],
-            spec["pool"],
-            given,
-            spec["act"],
-            (True, True, True),
-            cfg,
-        )
+        dy = torch.randn(shape).to(dtype)
+        groups, pool, act = spec["groups"], spec["pool"], spec["act"]
+        grad = GradCall(dy, x, w, b, fake_stats, fake_stats, groups, pool, given, act, (True,) * 3)
+        launch_backward(grad, cfg)
     return calls
 
 
@@ -246,7 +236,7 @@ def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from groupnorm.kernels import Call
+    from groupnorm.kernels import Call, GradCall
     from groupnorm.kernels.triton.launch import launch_backward, launch_forward
     from groupnorm.kernels.triton.plan import TritonConfig
 
@@ -260,7 +250,8 @@ def vectorized_layouts(arch: int = 90) -> dict[str, bool]:
         cfg = TritonConfig(path="split", num_sms=132)
         with recording() as calls:
             launch_forward(Call(x, w, b, None, None, None, 32, False, 1e-5, "silu"), cfg)
-            launch_backward(x, x, w, b, stats, stats, 32, False, False, "silu", (True,) * 3, cfg)
+            grad = GradCall(x, x, w, b, stats, stats, 32, False, False, "silu", (True,) * 3)
+            launch_backward(grad, cfg)
         ok = True
         for fn, call_args, kwargs in calls:
             if fn.__name__ not in ("_fwd_apply_kernel", "_bwd_apply_kernel"):
@@ -300,7 +291,7 @@ def register_report(arch: int = 90) -> list[tuple[str, str, int, int]]:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from groupnorm.kernels import Call
+    from groupnorm.kernels import Call, GradCall
     from groupnorm.kernels.triton.launch import launch_backward, launch_forward
     from groupnorm.kernels.triton.plan import TritonConfig
 
@@ -320,9 +311,8 @@ def register_report(arch: int = 90) -> list[tuple[str, str, int, int]]:
                 launch_forward(
                     Call(x, w, b, torch.empty_like(x), None, None, groups, pool, 1e-5, "gelu"), cfg
                 )
-                launch_backward(
-                    x, x, w, b, stats, stats, groups, pool, False, "gelu", (True,) * 3, cfg
-                )
+                grad = GradCall(x, x, w, b, stats, stats, groups, pool, False, "gelu", (True,) * 3)
+                launch_backward(grad, cfg)
             for fn, call_args, kwargs in calls:
                 signature, constexprs, attrs = signature_of(fn, call_args, kwargs)
                 key = (

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import Call, input_grads, select
-from .kernels.portable import acc_dtype, differentiable_backward
+from .kernels import Call, GradCall, input_grads, save_for_backward, select
+from .kernels.portable import acc_dtype
 
 
 def record(call: Call, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -45,22 +45,13 @@ def forward_op(
 
 
 @forward_op.register_fake
-def _(
-    x,
-    weight,
-    bias,
-    residual,
-    given_mean,
-    given_var,
-    num_groups,
-    pool_batch,
-    eps,
-    activation,
-    backend,
-):
-    shape = (x.shape[1],) if pool_batch else (x.shape[0], num_groups)
+def _(*args):
+    *fields, _backend = args
+    call = Call(*fields)
+    x = call.x
+    shape = (x.shape[1],) if call.pool_batch else (x.shape[0], call.num_groups)
     acc = acc_dtype(x.dtype)
-    total = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    total = torch.empty_like(x) if call.residual is not None else x.new_empty(0)
     return (
         torch.empty_like(x),
         total,
@@ -87,81 +78,43 @@ def backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias); a gradient not asked for comes back as an empty tensor."""
-    grads = select(backend, x, num_groups, pool_batch).backward(
-        dy,
-        x,
-        weight,
-        bias,
-        mean,
-        rstd,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        (need_dx, need_dweight, need_dbias),
+    needs = (need_dx, need_dweight, need_dbias)
+    grad = GradCall(
+        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
     )
+    grads = select(backend, x, num_groups, pool_batch).backward(grad)
     # Outputs may not alias each other: a fresh empty tensor for each gradient not computed.
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @backward_op.register_fake
-def _(
-    dy,
-    x,
-    weight,
-    bias,
-    mean,
-    rstd,
-    num_groups,
-    pool_batch,
-    stats_given,
-    activation,
-    need_dx,
-    need_dweight,
-    need_dbias,
-    backend,
-):
+def _(*args):
+    *fields, _backend = args
+    grad = GradCall.from_schema_args(fields)
+    x, weight, bias = grad.x, grad.weight, grad.bias
+    need_dx, need_dw, need_db = grad.needs
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dw = torch.empty_like(weight) if need_dweight and weight is not None else x.new_empty(0)
-    db = torch.empty_like(bias) if need_dbias and bias is not None else x.new_empty(0)
+    dw = torch.empty_like(weight) if need_dw and weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if need_db and bias is not None else x.new_empty(0)
     return dx, dw, db
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, given_mean = inputs[:5]
-    num_groups, pool_batch, eps, activation, backend = inputs[6:]
-    _y, total, mean, rstd = output
-    saved_x = total if residual is not None else x
-    ctx.save_for_backward(saved_x, weight, bias, mean, rstd)
-    ctx.num_groups = num_groups
-    ctx.pool_batch = pool_batch
-    ctx.stats_given = given_mean is not None
-    ctx.activation = activation
-    ctx.eps = eps
+    *fields, backend = inputs
+    save_for_backward(ctx, Call(*fields), output)
     ctx.backend = backend
-    ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
     """Input gradients of the forward op, through the ``groupnorm::backward`` op; under
     ``create_graph=True`` (grad mode on in the backward) through the portable core's torch
     operations, whose gradients are differentiable again."""
-    saved_x, weight, bias, mean, rstd = ctx.saved_tensors
 
-    def backward(need_dx, need_dw, need_db):
-        if torch.is_grad_enabled():  # create_graph=True: gradients that carry a graph
-            return differentiable_backward(
-                grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
-                ctx.stats_given, ctx.activation, ctx.eps, (need_dx, need_dw, need_db),
-            )  # fmt: skip
-        return backward_op(
-            grad_y, saved_x, weight, bias, mean, rstd, ctx.num_groups, ctx.pool_batch,
-            ctx.stats_given, ctx.activation, need_dx, need_dw, need_db, ctx.backend,
-        )  # fmt: skip
+    def backward(grad):
+        return backward_op(*grad.schema_args(), ctx.backend)
 
-    needs = ctx.needs_input_grad
-    return input_grads(grad_y, grad_total, weight, bias, ctx.has_residual, needs, backward)
+    saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+    return input_grads(grad_y, grad_total, saved, ctx.meta, needs, backward)
 
 
 torch.library.register_autograd("groupnorm::forward", _backward, setup_context=_setup_context)

@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _validation as v
 from . import kernels
 from .convert import _check_model, _classify_bn, _describe, _replace_all, _walk
+from .kernels import GradCall
 from .kernels.aten import dense, like
 from .kernels.portable import acc_dtype
 from .kernels.running import update_running_stats
@@ -273,9 +274,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                     dy, x, w, mean, var, None, None, False, eps, [need_dx, True, True]
                 )
             else:
-                dx_given, dw, db = backend.backward(
-                    dy, x, w, b, mean, rstd, c, True, True, activation, (need_dx, True, True)
-                )
+                needs = (need_dx, True, True)
+                grad = GradCall(dy, x, w, b, mean, rstd, c, True, True, activation, needs)
+                dx_given, dw, db = backend.backward(grad)
             sums = torch.stack([db.to(torch.float64), dw.to(torch.float64)])
         else:
             dx_given = torch.zeros_like(x) if need_dx else None

@@ -149,10 +149,11 @@ class _GhostNorm(torch.autograd.Function):
         dy = _chunked(dy, chunks)
         if dy.stride() != x.stride():  # the kernels take dy in x's layout
             dy = torch.empty_like(x).copy_(dy)
-        dx, dw, db = backend.backward(
-            dy, x, weight, bias, mean, rstd, x.shape[1], False, False, activation,
-            tuple(ctx.needs_input_grad[:3]),
-        )  # fmt: skip
+        needs = tuple(ctx.needs_input_grad[:3])
+        grad = kernels.GradCall(
+            dy, x, weight, bias, mean, rstd, x.shape[1], False, False, activation, needs
+        )
+        dx, dw, db = backend.backward(grad)
         if dx is not None:
             dx = _unchunked(dx, shape, channels_last)
         return dx, dw, db, None, None, None

@@ -8,10 +8,9 @@ once by the dispatcher. Every backend module exposes the same plain functions:
     ``mean`` and ``rstd`` have shape (N, G), or (C,) when ``pool_batch`` (batch norm), in float32
     (float64 for float64 input).
 
-``backward(dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation,
-needs) -> (dx, dweight, dbias)``
-    ``x`` is what was normalized (the sum when there was a residual); ``needs`` says which of the
-    three gradients to compute; the others come back as ``None``.
+``backward(grad) -> (dx, dweight, dbias)``
+    ``grad`` is one :class:`GradCall`; the gradients its ``needs`` does not ask for come back
+    as ``None``.
 
 ``eager(call)``
     The plain-eager entry, which owns its autograd (a C++ node, a Python Function, or torch's
@@ -30,6 +29,7 @@ import os
 from types import ModuleType
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 #: backend names users may pass (``backend=`` or ``GROUPNORM_BACKEND``)
@@ -74,6 +74,45 @@ class Call(NamedTuple):
     def schema_args(self) -> tuple:
         """The fields the ops' schemas take, in their order: all but ``running_update``."""
         return self[:10]
+
+
+class GradCall(NamedTuple):
+    """One backward call: the output's gradient, what the forward kept, and which gradients to
+    compute. Built by each autograd (and by the backward ops from their schema arguments) and
+    handed whole to a backend's ``backward``.
+
+    Attributes:
+        dy: the gradient of the output.
+        x: what was normalized (``x + residual`` where the forward had a residual).
+        weight, bias: the forward's per-channel affine, or None.
+        mean, rstd: the forward's statistics: (N, G), or (C,) for batch norm.
+        num_groups, pool_batch, activation: as in :class:`Call`.
+        stats_given: the forward normalized with given statistics (batch norm at inference),
+            which are constants rather than functions of ``x``.
+        needs: (dx, dweight, dbias): which gradients to compute.
+    """
+
+    dy: Tensor
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    mean: Tensor
+    rstd: Tensor
+    num_groups: int
+    pool_batch: bool
+    stats_given: bool
+    activation: str
+    needs: tuple[bool, bool, bool]
+
+    def schema_args(self) -> tuple:
+        """The arguments of the backward ops' schemas, in their order: the fields, with
+        ``needs`` spread into need_dx, need_dweight, need_dbias."""
+        return (*self[:10], *self.needs)
+
+    @classmethod
+    def from_schema_args(cls, args) -> GradCall:
+        """The inverse of :meth:`schema_args`."""
+        return cls(*args[:10], tuple(args[10:]))
 
 
 # CPython keeps os.environ in a dict of encoded keys; a membership test there costs 0.02 us
@@ -133,24 +172,55 @@ def _import(name: str) -> ModuleType:
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def input_grads(grad_y, grad_total, weight, bias, has_residual, needs, backward):
+def save_for_backward(ctx, call: Call, output) -> None:
+    """What every autograd around a backend keeps of a forward ``call`` and its ``output`` (y,
+    sum, mean, rstd): the tensors (x, or x + residual where there was one; weight, bias, mean,
+    rstd) in ``ctx``'s saved tensors, the scalars :func:`input_grads` reads in ``ctx.meta``."""
+    _y, total, mean, rstd = output
+    has_residual = call.residual is not None
+    ctx.save_for_backward(total if has_residual else call.x, call.weight, call.bias, mean, rstd)
+    stats_given = call.given_mean is not None
+    ctx.meta = (
+        call.num_groups,
+        call.pool_batch,
+        stats_given,
+        call.activation,
+        has_residual,
+        call.eps,
+    )
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def input_grads(grad_y, grad_total, saved, meta, needs, backward):
     """The gradients of a norm call's inputs, for every autograd around a backend (the custom
     op's registered autograd, Triton's Function and triton_op), whose first four inputs are
     (x, weight, bias, residual): (dx, dweight, dbias, dresidual), then None for each input
     after them.
 
-    ``needs`` (``ctx.needs_input_grad``) says which inputs want a gradient; ``backward(need_dx,
-    need_dweight, need_dbias)`` runs the backend's backward for ``grad_y`` and returns three
-    tensors, those not asked for unused. With a residual, x + residual was normalized (and
+    ``saved`` is what the forward saved, (x or x + residual, weight, bias, mean, rstd), and
+    ``meta`` its scalars, (num_groups, pool_batch, stats_given, activation, has_residual, eps);
+    ``needs`` (``ctx.needs_input_grad``) says which inputs want a gradient. ``backward(grad)``
+    runs the backend's backward for one :class:`GradCall`; under ``create_graph=True`` (grad
+    mode on here), where the gradients must carry a graph themselves, the portable core's
+    differentiable backward runs instead. With a residual, x + residual was normalized (and
     returned as the sum): x and the residual get the same gradient, the sum's own gradient
     ``grad_total`` added. ``grad_y``/``grad_total`` may be None (outputs not used).
     """
+    _x, weight, bias, _mean, _rstd = saved
+    num_groups, pool_batch, stats_given, activation, has_residual, eps = meta
     need_dx = needs[0] or (has_residual and needs[3])
     need_dw = weight is not None and needs[1]
     need_db = bias is not None and needs[2]
     dx = dw = db = None
     if grad_y is not None and (need_dx or need_dw or need_db):
-        dx, dw, db = backward(need_dx, need_dw, need_db)
+        asked = (need_dx, need_dw, need_db)
+        grad = GradCall(grad_y, *saved, num_groups, pool_batch, stats_given, activation, asked)
+        if torch.is_grad_enabled():
+            from .portable import differentiable_backward
+
+            dx, dw, db = differentiable_backward(grad, eps)
+        else:
+            dx, dw, db = backward(grad)
         dx, dw, db = (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None)
     if has_residual and need_dx and grad_total is not None:
         dx = grad_total if dx is None else dx + grad_total

@@ -114,30 +114,28 @@ def eager(call):
     return forward(call)
 
 
-def backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-):
+def backward(grad):
     """The backend ``backward``: torch's backward kernels; the portable core where they do not
     apply (an activation, given statistics, mixed dtypes)."""
+    dy, x, weight, bias = grad.dy, grad.x, grad.weight, grad.bias
+    mean, rstd, num_groups = grad.mean, grad.rstd, grad.num_groups
     # torch's native_group_norm_backward fails when asked for dbias without a weight
-    bias_only = weight is None and bias is not None and needs[2]
+    bias_only = weight is None and bias is not None and grad.needs[2]
     if (
-        activation
-        or stats_given
+        grad.activation
+        or grad.stats_given
         or bias_only
         or not takes(x, weight, bias)
         or dy.dtype != x.dtype
         or mean.dtype != acc_dtype(x.dtype)
     ):
-        return portable.backward(
-            dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-        )
-    need_dx, need_dw, need_db = needs
+        return portable.backward(grad)
+    need_dx, need_dw, need_db = grad.needs
     mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
     native_weight, _ = float32_params(x, weight, bias)
     dense_x = dense(x)
     dy = like(dy, dense_x)
-    if pool_batch:
+    if grad.pool_batch:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             dy, dense_x, native_weight, None, None, mean, rstd, True, 0.0, mask
         )

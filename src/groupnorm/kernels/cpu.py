@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import aten, cpu_ext, portable
+from . import GradCall, aten, cpu_ext, portable
 from .activations import CODES
 
 #: activation codes of the C++ extension (from the activation table)
@@ -129,24 +129,23 @@ def forward(call):
     return aten.forward(call)
 
 
-def backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-):
+def backward(grad):
     """The backend ``backward``: the extension's kernels for group/layer/instance norm, else
     torch's kernels (batch norm) or the portable core."""
-    if not pool_batch and not stats_given and mean.dtype == _F32:
+    if not grad.pool_batch and not grad.stats_given and grad.mean.dtype == _F32:
+        x, weight, bias = grad.x, grad.weight, grad.bias
         ext = _extension_for(x, weight, bias)
         if ext is not None:
-            need_dx, need_dw, need_db = needs
+            need_dx, need_dw, need_db = grad.needs
             dx, dw, db = ext.backward(
-                dy,
+                grad.dy,
                 x,
                 _as_float32(weight),
                 _as_float32(bias),
-                mean,
-                rstd,
-                num_groups,
-                ACT_CODES[activation],
+                grad.mean,
+                grad.rstd,
+                grad.num_groups,
+                ACT_CODES[grad.activation],
                 need_dx,
                 need_dw and weight is not None,
                 need_db and bias is not None,
@@ -154,9 +153,7 @@ def backward(
             dw = dw.to(weight.dtype) if dw is not None else None
             db = db.to(bias.dtype) if db is not None else None
             return dx, dw, db
-    return aten.backward(
-        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-    )
+    return aten.backward(grad)
 
 
 def differentiable_backward(
@@ -166,7 +163,8 @@ def differentiable_backward(
     C++ with the activation's code): :func:`portable.differentiable_backward`, torch
     operations whose graph gives second and higher derivatives. Without ``create_graph`` the
     nodes run the fused kernels and never call this."""
-    return portable.differentiable_backward(
-        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, _ACT_NAMES[act],
-        eps, needs,
-    )  # fmt: skip
+    activation = _ACT_NAMES[act]
+    grad = GradCall(
+        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
+    )
+    return portable.differentiable_backward(grad, eps)

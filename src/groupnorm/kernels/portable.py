@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from . import GradCall
 from .activations import BY_NAME as _ACTIVATIONS
 
 
@@ -124,13 +125,13 @@ def forward(call):
     return y, total, mean, rstd
 
 
-def backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-):
-    need_dx, need_dw, need_db = needs
+def backward(grad: GradCall):
+    x, weight, bias, mean, rstd = grad.x, grad.weight, grad.bias, grad.mean, grad.rstd
+    num_groups, pool_batch, activation = grad.num_groups, grad.pool_batch, grad.activation
+    need_dx, need_dw, need_db = grad.needs
     acc = mean.dtype
     xhat = _normalized(x, mean, rstd, num_groups, pool_batch, acc)
-    dz = set_view(dy, num_groups).to(acc)
+    dz = set_view(grad.dy, num_groups).to(acc)
     if activation:
         dz = dz * activation_grad(_affine(xhat, weight, bias, num_groups), activation)
     c = x.shape[1]
@@ -142,7 +143,7 @@ def backward(
     if need_dx:
         g = dz * channel_view(weight, num_groups, acc) if weight is not None else dz
         r = stats_view(rstd, pool_batch)
-        if stats_given:
+        if grad.stats_given:
             dx = g * r
         else:
             dims = (0, 2, 3) if pool_batch else (2, 3)
@@ -153,9 +154,7 @@ def backward(
     return dx, dw, db
 
 
-def differentiable_backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, eps, needs
-):
+def differentiable_backward(grad: GradCall, eps: float):
     """:func:`backward` as a differentiable function of ``dy``, ``x``, ``weight`` and ``bias``:
     the backward every backend takes when its gradients must carry a graph themselves
     (``create_graph=True``, a gradient penalty, Hessian-vector products).
@@ -165,14 +164,11 @@ def differentiable_backward(
     at inference, which are constants), so that their dependence on ``x`` is part of the
     graph. The values equal :func:`backward`'s; the cost is one more pass over ``x``.
     """
-    if not stats_given:
-        with torch.enable_grad():
-            mean, rstd = compute_stats(x, None, None, num_groups, pool_batch, eps)
     with torch.enable_grad():
-        return backward(
-            dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation,
-            needs,
-        )  # fmt: skip
+        if not grad.stats_given:
+            mean, rstd = compute_stats(grad.x, None, None, grad.num_groups, grad.pool_batch, eps)
+            grad = grad._replace(mean=mean, rstd=rstd)
+        return backward(grad)
 
 
 def eager(call):

@@ -62,14 +62,9 @@ def forward(call):
     return (_impl or _load())[0](call)
 
 
-def backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-):
+def backward(grad):
     """The backend ``backward`` (see :mod:`groupnorm.kernels`): (dx, dweight, dbias)."""
-    run = (_impl or _load())[1]
-    return run(
-        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-    )
+    return (_impl or _load())[1](grad)
 
 
 def eager(call):

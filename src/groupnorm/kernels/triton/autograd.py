@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .. import input_grads
-from ..portable import differentiable_backward
 from .launch import launch_backward, launch_forward
 
 
@@ -47,24 +46,8 @@ class TritonNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
-        saved_x, weight, bias, mean, rstd = ctx.saved_tensors
-        num_groups, pool_batch, stats_given, activation, has_res, eps = ctx.meta
-        # (grad mode is on here only under create_graph=True: then the gradients must carry a
-        # graph, which the kernels' do not)
-        differentiable = torch.is_grad_enabled()
-
-        def run(need_dx, need_dw, need_db):
-            if differentiable:
-                return differentiable_backward(
-                    grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
-                    stats_given, activation, eps, (need_dx, need_dw, need_db),
-                )  # fmt: skip
-            return launch_backward(
-                grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given,
-                activation, (need_dx, need_dw, need_db),
-            )  # fmt: skip
-
-        return input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+        return input_grads(grad_y, grad_total, saved, ctx.meta, needs, launch_backward)
 
 
 # Function.apply without its functorch preamble, which only unwraps functorch's dead wrappers

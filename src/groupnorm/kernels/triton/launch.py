@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import Call, portable
+from .. import Call, GradCall, portable
 from .handle import Launch, direct_launch_declined
 from .plan import Plan, TritonConfig, make_plan
 from .settings import on_reload, settings
@@ -198,6 +198,40 @@ def _launch(name: str, grid: tuple[int, ...], options: dict[str, Any]) -> Launch
     return Launch(lambda: getattr(k, name), grid, options, direct)
 
 
+def _check(x: torch.Tensor) -> bool:
+    """The checks every plan assumes of a new call's ``x`` (device, dtype), raising what to fix;
+    True where ``x`` is empty (nothing to launch: the portable core answers)."""
+    check_device(x)
+    _check_dtype(x)
+    return x.numel() == 0
+
+
+def _keep(plans: dict, key: tuple, plan):
+    """``plan``, now kept in ``plans`` under ``key`` (a full cache is emptied first)."""
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan
+    return plan
+
+
+def _apply_launch(
+    name: str, rows: int, plan: Plan, flags: dict[str, Any], pool: bool, given: bool, cg: int
+) -> Launch:
+    """The launch of a split path's apply kernel (the forward's or the backward's): one program
+    per (row block, channel tile), merging a multi-channel set's partials _SET_BLOCK at a time;
+    ``PER_CHANNEL`` where each set is one channel's (batch norm, or ``cg``, the channels a
+    group, is 1)."""
+    options = dict(
+        flags,
+        POOL=pool,
+        STATS_GIVEN=given,
+        PER_CHANNEL=pool or cg == 1,
+        BLOCK_F=_SET_BLOCK,
+        num_warps=plan.num_warps,
+    )
+    return _launch(name, (rows, plan.c_tiles), options)
+
+
 def _new(like: torch.Tensor, poison: bool, wrapped: bool = False) -> torch.Tensor:
     """A fresh tensor like the kept ``like`` (shape, dtype, device): ``empty_like`` is the
     cheapest allocation from Python. The triton_op bodies' plans may keep fake tensors: there,
@@ -220,31 +254,39 @@ def _cdiv(a: int, b: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-class _ForwardPlan:
+class _Plan:
+    """What the forward and backward plans keep alike of a call's ``x``."""
+
+    def _geometry(self, x, num_groups: int, config: TritonConfig) -> tuple:
+        """Sets the accumulation dtype, the poisoning option, whether x is copied first, and
+        the outputs' memory format: empty_like(x) (x's format, what the ops' fakes promise)
+        unless x's spatial dims do not collapse; then contiguous (the same strides on every
+        call). Returns (n, c, s, channels a group, x's strides, the outputs' strides)."""
+        n, c = x.shape[0], x.shape[1]
+        self.acc = _acc(x.dtype)
+        self.poison = config.poison
+        self.copy_x, xs = _layout(x)
+        self.out_format = torch.contiguous_format if self.copy_x else torch.preserve_format
+        os_ = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
+        if os_ is None:
+            self.out_format = torch.contiguous_format
+            os_ = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
+        return n, c, math.prod(x.shape[2:]), c // num_groups, xs, os_
+
+
+class _ForwardPlan(_Plan):
     """Everything about a forward call that depends only on its key (see module docstring)."""
 
     def __init__(self, call: Call, x, residual, config: TritonConfig) -> None:
         """``x`` and ``residual`` are the call's, or stand-ins with plain-int sizes."""
         num_groups, pool_batch = call.num_groups, call.pool_batch
         k = _kernels()
-        n, c = x.shape[0], x.shape[1]
-        s = math.prod(x.shape[2:])
-        cg = c // num_groups
-        self.acc = _acc(x.dtype)
-        self.poison = config.poison
-        self.copy_x, xs = _layout(x)
+        n, c, s, cg, xs, ys = self._geometry(x, num_groups, config)
         self.has_res = residual is not None
         if self.has_res:
             self.copy_r, rs = _layout(residual)
         else:
             self.copy_r, rs = False, xs
-        # Outputs are empty_like(x) (x's memory format, what the op's fake promises) unless
-        # x's spatial dims do not collapse; then contiguous. Same strides on every call.
-        self.out_format = torch.contiguous_format if self.copy_x else torch.preserve_format
-        ys = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
-        if ys is None:
-            self.out_format = torch.contiguous_format
-            ys = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
         ts = ys  # the sum is allocated like the output
         stats_given = call.given_mean is not None
         self.plan = plan = plan_for(x, num_groups, pool_batch, stats_given, config)
@@ -294,17 +336,8 @@ class _ForwardPlan:
             self.partial_ints = (*geometry, *xs, *rs)
         self.ints = (n, c, s, num_groups, cg, plan.batch_block, plan.chunk_s, plan.split)
         self.ints += (*xs, *rs, *ys, *ts)
-        self.main = _launch(
-            "_fwd_apply_kernel",
-            (rows, plan.c_tiles),
-            dict(
-                flags,
-                POOL=pool_batch,
-                STATS_GIVEN=stats_given,
-                PER_CHANNEL=pool_batch or cg == 1,
-                BLOCK_F=_SET_BLOCK,
-                num_warps=plan.num_warps,
-            ),
+        self.main = _apply_launch(
+            "_fwd_apply_kernel", rows, plan, flags, pool_batch, stats_given, cg
         )
 
     def __call__(self, call, wrapped=False):
@@ -373,14 +406,9 @@ def launch_forward(
     config, plans, _ = _caches(config)
     plan = plans.get(key)
     if plan is None:
-        check_device(x)
-        _check_dtype(x)
-        if x.numel() == 0:
+        if _check(x):
             return portable.forward(call)
-        plan = _ForwardPlan(call, x, call.residual, config)
-        if len(plans) >= MAX_PLANS:
-            plans.clear()
-        plans[key] = plan
+        plan = _keep(plans, key, _ForwardPlan(call, x, call.residual, config))
     return plan(call)
 
 
@@ -389,34 +417,18 @@ def launch_forward(
 # ---------------------------------------------------------------------------------------------
 
 
-class _BackwardPlan:
-    def __init__(
-        self,
-        dy,
-        x,
-        weight,
-        bias,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        needs,
-        config: TritonConfig,
-    ) -> None:
+class _BackwardPlan(_Plan):
+    """Everything about a backward call that depends only on its key."""
+
+    def __init__(self, grad: GradCall, x, dy, needs, config: TritonConfig) -> None:
+        """``x`` and ``dy`` are the call's, or stand-ins with plain-int sizes; ``needs`` the
+        gradients to compute, each False where its parameter is absent."""
+        weight, bias, activation = grad.weight, grad.bias, grad.activation
+        num_groups, pool_batch, stats_given = grad.num_groups, grad.pool_batch, grad.stats_given
         k = _kernels()
-        n, c = x.shape[0], x.shape[1]
-        s = math.prod(x.shape[2:])
-        cg = c // num_groups
-        self.acc = _acc(x.dtype)
-        self.poison = config.poison
+        n, c, s, cg, xs, os_ = self._geometry(x, num_groups, config)
         self.need_dx, self.need_dw, self.need_db = needs
-        self.copy_x, xs = _layout(x)
         self.copy_dy, ds = _layout(dy)
-        self.out_format = torch.contiguous_format if self.copy_x else torch.preserve_format
-        os_ = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
-        if os_ is None:
-            self.out_format = torch.contiguous_format
-            os_ = nc_s_strides(torch.empty_like(x, device="meta", memory_format=self.out_format))
         plan = plan_for(x, num_groups, pool_batch, stats_given, config, backward=True)
         if plan.path == "fused" and not self.need_dx:
             forced = TritonConfig(
@@ -457,16 +469,8 @@ class _BackwardPlan:
                 )
                 self.partial_ints = (*geometry, *xs, *ds)
             if self.need_dx:
-                self.apply = _launch(
-                    "_bwd_apply_kernel",
-                    (rows, plan.c_tiles),
-                    dict(
-                        flags,
-                        POOL=pool_batch,
-                        STATS_GIVEN=stats_given,
-                        PER_CHANNEL=pool_batch or cg == 1,
-                        BLOCK_F=_SET_BLOCK,
-                    ),
+                self.apply = _apply_launch(
+                    "_bwd_apply_kernel", rows, plan, flags, pool_batch, stats_given, cg
                 )
                 self.ints = (*geometry, *xs, *ds, *os_)
         # One workspace for both partials: dweight's in the first half, dbias's in the second.
@@ -487,7 +491,10 @@ class _BackwardPlan:
             )
             self.column_ints = (rows, c)
 
-    def __call__(self, dy, x, weight, bias, mean, rstd, wrapped=False):
+    def __call__(self, grad: GradCall, wrapped=False):
+        dy, x, weight, bias = grad.dy, grad.x, grad.weight, grad.bias
+        mean, rstd = grad.mean, grad.rstd
+
         def run(launch, *args):
             return launch.wrapped(*args) if wrapped else launch(*args)
 
@@ -539,9 +546,8 @@ class _BackwardPlan:
         return dx, dw, db
 
 
-def _backward_key(
-    dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs
-) -> tuple:
+def _backward_key(grad: GradCall, x, dy, needs) -> tuple:
+    weight, bias = grad.weight, grad.bias
     return (
         x.shape,
         x.stride(),
@@ -551,66 +557,38 @@ def _backward_key(
         dy.dtype,
         None if weight is None else weight.dtype,
         None if bias is None else bias.dtype,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
+        grad.num_groups,
+        grad.pool_batch,
+        grad.stats_given,
+        grad.activation,
         needs,
     )
 
 
 def launch_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    num_groups: int,
-    pool_batch: bool,
-    stats_given: bool,
-    activation: str,
-    needs: tuple[bool, bool, bool],
-    config: TritonConfig | None = None,
+    grad: GradCall, config: TritonConfig | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward of the backend interface: (dx, dweight, dbias), None for what is not needed.
 
-    ``x`` is what was normalized (x + residual when there was one); ``mean``/``rstd`` are the
-    forward's. dweight/dbias are column sums of per-program float partials: deterministic.
+    ``grad.x`` is what was normalized (x + residual when there was one); ``grad.mean``/``rstd``
+    are the forward's. dweight/dbias are column sums of per-program float partials:
+    deterministic.
     """
-    need_dx, need_dw, need_db = needs
+    x = grad.x
+    need_dx, need_dw, need_db = grad.needs
     needs = (
         bool(need_dx),
-        bool(need_dw and weight is not None),
-        bool(need_db and bias is not None),
+        bool(need_dw and grad.weight is not None),
+        bool(need_db and grad.bias is not None),
     )
-    key = _backward_key(dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs)
+    key = _backward_key(grad, x, grad.dy, needs)
     config, _, plans = _caches(config)
     plan = plans.get(key)
     if plan is None:
-        check_device(x)
-        _check_dtype(x)
-        if x.numel() == 0:
-            return portable.backward(
-                dy,
-                x,
-                weight,
-                bias,
-                mean,
-                rstd,
-                num_groups,
-                pool_batch,
-                stats_given,
-                activation,
-                needs,
-            )
-        plan = _BackwardPlan(
-            dy, x, weight, bias, num_groups, pool_batch, stats_given, activation, needs, config
-        )
-        if len(plans) >= MAX_PLANS:
-            plans.clear()
-        plans[key] = plan
-    return plan(dy, x, weight, bias, mean, rstd)
+        if _check(x):
+            return portable.backward(grad)
+        plan = _keep(plans, key, _BackwardPlan(grad, x, grad.dy, needs, config))
+    return plan(grad)
 
 
 def _concrete(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -631,28 +609,19 @@ def wrapped_forward(call: Call):
     config, plans = settings().config, _wrapped_plans[0]
     plan = plans.get(key)
     if plan is None:
-        check_device(x)
-        _check_dtype(x)
-        plan = _ForwardPlan(call, xc, rc, config)
-        plans[key] = plan
+        _check(x)
+        plan = _keep(plans, key, _ForwardPlan(call, xc, rc, config))
     return plan(call, wrapped=True)
 
 
-def wrapped_backward(
-    dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-):
-    """:func:`launch_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
-    xc, dyc = _concrete(x), _concrete(dy)
+def wrapped_backward(grad: GradCall):
+    """:func:`launch_backward` with every launch through ``wrap_triton`` (inside a triton_op),
+    for a ``grad`` whose needs are already False where a parameter is absent."""
+    xc, dyc = _concrete(grad.x), _concrete(grad.dy)
     config, plans = settings().config, _wrapped_plans[1]
-    key = _backward_key(
-        dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs
-    )
+    key = _backward_key(grad, xc, dyc, grad.needs)
     plan = plans.get(key)
     if plan is None:
-        check_device(x)
-        _check_dtype(x)
-        plan = _BackwardPlan(
-            dyc, xc, weight, bias, num_groups, pool_batch, stats_given, activation, needs, config
-        )
-        plans[key] = plan
-    return plan(dy, x, weight, bias, mean, rstd, wrapped=True)
+        _check(grad.x)
+        plan = _keep(plans, key, _BackwardPlan(grad, xc, dyc, grad.needs, config))
+    return plan(grad, wrapped=True)

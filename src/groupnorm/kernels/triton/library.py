@@ -8,9 +8,9 @@ arguments. Two details the tracing needs:
 
 * planning works on plain ints: symbolic sizes (``dynamic=True``) are specialized with ``int()``
   (:func:`.launch._concrete`), so a new shape recompiles, as the planner's tiles depend on it;
-* ``eps`` reaches the kernels as a Python float (``float(eps)``), which Triton passes as float32,
-  never as a float64 tensor; the accumulation dtype is a constexpr ``tl.float32``/``tl.float64``
-  that Inductor writes back into its generated code.
+* ``eps`` reaches the kernels as a Python float (the plans pass ``float(eps)``), which Triton
+  passes as float32, never as a float64 tensor; the accumulation dtype is a constexpr
+  ``tl.float32``/``tl.float64`` that Inductor writes back into its generated code.
 
 Registered on first use (:func:`register`), which imports Triton.
 """
@@ -34,8 +34,7 @@ def register() -> bool:
     except ImportError:
         _registered = False
         return False
-    from .. import Call, input_grads
-    from ..portable import differentiable_backward
+    from .. import Call, GradCall, input_grads, save_for_backward
     from .launch import wrapped_backward, wrapped_forward
 
     @triton_op("groupnorm::triton_forward", mutates_args=())
@@ -51,20 +50,19 @@ def register() -> bool:
         eps: float,
         activation: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return wrapped_forward(
-            Call(
-                x,
-                weight,
-                bias,
-                residual,
-                given_mean,
-                given_var,
-                num_groups,
-                pool_batch,
-                float(eps),
-                activation,
-            )
+        call = Call(
+            x,
+            weight,
+            bias,
+            residual,
+            given_mean,
+            given_var,
+            num_groups,
+            pool_batch,
+            eps,
+            activation,
         )
+        return wrapped_forward(call)
 
     @triton_op("groupnorm::triton_backward", mutates_args=())
     def triton_backward(
@@ -82,41 +80,23 @@ def register() -> bool:
         need_dweight: bool,
         need_dbias: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        needs = (
-            need_dx,
-            need_dweight and weight is not None,
-            need_dbias and bias is not None,
-        )
-        grads = wrapped_backward(
+        needs = (need_dx, need_dweight and weight is not None, need_dbias and bias is not None)
+        grad = GradCall(
             dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
         )
+        grads = wrapped_backward(grad)
         # Outputs may not alias: a fresh empty tensor for each gradient not computed.
         return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, residual, given_mean, _gv, num_groups, pool_batch, eps, act = inputs
-        _y, total, mean, rstd = output
-        has_res = residual is not None
-        ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
-        ctx.meta = (num_groups, pool_batch, given_mean is not None, act, has_res, float(eps))
-        ctx.mark_non_differentiable(mean, rstd)
+        save_for_backward(ctx, Call(*inputs), output)
 
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
-        saved_x, weight, bias, mean, rstd = ctx.saved_tensors
-        num_groups, pool_batch, stats_given, activation, has_res, eps = ctx.meta
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+        return input_grads(grad_y, grad_total, saved, ctx.meta, needs, _run_backward_op)
 
-        def run(need_dx, need_dw, need_db):
-            if torch.is_grad_enabled():  # create_graph=True: gradients that carry a graph
-                return differentiable_backward(
-                    grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
-                    stats_given, activation, eps, (need_dx, need_dw, need_db),
-                )  # fmt: skip
-            return torch.ops.groupnorm.triton_backward(
-                grad_y, saved_x, weight, bias, mean, rstd, num_groups, pool_batch,
-                stats_given, activation, need_dx, need_dw, need_db,
-            )  # fmt: skip
-
-        return input_grads(grad_y, grad_total, weight, bias, has_res, ctx.needs_input_grad, run)
+    def _run_backward_op(grad):
+        return torch.ops.groupnorm.triton_backward(*grad.schema_args())
 
     triton_forward.register_autograd(backward, setup_context=setup_context)
     _registered = True
