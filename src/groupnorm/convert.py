@@ -308,6 +308,30 @@ def _describe(name: str, m: nn.Module) -> str:
     return f"{name or 'model'} ({type(m).__name__} from {type(m).__module__})"
 
 
+class _Unrecognised:
+    """The subclasses a conversion does not recognise (``kind == "unknown"`` from
+    :func:`_classify_bn`/:func:`_classify_gn`), and the one warning that names them."""
+
+    def __init__(self, convert: bool) -> None:
+        self.convert = convert  # convert_unknown: swap them as plain norms
+        self.names: list[str] = []
+
+    def skip(self, kind: str, name: str, m: nn.Module) -> bool:
+        """Whether to leave ``m`` alone: not a norm the conversion takes (no ``kind``), or an
+        unrecognised subclass (noted) without ``convert_unknown``."""
+        if kind == "unknown":
+            self.names.append(_describe(name, m))
+            return not self.convert
+        return not kind
+
+    def warn(self, converted: str, left: str) -> None:
+        """Warns with ``converted`` (under ``convert_unknown``) or ``left`` and the names, if
+        any subclass was met; ``stacklevel`` points at the caller of the conversion."""
+        if self.names:
+            msg = converted if self.convert else left
+            warnings.warn(msg + ", ".join(self.names), UserWarning, stacklevel=3)
+
+
 def _walk(
     module: nn.Module,
     prefix: str,
@@ -426,18 +450,14 @@ def convert_batchnorm(
     ws_eps = v.check_eps(ws_eps)
     adjusted: list[str] = []
     single: list[str] = []
-    unknown: list[str] = []
+    unknown = _Unrecognised(convert_unknown)
 
     def replace(name: str, m: nn.Module, activation: str) -> tuple[nn.Module | None, bool]:
         if weight_standardization and type(m) in _CONVS:
             return _CONVS[type(m)].from_conv(m, eps=ws_eps), False
         kind, act, drop = _classify_bn(m)
-        if not kind:
+        if unknown.skip(kind, name, m):
             return None, False
-        if kind == "unknown":
-            unknown.append(_describe(name, m))
-            if not convert_unknown:
-                return None, False
         return _bn_to_gn(name or type(m).__name__, m, activation, act, drop)
 
     def _bn_to_gn(
@@ -501,20 +521,14 @@ def convert_batchnorm(
             UserWarning,
             stacklevel=2,
         )
-    if unknown:
-        if convert_unknown:
-            msg = (
-                "convert_batchnorm converted these unrecognised batch norm subclasses as plain "
-                "batch norms (convert_unknown=True); their own forward and any other submodules "
-                "are gone: "
-            )
-        else:
-            msg = (
-                "convert_batchnorm left these batch norm subclasses alone, since their forward "
-                "or contents are not a batch norm followed by its act/drop (pass "
-                "convert_unknown=True to convert them as plain batch norms): "
-            )
-        warnings.warn(msg + ", ".join(unknown), UserWarning, stacklevel=2)
+    unknown.warn(
+        converted="convert_batchnorm converted these unrecognised batch norm subclasses as plain "
+        "batch norms (convert_unknown=True); their own forward and any other submodules are "
+        "gone: ",
+        left="convert_batchnorm left these batch norm subclasses alone, since their forward or "
+        "contents are not a batch norm followed by its act/drop (pass convert_unknown=True to "
+        "convert them as plain batch norms): ",
+    )
     if zero_init_last:
         for _, norm in find_last_norms(model):
             with torch.no_grad():
@@ -565,19 +579,15 @@ def replace_group_norm(
         if activation_fusion:
             raise TypeError("pass activation_fusion= or fuse_activation=, not both")
         activation_fusion = bool(fuse_activation)
-    unknown: list[str] = []
+    unknown = _Unrecognised(convert_unknown)
 
     def replace(name: str, m: nn.Module, activation: str) -> tuple[nn.Module | None, bool]:
         if type(m) is GroupNorm and activation:
             kind, act, drop = "known", None, None
         else:
             kind, act, drop = _classify_gn(m)
-        if not kind:
+        if unknown.skip(kind, name, m):
             return None, False
-        if kind == "unknown":
-            unknown.append(_describe(name, m))
-            if not convert_unknown:
-                return None, False
         fused = bool(activation) and act is None and drop is None
         like = m.weight if m.weight is not None else m.bias
         gn = _new_group_norm(
@@ -595,20 +605,14 @@ def replace_group_norm(
         return gn, fused
 
     model = _replace_all(model, replace, activation_fusion)
-    if unknown:
-        if convert_unknown:
-            msg = (
-                "replace_group_norm swapped these unrecognised subclasses of torch.nn.GroupNorm "
-                "as plain group norms (convert_unknown=True); their own forward and any other "
-                "submodules are gone: "
-            )
-        else:
-            msg = (
-                "replace_group_norm left these subclasses of torch.nn.GroupNorm alone, since "
-                "their forward or contents are not a group norm followed by its act/drop (pass "
-                "convert_unknown=True to swap them as plain group norms): "
-            )
-        warnings.warn(msg + ", ".join(unknown), UserWarning, stacklevel=2)
+    unknown.warn(
+        converted="replace_group_norm swapped these unrecognised subclasses of torch.nn.GroupNorm "
+        "as plain group norms (convert_unknown=True); their own forward and any other submodules "
+        "are gone: ",
+        left="replace_group_norm left these subclasses of torch.nn.GroupNorm alone, since their "
+        "forward or contents are not a group norm followed by its act/drop (pass "
+        "convert_unknown=True to swap them as plain group norms): ",
+    )
     return model
 
 
