@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import Call, GradCall, input_grads, save_for_backward
+
 _registered: bool | None = None  # None: not tried; False: unavailable here
 
 
@@ -34,73 +36,74 @@ def register() -> bool:
     except ImportError:
         _registered = False
         return False
-    from .. import Call, GradCall, input_grads, save_for_backward
-    from .launch import wrapped_backward, wrapped_forward
-
-    @triton_op("groupnorm::triton_forward", mutates_args=())
-    def triton_forward(
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        residual: Tensor | None,
-        given_mean: Tensor | None,
-        given_var: Tensor | None,
-        num_groups: int,
-        pool_batch: bool,
-        eps: float,
-        activation: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        call = Call(
-            x,
-            weight,
-            bias,
-            residual,
-            given_mean,
-            given_var,
-            num_groups,
-            pool_batch,
-            eps,
-            activation,
-        )
-        return wrapped_forward(call)
-
-    @triton_op("groupnorm::triton_backward", mutates_args=())
-    def triton_backward(
-        dy: Tensor,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        mean: Tensor,
-        rstd: Tensor,
-        num_groups: int,
-        pool_batch: bool,
-        stats_given: bool,
-        activation: str,
-        need_dx: bool,
-        need_dweight: bool,
-        need_dbias: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        needs = (need_dx, need_dweight and weight is not None, need_dbias and bias is not None)
-        grad = GradCall(
-            dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
-        )
-        grads = wrapped_backward(grad)
-        # Outputs may not alias: a fresh empty tensor for each gradient not computed.
-        return tuple(g if g is not None else x.new_empty(0) for g in grads)
-
-    def setup_context(ctx, inputs, output):
-        save_for_backward(ctx, Call(*inputs), output)
-
-    def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
-        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
-        return input_grads(grad_y, grad_total, saved, ctx.meta, needs, _run_backward_op)
-
-    def _run_backward_op(grad):
-        return torch.ops.groupnorm.triton_backward(*grad.schema_args())
-
-    triton_forward.register_autograd(backward, setup_context=setup_context)
+    forward_op = triton_op("groupnorm::triton_forward", mutates_args=())(_forward)
+    triton_op("groupnorm::triton_backward", mutates_args=())(_backward)
+    forward_op.register_autograd(_grads, setup_context=_setup_context)
     _registered = True
     return True
+
+
+def _forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    given_mean: Tensor | None,
+    given_var: Tensor | None,
+    num_groups: int,
+    pool_batch: bool,
+    eps: float,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``groupnorm::triton_forward``."""
+    from .launch import wrapped_forward
+
+    call = Call(
+        x, weight, bias, residual, given_mean, given_var, num_groups, pool_batch, eps, activation
+    )
+    return wrapped_forward(call)
+
+
+def _backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    pool_batch: bool,
+    stats_given: bool,
+    activation: str,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of ``groupnorm::triton_backward``: (dx, dweight, dbias), an empty tensor for
+    each gradient not asked for."""
+    from .launch import wrapped_backward
+
+    needs = (need_dx, need_dweight and weight is not None, need_dbias and bias is not None)
+    grad = GradCall(
+        dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
+    )
+    grads = wrapped_backward(grad)
+    # Outputs may not alias: a fresh empty tensor for each gradient not computed.
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+def _setup_context(ctx, inputs, output):
+    save_for_backward(ctx, Call(*inputs), output)
+
+
+def _grads(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
+    """The autograd of ``groupnorm::triton_forward``, through ``groupnorm::triton_backward``."""
+    saved, needs = ctx.saved_tensors, ctx.needs_input_grad
+    return input_grads(grad_y, grad_total, saved, ctx.meta, needs, _backward_op)
+
+
+def _backward_op(grad):
+    return torch.ops.groupnorm.triton_backward(*grad.schema_args())
 
 
 def available_for(x: Tensor) -> bool:
