@@ -104,6 +104,16 @@ class GradCall(NamedTuple):
     activation: str
     needs: tuple[bool, bool, bool]
 
+    def wanted(self) -> tuple[bool, bool, bool]:
+        """``needs`` as the kernels take it: booleans, dweight and dbias False where there is
+        no weight or bias to differentiate."""
+        need_dx, need_dw, need_db = self.needs
+        return (
+            bool(need_dx),
+            bool(need_dw) and self.weight is not None,
+            bool(need_db) and self.bias is not None,
+        )
+
     def schema_args(self) -> tuple:
         """The arguments of the backward ops' schemas, in their order: the fields, with
         ``needs`` spread into need_dx, need_dweight, need_dbias."""

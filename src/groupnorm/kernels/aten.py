@@ -119,8 +119,9 @@ def backward(grad):
     apply (an activation, given statistics, mixed dtypes)."""
     dy, x, weight, bias = grad.dy, grad.x, grad.weight, grad.bias
     mean, rstd, num_groups = grad.mean, grad.rstd, grad.num_groups
+    mask = list(grad.wanted())
     # torch's native_group_norm_backward fails when asked for dbias without a weight
-    bias_only = weight is None and bias is not None and grad.needs[2]
+    bias_only = weight is None and mask[2]
     if (
         grad.activation
         or grad.stats_given
@@ -130,8 +131,6 @@ def backward(grad):
         or mean.dtype != acc_dtype(x.dtype)
     ):
         return portable.backward(grad)
-    need_dx, need_dw, need_db = grad.needs
-    mask = [need_dx, need_dw and weight is not None, need_db and bias is not None]
     native_weight, _ = float32_params(x, weight, bias)
     dense_x = dense(x)
     dy = like(dy, dense_x)

@@ -136,7 +136,7 @@ def backward(grad):
         x, weight, bias = grad.x, grad.weight, grad.bias
         ext = _extension_for(x, weight, bias)
         if ext is not None:
-            need_dx, need_dw, need_db = grad.needs
+            need_dx, need_dw, need_db = grad.wanted()
             dx, dw, db = ext.backward(
                 grad.dy,
                 x,
@@ -147,8 +147,8 @@ def backward(grad):
                 grad.num_groups,
                 ACT_CODES[grad.activation],
                 need_dx,
-                need_dw and weight is not None,
-                need_db and bias is not None,
+                need_dw,
+                need_db,
             )
             dw = dw.to(weight.dtype) if dw is not None else None
             db = db.to(bias.dtype) if db is not None else None

@@ -128,7 +128,7 @@ def forward(call):
 def backward(grad: GradCall):
     x, weight, bias, mean, rstd = grad.x, grad.weight, grad.bias, grad.mean, grad.rstd
     num_groups, pool_batch, activation = grad.num_groups, grad.pool_batch, grad.activation
-    need_dx, need_dw, need_db = grad.needs
+    need_dx, need_dw, need_db = grad.wanted()
     acc = mean.dtype
     xhat = _normalized(x, mean, rstd, num_groups, pool_batch, acc)
     dz = set_view(grad.dy, num_groups).to(acc)
@@ -136,9 +136,9 @@ def backward(grad: GradCall):
         dz = dz * activation_grad(_affine(xhat, weight, bias, num_groups), activation)
     c = x.shape[1]
     dw = db = dx = None
-    if need_db and bias is not None:
+    if need_db:
         db = dz.sum(dim=(0, 3)).reshape(c).to(bias.dtype)
-    if need_dw and weight is not None:
+    if need_dw:
         dw = (dz * xhat).sum(dim=(0, 3)).reshape(c).to(weight.dtype)
     if need_dx:
         g = dz * channel_view(weight, num_groups, acc) if weight is not None else dz

@@ -574,13 +574,7 @@ def launch_backward(
     are the forward's. dweight/dbias are column sums of per-program float partials:
     deterministic.
     """
-    x = grad.x
-    need_dx, need_dw, need_db = grad.needs
-    needs = (
-        bool(need_dx),
-        bool(need_dw and grad.weight is not None),
-        bool(need_db and grad.bias is not None),
-    )
+    x, needs = grad.x, grad.wanted()
     key = _backward_key(grad, x, grad.dy, needs)
     config, _, plans = _caches(config)
     plan = plans.get(key)
@@ -615,13 +609,12 @@ def wrapped_forward(call: Call):
 
 
 def wrapped_backward(grad: GradCall):
-    """:func:`launch_backward` with every launch through ``wrap_triton`` (inside a triton_op),
-    for a ``grad`` whose needs are already False where a parameter is absent."""
-    xc, dyc = _concrete(grad.x), _concrete(grad.dy)
+    """:func:`launch_backward` with every launch through ``wrap_triton`` (inside a triton_op)."""
+    xc, dyc, needs = _concrete(grad.x), _concrete(grad.dy), grad.wanted()
     config, plans = settings().config, _wrapped_plans[1]
-    key = _backward_key(grad, xc, dyc, grad.needs)
+    key = _backward_key(grad, xc, dyc, needs)
     plan = plans.get(key)
     if plan is None:
         _check(grad.x)
-        plan = _keep(plans, key, _BackwardPlan(grad, xc, dyc, grad.needs, config))
+        plan = _keep(plans, key, _BackwardPlan(grad, xc, dyc, needs, config))
     return plan(grad, wrapped=True)

@@ -83,7 +83,7 @@ def _backward(
     each gradient not asked for."""
     from .launch import wrapped_backward
 
-    needs = (need_dx, need_dweight and weight is not None, need_dbias and bias is not None)
+    needs = (need_dx, need_dweight, need_dbias)
     grad = GradCall(
         dy, x, weight, bias, mean, rstd, num_groups, pool_batch, stats_given, activation, needs
     )
