@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import input_grads
+from .. import input_grads, save_for_backward
 from .launch import launch_backward, launch_forward
 
 
@@ -20,29 +20,14 @@ class TritonNorm(torch.autograd.Function):
     the portable core's differentiable one (torch operations) instead of the kernels."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x,
-        weight,
-        bias,
-        residual,
-        num_groups,
-        pool_batch,
-        stats_given,
-        activation,
-        eps,
-        outputs,
-    ):
-        y, total, mean, rstd = outputs
-        has_res = residual is not None
-        ctx.save_for_backward(total if has_res else x, weight, bias, mean, rstd)
-        ctx.meta = (num_groups, pool_batch, stats_given, activation, has_res, eps)
+    def forward(ctx, x, weight, bias, residual, call, outputs):
+        # (x, weight, bias and residual are the call's tensors, passed on their own so that
+        # autograd records them as the inputs)
+        save_for_backward(ctx, call, outputs)
         ctx.set_materialize_grads(False)
-        if has_res:
-            ctx.mark_non_differentiable(mean, rstd)
-        else:
-            ctx.mark_non_differentiable(total, mean, rstd)
-        return y, total, mean, rstd
+        if residual is None:  # the empty sum carries no gradient either
+            ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_y, grad_total, _grad_mean, _grad_rstd):
@@ -74,7 +59,4 @@ def eager(call):
         outputs = launch_forward(call)
     finally:
         torch._C._set_grad_enabled(True)
-    return _record(
-        x, weight, bias, residual, call.num_groups, call.pool_batch, call.given_mean is not None,
-        call.activation, call.eps, outputs,
-    )  # fmt: skip
+    return _record(x, weight, bias, residual, call, outputs)
