@@ -324,8 +324,8 @@ class _Unrecognised:
             return not self.convert
         return not kind
 
-    def warn(self, converted: str, left: str) -> None:
-        """Warns with ``converted`` (under ``convert_unknown``) or ``left`` and the names, if
+    def warn(self, left: str, converted: str | None = None) -> None:
+        """Warns with ``left``, or ``converted`` under ``convert_unknown``, and the names, if
         any subclass was met; ``stacklevel`` points at the caller of the conversion."""
         if self.names:
             msg = converted if self.convert else left

@@ -27,7 +27,6 @@ Never ``E[x^2] - E[x]^2``: each worker's variance is centred, and the merge is e
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -37,8 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _validation as v
 from . import kernels
-from .convert import _check_model, _classify_bn, _describe, _replace_all, _walk
-from .kernels import GradCall
+from .convert import _check_model, _classify_bn, _replace_all, _Unrecognised, _walk
 from .kernels.aten import dense, like
 from .kernels.portable import acc_dtype
 from .kernels.running import update_running_stats
@@ -275,7 +273,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 )
             else:
                 needs = (need_dx, True, True)
-                grad = GradCall(dy, x, w, b, mean, rstd, c, True, True, activation, needs)
+                grad = kernels.GradCall(dy, x, w, b, mean, rstd, c, True, True, activation, needs)
                 dx_given, dw, db = backend.backward(grad)
             sums = torch.stack([db.to(torch.float64), dw.to(torch.float64)])
         else:
@@ -369,7 +367,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
     ['Conv2d', 'SyncBatchNorm']
     """
     model = _check_model(model)
-    unknown: list[str] = []
+    unknown = _Unrecognised(convert=False)
 
     def replace(name: str, m: nn.Module, _next_act: str) -> tuple[nn.Module | None, bool]:
         if not isinstance(m, _BatchNorm) or isinstance(m, SyncBatchNorm):
@@ -380,8 +378,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
                 f"one forward pass before converting"
             )
         kind, act, drop = _classify_bn(m)
-        if kind != "known":
-            unknown.append(_describe(name, m))
+        if unknown.skip(kind, name, m):
             return None, False
         return _sync_from(m, act, drop, process_group), False
 
@@ -390,13 +387,10 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
         model = new_root
     elif not isinstance(model, _BatchNorm):
         _walk(model, "", replace, False)
-    if unknown:
-        warnings.warn(
-            "convert_sync_batchnorm left these batch norm subclasses alone, since their forward "
-            "or contents are not a batch norm followed by its act/drop: " + ", ".join(unknown),
-            UserWarning,
-            stacklevel=2,
-        )
+    unknown.warn(
+        left="convert_sync_batchnorm left these batch norm subclasses alone, since their forward "
+        "or contents are not a batch norm followed by its act/drop: "
+    )
     return model
 
 
